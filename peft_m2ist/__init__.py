@@ -1,3 +1,27 @@
-"""peft-m2ist: M2IST side-tuning for referring expression comprehension, as a PEFT plugin."""
+"""peft-m2ist: M2IST (Multi-Modal Interactive Side-Tuning) for referring expression comprehension, as a PEFT plugin.
+
+Importing this package registers the `M2IST` peft type and the `REFERRING_EXPRESSION_COMPREHENSION` task type, so
+`peft.get_peft_model(pair, M2ISTConfig(...))` and `PeftModel.from_pretrained(pair, path)` work.
+"""
+
+from .config import M2ISTConfig
+from .layer import M2ISTTapLayer
+from .model import M2ISTModel, ReferringExpressionOutput
+from .pair import VisionTextPair
+from .peft_model import PeftModelForReferringExpressionComprehension
+from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE, register
+
+register()
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "M2IST_PEFT_TYPE",
+    "REC_TASK_TYPE",
+    "M2ISTConfig",
+    "M2ISTModel",
+    "M2ISTTapLayer",
+    "PeftModelForReferringExpressionComprehension",
+    "ReferringExpressionOutput",
+    "VisionTextPair",
+]

@@ -1,0 +1,205 @@
+"""`M2ISTConfig`: every knob of the M2IST side-tuner, documented and validated."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from peft import PeftConfig
+
+from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE
+
+INTERACTION_MODES = ("shared", "cross_attention")
+MIXTURE_MODES = ("sum", "gated")
+
+
+def _check_tap_spec(name: str, value: Any) -> None:
+    """A tap spec is None (auto), a regex string, or a non-empty list of module names."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"`{name}` is not a valid regular expression: {err}") from None
+        return
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"`{name}` must be a non-empty list of module names, got {value!r}.")
+        return
+    raise TypeError(f"`{name}` must be None, a regex string or a list of module names, got {type(value).__name__}.")
+
+
+@dataclass
+class M2ISTConfig(PeftConfig):
+    """Configuration of an M2IST (Multi-Modal Interactive Side-Tuning) adapter.
+
+    The adapter side-tunes a frozen vision tower and a frozen text tower held in one container model (for instance
+    `VisionTextDualEncoderModel`, `CLIPModel` or `peft_m2ist.VisionTextPair`) for referring expression comprehension.
+    Taps record the output of chosen tower modules; M3ISA blocks (a vision expert, a language expert and an interactive
+    expert per tapped layer pair) turn them into corrections of each tower's final tokens, and a grounding head predicts
+    one `cxcywh` box normalised to [0, 1].
+
+    Args:
+        vision_tower (`str`): Dotted path of the vision tower inside the container.
+        text_tower (`str`): Dotted path of the text tower inside the container.
+        vision_layers (`list[str]` or `str`, *optional*): Vision modules (relative to the vision tower) whose outputs feed
+            the vision experts: module names, or a regex matched against full names. `None` picks the FFN of
+            `num_tapped_layers` evenly spaced blocks from the tower's `model_type`.
+        text_layers (`list[str]` or `str`, *optional*): The same for the text tower and the language experts.
+        vision_attention_layers (`list[str]` or `str`, *optional*): Vision modules feeding the interactive experts.
+            `None` picks the attention module of each block (the block itself for towers without attention).
+        text_attention_layers (`list[str]` or `str`, *optional*): The same for the text tower.
+        num_tapped_layers (`int`): Layer pairs tapped when the layers are auto-resolved.
+        bottleneck_dim (`int`): Width of every expert's bottleneck.
+        expert_scale (`float`): Fixed scale of each expert's output.
+        expert_dropout (`float`): Dropout on the expert bottleneck activations.
+        interaction (`str`): `"shared"` (the paper: a weight-shared up-projection links the modalities) or
+            `"cross_attention"` (the two streams attend to each other in the bottleneck).
+        interaction_dim (`int`, *optional*): Width of the interactive expert's shared space; `None` means `head_dim`.
+        interaction_heads (`int`): Heads of the bottleneck cross-attention (`interaction="cross_attention"` only).
+        mixture (`str`): `"sum"` (the paper: experts are added) or `"gated"` (a learned per-token gate weighs them).
+        head_dim (`int`): Width of the grounding head.
+        head_layers (`int`): Transformer layers of the grounding head.
+        head_heads (`int`): Attention heads of the grounding head.
+        head_ffn_dim (`int`): Feed-forward width of the grounding head.
+        head_dropout (`float`): Dropout inside the grounding head.
+        max_text_tokens (`int`): Text length the head's position embedding is built for.
+        image_size (`int`, *optional*): Square input size the vision token count is derived from; `None` takes the
+            vision tower config's `image_size`, else 640.
+        l1_weight (`float`): Weight of the L1 box loss.
+        giou_weight (`float`): Weight of the (1 - GIoU) box loss.
+    """
+
+    vision_tower: str = field(
+        default="vision_model", metadata={"help": "Dotted path of the vision tower inside the container model."}
+    )
+    text_tower: str = field(
+        default="text_model", metadata={"help": "Dotted path of the text tower inside the container model."}
+    )
+    vision_layers: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Vision-tower modules (relative to the tower) whose outputs feed the vision experts: a list of "
+            "names or a regex. None resolves them from the tower's model_type. Filled with the resolved list."
+        },
+    )
+    text_layers: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Text-tower modules feeding the language experts: names, a regex, or None (auto)."},
+    )
+    vision_attention_layers: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Vision-tower modules feeding the interactive experts: names, a regex, or None (the attention "
+            "module of each tapped block; the block itself for towers without attention)."
+        },
+    )
+    text_attention_layers: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Text-tower modules feeding the interactive experts: names, a regex, or None (auto)."},
+    )
+    num_tapped_layers: int = field(
+        default=6,
+        metadata={"help": "Number of evenly spaced layer pairs to tap when the layers are auto-resolved."},
+    )
+    bottleneck_dim: int = field(default=128, metadata={"help": "Width of every expert's bottleneck."})
+    expert_scale: float = field(default=0.1, metadata={"help": "Fixed scale applied to every expert's output."})
+    expert_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' bottleneck activations."})
+    interaction: Literal["shared", "cross_attention"] = field(
+        default="shared",
+        metadata={
+            "help": "How the interactive expert links the modalities: 'shared' (weight-shared up-projection, the "
+            "paper) or 'cross_attention' (the two streams attend to each other in the bottleneck)."
+        },
+    )
+    interaction_dim: int | None = field(
+        default=None, metadata={"help": "Width of the interactive expert's shared space; None means head_dim."}
+    )
+    interaction_heads: int = field(
+        default=4, metadata={"help": "Heads of the bottleneck cross-attention (interaction='cross_attention')."}
+    )
+    mixture: Literal["sum", "gated"] = field(
+        default="sum",
+        metadata={"help": "How expert outputs are combined: 'sum' (the paper) or 'gated' (learned per-token gate)."},
+    )
+    head_dim: int = field(default=256, metadata={"help": "Width of the grounding head."})
+    head_layers: int = field(default=6, metadata={"help": "Number of transformer layers in the grounding head."})
+    head_heads: int = field(default=8, metadata={"help": "Number of attention heads in the grounding head."})
+    head_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the grounding head."})
+    head_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the grounding head."})
+    max_text_tokens: int = field(
+        default=20, metadata={"help": "Maximum text length (tokens) the head's position embedding covers."}
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Square input image size used to derive the number of vision tokens. None takes the vision "
+            "tower config's image_size, else 640."
+        },
+    )
+    l1_weight: float = field(default=1.0, metadata={"help": "Weight of the L1 loss on cxcywh boxes."})
+    giou_weight: float = field(default=1.0, metadata={"help": "Weight of the (1 - generalized IoU) loss."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Filled automatically with the full names of the tapped modules; do not set by hand."},
+    )
+    tower_shapes: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Filled automatically: widths and token counts of the taps and towers the adapter was built "
+            "for. Loading the adapter onto a pair whose shapes differ raises a ValueError."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.task_type is None:
+            self.task_type = REC_TASK_TYPE
+        super().__post_init__()
+        self.peft_type = M2IST_PEFT_TYPE
+        for name in ("vision_tower", "text_tower"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"`{name}` must be a non-empty dotted module path, got {value!r}.")
+        for name in ("vision_layers", "text_layers", "vision_attention_layers", "text_attention_layers"):
+            _check_tap_spec(name, getattr(self, name))
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        positive = ("num_tapped_layers", "bottleneck_dim", "interaction_heads", "head_dim", "head_layers",
+                    "head_heads", "head_ffn_dim", "max_text_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("interaction_dim", "image_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"`{name}` must be None or a positive integer, got {value!r}.")
+        for name in ("expert_dropout", "head_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+        if self.expert_scale <= 0:
+            raise ValueError(f"`expert_scale` must be positive, got {self.expert_scale!r}.")
+        for name in ("l1_weight", "giou_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)!r}.")
+        if self.l1_weight == 0 and self.giou_weight == 0:
+            raise ValueError("At least one of `l1_weight` and `giou_weight` must be positive.")
+        if self.interaction not in INTERACTION_MODES:
+            raise ValueError(f"`interaction` must be one of {INTERACTION_MODES}, got {self.interaction!r}.")
+        if self.mixture not in MIXTURE_MODES:
+            raise ValueError(f"`mixture` must be one of {MIXTURE_MODES}, got {self.mixture!r}.")
+        if self.head_dim % self.head_heads:
+            raise ValueError(f"`head_dim` ({self.head_dim}) must be divisible by `head_heads` ({self.head_heads}).")
+        if self.interaction == "cross_attention" and self.bottleneck_dim % self.interaction_heads:
+            raise ValueError(
+                f"`bottleneck_dim` ({self.bottleneck_dim}) must be divisible by `interaction_heads` "
+                f"({self.interaction_heads}) when interaction='cross_attention'."
+            )
+
+    @property
+    def resolved_interaction_dim(self) -> int:
+        """Width of the interactive expert's shared space."""
+        return self.interaction_dim or self.head_dim

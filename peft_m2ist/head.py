@@ -1,0 +1,84 @@
+"""The grounding head: [REG] + text tokens + vision tokens -> transformer -> MLP -> one `cxcywh` box."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BoxMLP(nn.Sequential):
+    """`num_layers` Linear layers with ReLU between them: `(batch, dim)` -> `(batch, 4)` logits."""
+
+    def __init__(self, dim: int, num_layers: int = 3) -> None:
+        layers: list[nn.Module] = []
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, dim), nn.ReLU()]
+        layers.append(nn.Linear(dim, 4))
+        super().__init__(*layers)
+
+
+class GroundingHead(nn.Module):
+    """TransVG-style regression head.
+
+    A learned [REG] token is prepended to the text tokens and the vision tokens; a learned position embedding covers
+    the `1 + max_text_tokens + num_vision_tokens` slots; a post-norm transformer encoder mixes them; the [REG] output
+    goes through a 3-layer MLP and a sigmoid to a box `cxcywh` normalised to [0, 1].
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        max_text_tokens: int,
+        num_vision_tokens: int,
+    ) -> None:
+        super().__init__()
+        self.max_text_tokens = max_text_tokens
+        self.num_vision_tokens = num_vision_tokens
+        self.reg_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position_embedding = nn.Parameter(torch.zeros(1, 1 + max_text_tokens + num_vision_tokens, dim))
+        nn.init.trunc_normal_(self.reg_token, std=0.02)
+        nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, ffn_dim, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.box_mlp = BoxMLP(dim)
+
+    def forward(
+        self,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        vision_tokens: torch.Tensor,
+        vision_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict one box per sample.
+
+        Args:
+            text_tokens: `(batch, L, dim)` with `L <= max_text_tokens`.
+            text_mask: `(batch, L)`, 1 = real token, 0 = padding.
+            vision_tokens: `(batch, num_vision_tokens, dim)`.
+            vision_mask: `(batch, num_vision_tokens)`, 1 = real image content, or `None` (all real).
+
+        Returns:
+            `(batch, 4)` boxes `cxcywh`, normalised to [0, 1].
+        """
+        batch, text_len, _ = text_tokens.shape
+        if text_len > self.max_text_tokens:
+            raise ValueError(f"The head was built for at most {self.max_text_tokens} text tokens, got {text_len}.")
+        if vision_tokens.shape[1] != self.num_vision_tokens:
+            raise ValueError(
+                f"The head was built for {self.num_vision_tokens} vision tokens, got {vision_tokens.shape[1]}: "
+                "feed images of the size the adapter was configured with (`M2ISTConfig.image_size`)."
+            )
+        if vision_mask is None:
+            vision_mask = torch.ones(vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device)
+        reg = self.reg_token.expand(batch, -1, -1)
+        tokens = torch.cat([reg, text_tokens, vision_tokens], dim=1)
+        positions = torch.cat(
+            [self.position_embedding[:, : 1 + text_len], self.position_embedding[:, 1 + self.max_text_tokens :]], dim=1
+        )
+        keep = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, vision_mask.to(text_mask.dtype)], dim=1)
+        hidden = self.encoder(tokens + positions, src_key_padding_mask=~keep.bool())
+        return self.box_mlp(hidden[:, 0]).sigmoid()

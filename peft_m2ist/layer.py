@@ -1,0 +1,88 @@
+"""The tap layer: a pass-through `BaseTunerLayer` that hands a detached copy of its output to the side network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .towers import output_tensor
+
+
+class TapRecorder:
+    """Collects the outputs of tap layers during one forward pass of the towers.
+
+    A plain object (not an `nn.Module`) shared by every tap of one `M2ISTModel`; it records only between `start()`
+    and `stop()`, so running the towers on their own (or with adapters disabled) stores nothing.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.records: dict[str, torch.Tensor] = {}
+
+    def start(self) -> None:
+        self.records = {}
+        self.active = True
+
+    def stop(self) -> dict[str, torch.Tensor]:
+        self.active = False
+        records, self.records = self.records, {}
+        return records
+
+
+class M2ISTTapLayer(nn.Module, BaseTunerLayer):
+    """Wraps one tower module: returns its output unchanged and records `output.detach()` under `tap_name`.
+
+    The tap has no weights; `m2ist_tapped_by` lists the adapters that read it, so peft's adapter bookkeeping
+    (`set_adapter`, `delete_adapter`, `disable_adapter`) works on it like on any tuner layer.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ("m2ist_tapped_by",)
+
+    def __init__(self, base_layer: nn.Module, tap_name: str, recorder: TapRecorder, adapter_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.tap_name = tap_name
+        self._recorder = recorder
+        self.m2ist_tapped_by: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.update_layer(adapter_name)
+        self._active_adapter = adapter_name
+
+    def update_layer(self, adapter_name: str) -> None:
+        self.m2ist_tapped_by[adapter_name] = True
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.m2ist_tapped_by)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        self._active_adapter = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError("M2IST is a side network: there is nothing to merge into the tower weights.")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("M2IST is a side network: there is nothing to unmerge.")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.base_layer(*args, **kwargs)
+        recorder = self._recorder
+        if recorder.active and not self.disable_adapters:
+            recorder.records[self.tap_name] = output_tensor(output).detach()
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        """Towers read attributes of their sub-modules (`embeddings.patch_embeddings`, ...): serve the wrapped one's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def __repr__(self) -> str:
+        return f"m2ist.{super().__repr__()}"

@@ -1,0 +1,127 @@
+"""Planning an adapter on a concrete pair: resolve the taps and measure every shape with one dummy forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import M2ISTConfig
+from .side_network import StreamShapes, TapNames
+from .towers import (
+    default_image_size,
+    frozen,
+    get_tower,
+    num_channels,
+    output_tensor,
+    resolve_taps,
+    run_text_tower,
+    run_vision_tower,
+    to_tokens,
+)
+
+
+@dataclass
+class AdapterPlan:
+    """Everything needed to build one adapter's taps, side network and head on a given container."""
+
+    vision_taps: TapNames
+    text_taps: TapNames
+    vision: StreamShapes
+    text: StreamShapes
+    image_size: int
+
+    @property
+    def target_modules(self) -> list[str]:
+        names = [*self.vision_taps.ffn, *self.vision_taps.attention, *self.text_taps.ffn, *self.text_taps.attention]
+        names += [n for n in (self.vision_taps.embeddings, self.text_taps.embeddings) if n]
+        return sorted(set(names))
+
+
+def _full(tower_path: str, names: list[str]) -> list[str]:
+    return [f"{tower_path}.{name}" for name in names]
+
+
+def _probe(container: nn.Module, names: list[str], run) -> tuple[dict[str, torch.Tensor], object]:
+    """Run `run()` with forward hooks on `names`; returns the recorded outputs and run()'s result."""
+    records: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in set(names):
+        module = container.get_submodule(name)
+
+        def hook(_module, _args, output, name=name):
+            records[name] = output_tensor(output)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        result = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records, result
+
+
+def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final, prefix: str) -> StreamShapes:
+    num_tokens, grid = final.tokens.num_tokens, final.tokens.grid
+    ffn_dims, attention_dims = [], []
+    for kind, names, dims in (("", taps.ffn, ffn_dims), ("attention_", taps.attention, attention_dims)):
+        for name in names:
+            if name not in records:
+                raise ValueError(f"The tap '{name}' (`{prefix}_{kind}layers`) did not run during a forward pass.")
+            tokens = to_tokens(records[name])
+            if tokens.num_tokens != num_tokens and (tokens.grid is None or grid is None):
+                raise ValueError(
+                    f"The tap '{name}' (`{prefix}_{kind}layers`) yields {tokens.num_tokens} tokens but the tower's "
+                    f"output has {num_tokens}; tap modules whose outputs line up with the final tokens."
+                )
+            dims.append(tokens.dim)
+    has_embedding = False
+    if taps.embeddings and taps.embeddings in records:
+        emb = to_tokens(records[taps.embeddings])
+        same_count = emb.num_tokens == num_tokens or (emb.grid is not None and grid is not None)
+        has_embedding = same_count and emb.dim == final.tokens.dim
+    if not has_embedding:
+        taps.embeddings = None
+    return StreamShapes(final.tokens.dim, num_tokens, list(grid) if grid else None, ffn_dims, attention_dims,
+                        has_embedding)
+
+
+def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
+    """Resolve `config`'s taps on `container` and measure the shapes with a dummy image and a dummy phrase."""
+    vision_tower = get_tower(container, config.vision_tower, "vision_tower")
+    text_tower = get_tower(container, config.text_tower, "text_tower")
+    vision = resolve_taps(vision_tower, config.vision_layers, config.vision_attention_layers,
+                          config.num_tapped_layers, "vision")
+    text = resolve_taps(text_tower, config.text_layers, config.text_attention_layers,
+                        config.num_tapped_layers, "text")
+    if len(vision.ffn) != len(text.ffn):
+        raise ValueError(
+            f"The vision tower has {len(vision.ffn)} tapped layers and the text tower {len(text.ffn)}; M3ISA pairs "
+            "them one to one. Set `vision_layers`/`text_layers` (and the attention ones) to lists of equal length."
+        )
+    vision_taps = TapNames(_full(config.vision_tower, vision.ffn), _full(config.vision_tower, vision.attention),
+                           f"{config.vision_tower}.{vision.embeddings}" if vision.embeddings else None)
+    text_taps = TapNames(_full(config.text_tower, text.ffn), _full(config.text_tower, text.attention),
+                         f"{config.text_tower}.{text.embeddings}" if text.embeddings else None)
+
+    image_size = config.image_size or default_image_size(vision_tower)
+    param = next(vision_tower.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    pixel_values = torch.zeros(1, num_channels(vision_tower), image_size, image_size, device=device, dtype=dtype)
+    pixel_mask = torch.ones(1, image_size, image_size, device=device, dtype=torch.long)
+    input_ids = torch.ones(1, config.max_text_tokens, dtype=torch.long, device=device)
+    attention_mask = torch.ones_like(input_ids)
+
+    names = [*vision_taps.ffn, *vision_taps.attention, *text_taps.ffn, *text_taps.attention]
+    names += [n for n in (vision_taps.embeddings, text_taps.embeddings) if n]
+    with frozen(vision_tower, text_tower):
+        records, (v_out, t_out) = _probe(
+            container, names,
+            lambda: (run_vision_tower(vision_tower, pixel_values, pixel_mask),
+                     run_text_tower(text_tower, input_ids, attention_mask)),
+        )
+    vision_shapes = _stream_shapes(records, vision_taps, v_out, "vision")
+    text_shapes = _stream_shapes(records, text_taps, t_out, "text")
+    return AdapterPlan(vision_taps, text_taps, vision_shapes, text_shapes, image_size)

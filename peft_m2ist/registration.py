@@ -1,0 +1,54 @@
+"""The M2IST peft type and the referring-expression task type, registered with peft at import.
+
+peft 0.21 keeps `PeftType` and `TaskType` as closed enums and has no plugin discovery, so this module adds one member
+to each and fills peft's mappings. `import peft_m2ist` must therefore happen before `PeftModel.from_pretrained` or
+`PeftConfig.from_pretrained` reads an M2IST adapter.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from peft.utils.peft_types import PeftType, TaskType
+
+PEFT_TYPE_NAME = "M2IST"
+TASK_TYPE_NAME = "REFERRING_EXPRESSION_COMPREHENSION"
+NOT_IMPORTED_HINT = (
+    "This adapter was made with peft-m2ist: run `import peft_m2ist` (pip install peft-m2ist) before "
+    "`PeftModel.from_pretrained` / `PeftConfig.from_pretrained`, so that peft knows the M2IST method."
+)
+
+
+def _add_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
+    """Add the str member `name` (value == name) to a closed str Enum, once."""
+    if name in enum_cls.__members__:
+        return enum_cls[name]
+    member = str.__new__(enum_cls, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = enum_cls
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[name] = member
+    enum_cls._member_names_.append(name)
+    type.__setattr__(enum_cls, name, member)
+    return member
+
+
+M2IST_PEFT_TYPE = _add_enum_member(PeftType, PEFT_TYPE_NAME)
+REC_TASK_TYPE = _add_enum_member(TaskType, TASK_TYPE_NAME)
+
+
+def register() -> None:
+    """Register `M2ISTConfig`, `M2ISTModel` and the REC `PeftModel` subclass with peft (idempotent)."""
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import register_peft_method
+
+    from .config import M2ISTConfig
+    from .model import M2ISTModel
+    from .peft_model import PeftModelForReferringExpressionComprehension
+
+    if M2IST_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=M2ISTConfig, model_cls=M2ISTModel,
+                             prefix=M2ISTModel.prefix)
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING[REC_TASK_TYPE] = PeftModelForReferringExpressionComprehension

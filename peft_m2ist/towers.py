@@ -1,0 +1,317 @@
+"""Finding the towers in a container, resolving what to tap in them, and running them frozen.
+
+Everything here is about the *frozen* side of the model: where the vision and text towers live, which of their
+modules feed the side network (per `model_type`, like peft's target-module mappings), how a tap's output becomes a
+token sequence `(batch, tokens, dim)`, and how each tower is run under `torch.no_grad()` in eval mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """Where the blocks of one tower architecture are.
+
+    Attributes:
+        blocks: candidate dotted paths of the `nn.ModuleList` holding the tower's blocks (first existing one wins;
+            several because module names moved between transformers releases).
+        ffn: child of a block whose output feeds the modality expert (`""`: the block itself).
+        attention: child of a block whose output feeds the interactive expert (`""`: the block itself).
+        embeddings: module whose output is the tower's input embedding, added to the side stream (`None`: none).
+    """
+
+    blocks: tuple[str, ...]
+    ffn: str
+    attention: str
+    embeddings: str | None
+
+
+TOWER_LAYOUTS: dict[str, TowerLayout] = {
+    "vit": TowerLayout(("layers", "encoder.layer"), "mlp", "attention", "embeddings"),
+    "dinov2": TowerLayout(("encoder.layer", "layers"), "mlp", "attention", "embeddings"),
+    "clip_vision_model": TowerLayout(("encoder.layers", "vision_model.encoder.layers"), "mlp", "self_attn",
+                                     "pre_layrnorm"),
+    "clip_text_model": TowerLayout(("encoder.layers", "text_model.encoder.layers"), "mlp", "self_attn", "embeddings"),
+    "bert": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
+    "roberta": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
+    "mobilenet_v2": TowerLayout(("layer",), "", "", None),
+    "resnet": TowerLayout(("encoder.stages",), "", "", None),
+    "detr": TowerLayout(("encoder.layers",), "mlp", "self_attn", "input_projection"),
+}
+
+
+def get_tower(container: nn.Module, path: str, field_name: str) -> nn.Module:
+    """Return the tower at dotted `path` in `container`, with an error naming the config field to fix."""
+    try:
+        tower = container.get_submodule(path)
+    except AttributeError:
+        children = [name for name, _ in container.named_children()]
+        raise ValueError(
+            f"No module '{path}' in {type(container).__name__} (children: {children}). Set `M2ISTConfig.{field_name}` "
+            "to the dotted path of the tower, or wrap your towers in `peft_m2ist.VisionTextPair`."
+        ) from None
+    return tower
+
+
+def tower_model_type(tower: nn.Module) -> str | None:
+    config = getattr(tower, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _blocks_path(tower: nn.Module, layout: TowerLayout) -> str | None:
+    for path in layout.blocks:
+        try:
+            module = tower.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList):
+            return path
+    return None
+
+
+def evenly_spaced(num_blocks: int, count: int) -> list[int]:
+    """`count` block indices spread over `num_blocks`, always including the last block."""
+    count = min(count, num_blocks)
+    if count == num_blocks:
+        return list(range(num_blocks))
+    return sorted({round((i + 1) * num_blocks / count) - 1 for i in range(count)})
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _match_spec(tower: nn.Module, spec: list[str] | str, field_name: str) -> list[str]:
+    """Module names (relative to `tower`) named by a list or matched by a regex, in module order."""
+    names = [name for name, _ in tower.named_modules() if name]
+    if isinstance(spec, str):
+        pattern = re.compile(spec)
+        matched = [name for name in names if pattern.fullmatch(name)]
+        if not matched:
+            raise ValueError(f"`{field_name}` pattern {spec!r} matches no module of the tower.")
+        return matched
+    unknown = [name for name in spec if name not in set(names)]
+    if unknown:
+        close = [n for n in names if any(n.endswith(u.split(".")[-1]) for u in unknown)][:8]
+        raise ValueError(f"`{field_name}` names unknown modules {unknown}; modules with similar names: {close}.")
+    return list(spec)
+
+
+@dataclass
+class ResolvedTaps:
+    """Module names (relative to one tower) that feed the side network, one entry per tapped layer."""
+
+    ffn: list[str]
+    attention: list[str]
+    embeddings: str | None
+
+
+def resolve_taps(
+    tower: nn.Module,
+    ffn_spec: list[str] | str | None,
+    attention_spec: list[str] | str | None,
+    num_layers: int,
+    prefix: str,
+) -> ResolvedTaps:
+    """Resolve the tap names of one tower from the config fields `{prefix}_layers` / `{prefix}_attention_layers`."""
+    model_type = tower_model_type(tower)
+    layout = TOWER_LAYOUTS.get(model_type)
+    blocks = _blocks_path(tower, layout) if layout is not None else None
+    needs_auto = ffn_spec is None or attention_spec is None
+    if needs_auto and blocks is None:
+        known = ", ".join(sorted(TOWER_LAYOUTS))
+        raise ValueError(
+            f"Cannot auto-resolve the taps of the {prefix} tower ({type(tower).__name__}, model_type={model_type!r}; "
+            f"known: {known}). Set `M2ISTConfig.{prefix}_layers` and `M2ISTConfig.{prefix}_attention_layers` to module "
+            "names or regexes."
+        )
+    embeddings = None
+    if layout is not None and layout.embeddings is not None:
+        try:
+            tower.get_submodule(layout.embeddings)
+            embeddings = layout.embeddings
+        except AttributeError:
+            embeddings = None
+
+    if ffn_spec is None:
+        num_blocks = len(tower.get_submodule(blocks))
+        indices = evenly_spaced(num_blocks, num_layers)
+        ffn = [_join(blocks, str(i), layout.ffn) for i in indices]
+    else:
+        ffn = _match_spec(tower, ffn_spec, f"{prefix}_layers")
+    if attention_spec is None:
+        if ffn_spec is None:
+            attention = [_join(blocks, str(i), layout.attention) for i in indices]
+        else:
+            attention = []
+            for name in ffn:
+                block = _enclosing_block(name, blocks)
+                attention.append(_join(block, layout.attention) if block is not None else name)
+    else:
+        attention = _match_spec(tower, attention_spec, f"{prefix}_attention_layers")
+    if len(attention) != len(ffn):
+        raise ValueError(
+            f"The {prefix} tower has {len(ffn)} `{prefix}_layers` taps but {len(attention)} "
+            f"`{prefix}_attention_layers` taps; they pair up one to one."
+        )
+    _check_not_nested(ffn + attention, prefix)
+    return ResolvedTaps(ffn=ffn, attention=attention, embeddings=embeddings)
+
+
+def _enclosing_block(name: str, blocks: str | None) -> str | None:
+    if blocks is None or not name.startswith(blocks + "."):
+        return None
+    index = name[len(blocks) + 1 :].split(".")[0]
+    return _join(blocks, index) if index.isdigit() else None
+
+
+def _check_not_nested(names: list[str], prefix: str) -> None:
+    unique = sorted(set(names))
+    for outer in unique:
+        for inner in unique:
+            if inner.startswith(outer + "."):
+                raise ValueError(
+                    f"{prefix} taps must not be nested: '{inner}' lies inside '{outer}'. Tap sibling modules "
+                    "(for instance a block's attention and its FFN), not a block and one of its children."
+                )
+
+
+def output_tensor(output: object) -> torch.Tensor:
+    """The main tensor of a module output (a tensor, a tuple whose first item is one, or a `ModelOutput`)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"Cannot take a tensor from a module output of type {type(output).__name__}.")
+
+
+@dataclass
+class Tokens:
+    """A token sequence `(batch, tokens, dim)`, with its spatial grid `(height, width)` when it came from a map."""
+
+    tensor: torch.Tensor
+    grid: tuple[int, int] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tensor.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.tensor.shape[2]
+
+
+def to_tokens(x: torch.Tensor) -> Tokens:
+    """Turn `(batch, tokens, dim)` or a CNN map `(batch, channels, h, w)` into `Tokens` (maps are flattened)."""
+    if x.dim() == 4:
+        b, c, h, w = x.shape
+        return Tokens(x.flatten(2).transpose(1, 2), (h, w))
+    if x.dim() == 3:
+        return Tokens(x)
+    raise ValueError(f"A tapped output must be (batch, tokens, dim) or (batch, channels, h, w); got {tuple(x.shape)}.")
+
+
+def match_grid(tokens: Tokens, num_tokens: int, grid: tuple[int, int] | None) -> torch.Tensor:
+    """Resample `tokens` to `num_tokens` tokens (average pooling over the grid when both sides are maps)."""
+    if tokens.num_tokens == num_tokens:
+        return tokens.tensor
+    if tokens.grid is None or grid is None:
+        raise ValueError(
+            f"A tap yields {tokens.num_tokens} tokens but the tower's output has {num_tokens}; only feature maps "
+            "with a spatial grid can be resampled. Tap modules whose outputs have the final token count."
+        )
+    b, _, d = tokens.tensor.shape
+    h, w = tokens.grid
+    grid_map = tokens.tensor.transpose(1, 2).reshape(b, d, h, w)
+    pooled = nn.functional.adaptive_avg_pool2d(grid_map, grid)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+@contextmanager
+def frozen(*towers: nn.Module) -> Iterator[None]:
+    """Run `towers` in eval mode under `torch.no_grad()`, restoring each module's training flag afterwards."""
+    modes = [(m, m.training) for tower in towers for m in tower.modules()]
+    for tower in towers:
+        tower.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass
+class TowerOutput:
+    """A tower's final tokens `(batch, tokens, dim)`, their grid if any, and a token mask `(batch, tokens)` if any."""
+
+    tokens: Tokens
+    mask: torch.Tensor | None = None
+
+
+def _run_detr_encoder(detr: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> TowerOutput:
+    """DETR's backbone, input projection and transformer encoder; the decoder is never run."""
+    b, _, h, w = pixel_values.shape
+    if pixel_mask is None:
+        pixel_mask = torch.ones((b, h, w), device=pixel_values.device, dtype=torch.long)
+    feature_map, mask = detr.backbone(pixel_values, pixel_mask)[-1]
+    projected = detr.input_projection(feature_map)
+    position = detr.position_embedding(shape=feature_map.shape, device=pixel_values.device,
+                                       dtype=pixel_values.dtype, mask=mask)
+    position = position.flatten(2).transpose(1, 2)
+    flat_mask = mask.flatten(1)
+    encoded = detr.encoder(inputs_embeds=projected.flatten(2).transpose(1, 2), attention_mask=flat_mask,
+                           spatial_position_embeddings=position)
+    grid = tuple(projected.shape[-2:])
+    return TowerOutput(Tokens(encoded.last_hidden_state, grid), flat_mask.long())
+
+
+def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> TowerOutput:
+    """Run the vision tower; returns its final tokens and a token mask derived from `pixel_mask` for feature maps."""
+    if tower_model_type(tower) == "detr":
+        return _run_detr_encoder(tower, pixel_values, pixel_mask)
+    kwargs = {"pixel_values": pixel_values}
+    if pixel_mask is not None and _accepts(tower, "pixel_mask"):
+        kwargs["pixel_mask"] = pixel_mask
+    tokens = to_tokens(output_tensor(tower(**kwargs)))
+    mask = None
+    if pixel_mask is not None and tokens.grid is not None:
+        mask = nn.functional.interpolate(pixel_mask[:, None].float(), size=tokens.grid, mode="nearest")
+        mask = mask.flatten(1).long()
+    return TowerOutput(tokens, mask)
+
+
+def run_text_tower(tower: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
+    """Run the text tower; returns its final tokens and the attention mask as token mask."""
+    out = tower(input_ids=input_ids, attention_mask=attention_mask)
+    return TowerOutput(to_tokens(output_tensor(out)), attention_mask.long())
+
+
+def default_image_size(tower: nn.Module) -> int:
+    size = getattr(getattr(tower, "config", None), "image_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) if size else 640
+
+
+def num_channels(tower: nn.Module) -> int:
+    return int(getattr(getattr(tower, "config", None), "num_channels", 3) or 3)
+
