@@ -215,7 +215,7 @@ class Tokens:
 def to_tokens(x: torch.Tensor) -> Tokens:
     """Turn `(batch, tokens, dim)` or a CNN map `(batch, channels, h, w)` into `Tokens` (maps are flattened)."""
     if x.dim() == 4:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         return Tokens(x.flatten(2).transpose(1, 2), (h, w))
     if x.dim() == 3:
         return Tokens(x)
