@@ -13,13 +13,16 @@ from torch import nn
 class ModalityExpert(nn.Module):
     """Bottleneck adapter on one tower's tapped FFN output: LayerNorm -> down -> ReLU -> dropout -> up -> x scale.
 
+    The LayerNorm has no affine parameters: an affine map right before `down` folds into `down`, and without it
+    autograd keeps the side network's own normalised copy of the tap instead of the tower's tensor.
+
     Used as the vision expert (VEA) and the language expert (LEA). Input `(batch, tokens, in_dim)`, output
     `(batch, tokens, out_dim)`; `out_dim` is the width of the tower's final tokens.
     """
 
     def __init__(self, in_dim: int, bottleneck_dim: int, out_dim: int, scale: float, dropout: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
+        self.norm = nn.LayerNorm(in_dim, elementwise_affine=False)
         self.down = nn.Linear(in_dim, bottleneck_dim)
         self.up = nn.Linear(bottleneck_dim, out_dim)
         self.dropout = nn.Dropout(dropout)
@@ -34,7 +37,7 @@ class ModalityExpert(nn.Module):
 class InteractiveExpert(nn.Module):
     """The interactive expert (IEA) linking the two modalities at one layer pair.
 
-    Each tower's tapped attention output goes through its own LayerNorm -> down-projection -> ReLU. Then:
+    Each tower's tapped attention output goes through its own (non-affine) LayerNorm -> down-projection -> ReLU. Then:
     - `interaction="shared"` (the paper): one up-projection, whose weights are shared by both modalities, maps each
       stream into the interaction space;
     - `interaction="cross_attention"` (ours): before the shared up-projection, the vision bottleneck tokens attend to the
@@ -54,9 +57,9 @@ class InteractiveExpert(nn.Module):
         heads: int = 4,
     ) -> None:
         super().__init__()
-        self.vision_norm = nn.LayerNorm(vision_dim)
+        self.vision_norm = nn.LayerNorm(vision_dim, elementwise_affine=False)
         self.vision_down = nn.Linear(vision_dim, bottleneck_dim)
-        self.text_norm = nn.LayerNorm(text_dim)
+        self.text_norm = nn.LayerNorm(text_dim, elementwise_affine=False)
         self.text_down = nn.Linear(text_dim, bottleneck_dim)
         self.shared_up = nn.Linear(bottleneck_dim, interaction_dim)
         self.dropout = nn.Dropout(dropout)

@@ -10,6 +10,7 @@ from torch import nn
 from .config import M2ISTConfig
 from .side_network import StreamShapes, TapNames
 from .towers import (
+    count_blocks,
     default_image_size,
     frozen,
     get_tower,
@@ -91,10 +92,11 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
     """Resolve `config`'s taps on `container` and measure the shapes with a dummy image and a dummy phrase."""
     vision_tower = get_tower(container, config.vision_tower, "vision_tower")
     text_tower = get_tower(container, config.text_tower, "text_tower")
-    vision = resolve_taps(vision_tower, config.vision_layers, config.vision_attention_layers,
-                          config.num_tapped_layers, "vision")
-    text = resolve_taps(text_tower, config.text_layers, config.text_attention_layers,
-                        config.num_tapped_layers, "text")
+    # auto-resolved towers tap the same number of layers: the smallest of the request and both depths
+    depths = [count_blocks(vision_tower), count_blocks(text_tower)]
+    num_layers = min([config.num_tapped_layers, *[d for d in depths if d]])
+    vision = resolve_taps(vision_tower, config.vision_layers, config.vision_attention_layers, num_layers, "vision")
+    text = resolve_taps(text_tower, config.text_layers, config.text_attention_layers, num_layers, "text")
     if len(vision.ffn) != len(text.ffn):
         raise ValueError(
             f"The vision tower has {len(vision.ffn)} tapped layers and the text tower {len(text.ffn)}; M3ISA pairs "

@@ -78,6 +78,13 @@ def _blocks_path(tower: nn.Module, layout: TowerLayout) -> str | None:
     return None
 
 
+def count_blocks(tower: nn.Module) -> int | None:
+    """Number of blocks of a tower whose `model_type` has a known layout, else `None`."""
+    layout = TOWER_LAYOUTS.get(tower_model_type(tower))
+    path = _blocks_path(tower, layout) if layout is not None else None
+    return len(tower.get_submodule(path)) if path is not None else None
+
+
 def evenly_spaced(num_blocks: int, count: int) -> list[int]:
     """`count` block indices spread over `num_blocks`, always including the last block."""
     count = min(count, num_blocks)

@@ -1,0 +1,111 @@
+"""Batching REC records into model inputs.
+
+Output of ``RECCollator(records)`` for a batch of B records, canvas side S, L text tokens:
+
+- ``pixel_values``: float32 (B, 3, S, S), normalised with ``image_mean``/``image_std``; padding is 0.
+- ``pixel_mask``: int64 (B, S, S), 1 on image pixels, 0 on padding (DETR convention).
+- ``input_ids``, ``attention_mask``: int64 (B, L), padded to ``max_text_tokens`` and truncated.
+- ``labels``: float32 (B, 4), the target box as ``cxcywh`` normalised to [0, 1] of the S x S canvas.
+- ``phrase_type``: list of B str (for the metric; pop it before calling the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.image_transforms import corners_to_center_format
+from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from peft_m2ist.data.transforms import CanvasSample, TrainAugment, resize_and_pad
+
+
+class RECCollator:
+    """Turn records (``image``, ``bbox`` xyxy pixels, ``phrase``, ``phrase_type``) into a batch.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (called with ``padding="max_length"``, ``truncation=True``).
+        image_size: canvas side S (640 for real data; the shapes benchmark uses its native 128).
+        max_text_tokens: L (20 by default; 40 for RefCOCOg).
+        image_mean, image_std: per-channel normalisation (default ImageNet; see ``from_image_processor``).
+        train: apply ``TrainAugment`` (``augment`` overrides its defaults), else ``resize_and_pad``.
+        seed: with a seed the collator owns a numpy generator (reproducible in one process);
+            without one, each batch draws its seed from torch's global generator, which DataLoader
+            seeds differently per worker.
+        augment: a custom ``TrainAugment`` (its ``size`` must equal ``image_size``).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_size: int = 640,
+        max_text_tokens: int = 20,
+        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        train: bool = False,
+        seed: int | None = None,
+        augment: TrainAugment | None = None,
+    ) -> None:
+        if augment is not None and augment.size != image_size:
+            raise ValueError(f"augment.size ({augment.size}) must equal image_size ({image_size})")
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_text_tokens = max_text_tokens
+        self.image_mean = np.asarray(image_mean, dtype=np.float32).reshape(1, 1, 3)
+        self.image_std = np.asarray(image_std, dtype=np.float32).reshape(1, 1, 3)
+        self.train = train
+        self.augment = augment if augment is not None else TrainAugment(image_size)
+        self._rng = np.random.default_rng(seed) if seed is not None else None
+
+    @classmethod
+    def from_image_processor(cls, tokenizer, image_processor, **kwargs) -> RECCollator:
+        """Take ``image_mean``/``image_std`` from a transformers image processor."""
+        return cls(tokenizer, image_mean=image_processor.image_mean, image_std=image_processor.image_std, **kwargs)
+
+    def _generator(self) -> np.random.Generator:
+        if self._rng is not None:
+            return self._rng
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def transform(self, record: dict[str, Any], rng: np.random.Generator | None = None) -> CanvasSample:
+        """One record onto the canvas (augmented when ``train``)."""
+        image, box, phrase = record["image"], tuple(float(c) for c in record["bbox"]), record["phrase"]
+        if self.train:
+            return self.augment(image, box, phrase, rng if rng is not None else self._generator())
+        return resize_and_pad(image, box, phrase, self.image_size)
+
+    def _normalise(self, sample: CanvasSample) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canvas tensor (3, S, S) and mask (S, S) for one sample."""
+        size = self.image_size
+        pixels = np.zeros((size, size, 3), dtype=np.float32)
+        mask = np.zeros((size, size), dtype=np.int64)
+        array = (np.asarray(sample.image, dtype=np.float32) / 255.0 - self.image_mean) / self.image_std
+        x, y = sample.offset
+        height, width = array.shape[:2]
+        pixels[y : y + height, x : x + width] = array
+        mask[y : y + height, x : x + width] = 1
+        return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(mask)
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Batch of records -> model inputs (see module docstring for names, shapes and formats)."""
+        rng = self._generator() if self.train else None
+        samples = [self.transform(record, rng) for record in records]
+        pixel_values, pixel_mask = zip(*(self._normalise(sample) for sample in samples))
+        text = self.tokenizer(
+            [sample.phrase for sample in samples],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        )
+        corners = torch.tensor([sample.bbox for sample in samples], dtype=torch.float32) / self.image_size
+        return {
+            "pixel_values": torch.stack(pixel_values),
+            "pixel_mask": torch.stack(pixel_mask),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "labels": corners_to_center_format(corners.clamp(0.0, 1.0)),
+            "phrase_type": [str(record.get("phrase_type", "unknown")) for record in records],
+        }

@@ -1,0 +1,162 @@
+"""Reader for Hugging Face datasets of REC data (rows with an image, a box and sentences).
+
+Uploads differ in split names and box conventions, so both are explicit:
+``split_names`` maps our split names to the source's (e.g. ``{"val": "validation",
+"testA": "test_a"}``; a split not in the map keeps its name) and ``box_format`` declares the
+source's box convention (``xywh`` or ``xyxy``, absolute pixels), converted to ``xyxy`` here.
+The sentences column may hold a string, a list of strings, or a list of dicts with a
+``sentence_key`` (e.g. refer-style ``{"sent": ..., "raw": ...}``). One record per sentence.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+from peft_m2ist.data.records import (
+    RECORD_FEATURES,
+    BoxFormat,
+    LoadReport,
+    LoadResult,
+    OnError,
+    RecordError,
+    check_box,
+    check_phrase,
+    to_xyxy,
+)
+
+
+def _open_source(source: Dataset | DatasetDict | str | os.PathLike) -> DatasetDict | Dataset:
+    if isinstance(source, (Dataset, DatasetDict)):
+        return source
+    path = str(source)
+    if os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json"))
+    ):
+        return load_from_disk(path)
+    return load_dataset(path)
+
+
+def _source_split(data: DatasetDict | Dataset, split: str, split_names: Mapping[str, str]) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    name = split_names.get(split, split)
+    if name not in data:
+        raise ValueError(
+            f"split {split!r} maps to source split {name!r}, which does not exist; source splits: "
+            f"{sorted(data)}; pass split_names={{{split!r}: <one of them>}}"
+        )
+    return data[name]
+
+
+def _image_size(value: dict, where: str) -> tuple[int, int]:
+    """Size from an undecoded image cell (``{"bytes", "path"}``), reading the header only."""
+    if value is None:
+        raise RecordError("missing_image", f"{where}: no image")
+    try:
+        if value.get("bytes") is not None:
+            with PILImage.open(io.BytesIO(value["bytes"])) as image:
+                return image.size
+        if value.get("path") and os.path.isfile(value["path"]):
+            with PILImage.open(value["path"]) as image:
+                return image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise RecordError("missing_image", f"{where}: unreadable image") from error
+    raise RecordError("missing_image", f"{where}: image has neither bytes nor an existing file ({value.get('path')})")
+
+
+def _sentences(value: Any, sentence_key: str, where: str) -> list[Any]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict) and sentence_key in value:
+        return [value[sentence_key]]
+    if not isinstance(value, list):
+        raise RecordError("malformed_record", f"{where}: sentences {value!r:.100} are not a string or list")
+    out = []
+    for item in value:
+        if isinstance(item, dict):
+            if sentence_key not in item:
+                raise RecordError("missing_key", f"{where}: sentence {item!r:.100} has no key {sentence_key!r}")
+            out.append(item[sentence_key])
+        else:
+            out.append(item)
+    return out
+
+
+def load_hf_rec(
+    source: Dataset | DatasetDict | str | os.PathLike,
+    split: str,
+    *,
+    split_names: Mapping[str, str],
+    box_format: BoxFormat,
+    image_column: str = "image",
+    bbox_column: str = "bbox",
+    sentences_column: str = "sentences",
+    sentence_key: str = "sent",
+    phrase_type_column: str | None = None,
+    image_id_column: str | None = None,
+    on_error: OnError = "raise",
+) -> LoadResult:
+    """Records of one split of a Hugging Face REC dataset.
+
+    Args:
+        source: a ``DatasetDict`` / ``Dataset``, a ``save_to_disk`` folder, or anything
+            ``datasets.load_dataset`` takes (a local parquet folder, a hub id when online).
+        split: our split name (``train``, ``val``, ``testA`` ...).
+        split_names: our split name -> source split name; names not in it are used as they are.
+        box_format: the source's box convention, ``"xywh"`` or ``"xyxy"`` (absolute pixels).
+        image_column, bbox_column, sentences_column: source column names.
+        sentence_key: key of the sentence text when sentences are dicts.
+        phrase_type_column: optional source column to use as ``phrase_type`` (else "unknown").
+        image_id_column: optional source column for ``image_id`` (else the source row index).
+        on_error: ``"raise"`` a ``ValueError`` naming the split and row, or ``"skip"`` and count.
+
+    Returns:
+        ``LoadResult``: ``dataset`` with ``image`` (RGB), ``bbox`` (``[x0, y0, x1, y1]`` pixels),
+        ``phrase``, ``phrase_type``, ``image_id`` (str); ``report`` with skip counts per reason.
+    """
+    data = _source_split(_open_source(source), split, split_names)
+    for column in (image_column, bbox_column, sentences_column, phrase_type_column, image_id_column):
+        if column is not None and column not in data.column_names:
+            raise ValueError(f"source split for {split!r} has no column {column!r}; columns: {data.column_names}")
+    report = LoadReport(source=f"{source if isinstance(source, (str, os.PathLike)) else 'dataset'}[{split}]",
+                        on_error=on_error)
+    wanted = [c for c in (bbox_column, sentences_column, phrase_type_column, image_id_column) if c is not None]
+    meta = data.select_columns(wanted)
+    images = data.select_columns([image_column]).cast_column(image_column, Image(decode=False))
+    rows, boxes, phrases, types, ids = [], [], [], [], []
+    for index, (row, image) in enumerate(zip(meta, images)):
+        where = f"{report.source} row #{index}"
+        try:
+            width, height = _image_size(image[image_column], where)
+            box = check_box(to_xyxy(row[bbox_column], box_format, where), width, height, where)
+            sentences = _sentences(row[sentences_column], sentence_key, where)
+        except RecordError as error:
+            report.fail(error)
+            continue
+        for number, sentence in enumerate(sentences):
+            try:
+                phrase = check_phrase(sentence, f"{where} sentence #{number}")
+            except RecordError as error:
+                report.fail(error)
+                continue
+            rows.append(index)
+            boxes.append(list(box))
+            phrases.append(phrase)
+            types.append(str(row[phrase_type_column]) if phrase_type_column else "unknown")
+            ids.append(str(row[image_id_column]) if image_id_column else str(index))
+    report.kept = len(rows)
+    report.log()
+    out = data.select_columns([image_column]).select(rows).flatten_indices()
+    if image_column != "image":
+        out = out.rename_column(image_column, "image")
+    out = out.cast_column("image", Image(mode="RGB"))
+    for name, values in (("bbox", boxes), ("phrase", phrases), ("phrase_type", types), ("image_id", ids)):
+        out = out.add_column(name, values, feature=RECORD_FEATURES[name])
+    return LoadResult(out.cast(RECORD_FEATURES), report)
