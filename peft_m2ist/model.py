@@ -149,8 +149,13 @@ class M2ISTModel(BaseTuner):
         """Resolve and probe the taps (raising before anything is changed), place them, then build the side network."""
         self._ensure_side_containers()
         config: M2ISTConfig = self.peft_config[adapter_name]
-        plan = plan_adapter(model, config)
-        self._check_plan_matches_config(plan, config)
+        try:
+            plan = plan_adapter(model, config)
+            self._check_plan_matches_config(plan, config)
+        except ValueError as err:
+            if not config.tower_shapes:
+                raise
+            raise ValueError(f"This adapter does not fit these towers: {err}") from None
         self._record_plan(plan, config)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, None)
         ctx = init_empty_weights if low_cpu_mem_usage else nullcontext
@@ -177,8 +182,8 @@ class M2ISTModel(BaseTuner):
             for key in ("stream_dim", "num_tokens", "ffn_dims", "attention_dims", "has_embedding"):
                 if saved.get(tower, {}).get(key) != current[tower][key]:
                     raise ValueError(
-                        f"This adapter was built for a {tower} tower with {key}={saved[tower].get(key)!r}, but the "
-                        f"given pair has {key}={current[tower][key]!r}: the adapter does not fit these towers."
+                        f"it was built for a {tower} tower with {key}={saved[tower].get(key)!r}, but the given "
+                        f"pair has {key}={current[tower][key]!r}."
                     )
 
     @staticmethod

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from huggingface_hub import ModelCard
 from peft import PeftModel
 
 from .model import ReferringExpressionOutput
@@ -35,6 +38,41 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
                 labels=labels,
                 **kwargs,
             )
+
+    def tower_names(self) -> list[str]:
+        """The `name_or_path` of each tower, where its config knows one."""
+        adapter = self.active_adapter
+        config = self.peft_config[adapter]
+        names = []
+        for path in (config.vision_tower, config.text_tower):
+            tower_config = getattr(self.base_model.model.get_submodule(path), "config", None)
+            name = getattr(tower_config, "_name_or_path", "") or ""
+            if name:
+                names.append(name)
+        return names
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """peft's model card, with both towers as `base_model` and an M2IST section."""
+        super().create_or_update_model_card(output_dir)
+        card_path = Path(output_dir) / "README.md"
+        card = ModelCard.load(card_path)
+        towers = self.tower_names()
+        if towers:
+            card.data.base_model = towers if len(towers) > 1 else towers[0]
+        tags = [t for t in (card.data.tags or []) if not t.startswith("base_model:adapter:None")]
+        tags += [f"base_model:adapter:{t}" for t in towers] + ["m2ist", "referring-expression-comprehension"]
+        card.data.tags = list(dict.fromkeys(tags))
+        counts = self.get_parameter_counts()
+        section = (
+            "\n## M2IST adapter\n\n"
+            f"- Towers (frozen): {', '.join(towers) or 'built from configs (no name)'}\n"
+            f"- Adapter-only parameters (M3ISA experts): {counts['adapter_only']:,}\n"
+            f"- Trainable parameters (experts + projections + grounding head): {counts['adapter_and_head']:,}\n"
+            "- Load with `import peft_m2ist` first, then `PeftModel.from_pretrained(pair, path)`.\n"
+        )
+        if "## M2IST adapter" not in card.text:
+            card.text = card.text + section
+        card.save(card_path)
 
     def get_parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
         """Counts for one adapter: `adapter_only` (the M3ISA experts: the paper's 'tunable parameters'),
