@@ -1,0 +1,109 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument, and leaves no partial state behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_towers import batch, build_pair, tiny_config
+
+from peft_m2ist import M2ISTConfig, M2ISTTapLayer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return get_peft_model(build_pair("vit+bert"), tiny_config())
+
+
+def _taps(module) -> int:
+    return sum(isinstance(m, M2ISTTapLayer) for m in module.modules())
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda b: b.update(input_ids=b["input_ids"][:1], attention_mask=b["attention_mask"][:1]), ValueError,
+         "Batch sizes differ"),
+        (lambda b: b.update(pixel_values=b["pixel_values"][0]), ValueError, "pixel_values"),
+        (lambda b: b.update(input_ids=b["input_ids"][0]), ValueError, "input_ids"),
+        (lambda b: b.update(input_ids=b["input_ids"].float()), TypeError, "input_ids"),
+        (lambda b: b.update(attention_mask=b["attention_mask"][:, :3]), ValueError, "attention_mask"),
+        (lambda b: b.update(pixel_mask=b["pixel_mask"][:, :4]), ValueError, "pixel_mask"),
+        (lambda b: b.update(pixel_values=b["pixel_values"].tolist()), TypeError, "pixel_values"),
+        (lambda b: b.update(labels=b["labels"] + 1.0), ValueError, r"labels.*\[0, 1\]"),
+        (lambda b: b["labels"].__setitem__((0, 2), 0.0), ValueError, "width and height > 0"),
+        (lambda b: b.update(labels=b["labels"][:, :3]), ValueError, "labels"),
+        (lambda b: b.update(labels=torch.ones(2, 4, dtype=torch.long)), TypeError, "labels"),
+        (lambda b: b.update(input_ids=torch.ones(2, 9, dtype=torch.long), attention_mask=torch.ones(2, 9)),
+         ValueError, "max_text_tokens"),
+    ],
+)
+def test_bad_batches_are_rejected(model, change, error, match):
+    inputs = batch()
+    change(inputs)
+    with pytest.raises(error, match=match):
+        model(**inputs)
+    # the recorder is idle and the model still works
+    assert not model.base_model._m2ist_recorder.active
+    assert model(**batch()).pred_boxes.shape == (2, 4)
+
+
+def test_wrong_image_size_names_the_config_field(model):
+    inputs = batch(labels=False)
+    inputs["pixel_values"] = torch.randn(2, 3, 48, 48)
+    inputs.pop("pixel_mask")
+    with pytest.raises(ValueError):
+        model(**inputs)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(vision_layers=["layers.0.nope"], vision_attention_layers=["layers.0.attention"]), "unknown modules"),
+        (dict(text_layers=r"encoder\.layer\.\d+\.nothing"), "matches no module"),
+        (dict(vision_tower="visual"), "vision_tower"),
+        (dict(vision_layers=["layers.0", "layers.1"], vision_attention_layers=["layers.0.attention",
+                                                                               "layers.1.attention"]),
+         "must not be nested"),
+        (dict(text_layers=["encoder.layer.0.output"]), "tapped layers"),
+    ],
+)
+def test_bad_tap_configs_fail_before_touching_the_model(overrides, match):
+    pair = build_pair("vit+bert")
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(pair, tiny_config(**overrides))
+    assert _taps(pair) == 0
+
+
+def test_unknown_tower_type_names_the_fields_to_set():
+    pair = build_pair("vit+bert")
+    pair.text_model = torch.nn.Sequential(torch.nn.Embedding(100, 32))
+    with pytest.raises(ValueError, match="text_layers"):
+        get_peft_model(pair, tiny_config())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bottleneck_dim=0), "bottleneck_dim"),
+        (dict(interaction="concat"), "interaction"),
+        (dict(mixture="router"), "mixture"),
+        (dict(head_dim=30, head_heads=8), "head_dim"),
+        (dict(head_dropout=1.5), "head_dropout"),
+        (dict(expert_scale=0.0), "expert_scale"),
+        (dict(l1_weight=0.0, giou_weight=0.0), "l1_weight"),
+        (dict(vision_layers="("), "regular expression"),
+        (dict(text_layers=[]), "text_layers"),
+        (dict(image_size=-3), "image_size"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        M2ISTConfig(**kwargs)
+
+
+def test_failed_add_adapter_leaves_no_trace(model):
+    before = (_taps(model), set(model.peft_config), set(model.base_model.m2ist_side))
+    with pytest.raises(ValueError):
+        model.add_adapter("broken", tiny_config(text_layers=r"nothing\.here"))
+    assert (_taps(model), set(model.peft_config), set(model.base_model.m2ist_side)) == before
