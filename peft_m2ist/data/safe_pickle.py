@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Any
 
@@ -27,6 +28,8 @@ SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
      ("builtins", "tuple")}
 )
 """(module, name) pairs a refs pickle may reference: builtin containers only."""
+
+_PY2_MODULES = {"__builtin__": "builtins"}
 
 
 class UnsafePickleError(ValueError):
@@ -45,7 +48,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in SAFE_GLOBALS:
+        if (_PY2_MODULES.get(module, module), name) in SAFE_GLOBALS:
             return super().find_class(module, name)
         raise UnsafePickleError(
             f"{self.source}: refusing to load global {module}.{name}; annotation pickles may only hold "
@@ -83,7 +86,10 @@ def load_pth_list(path: str | os.PathLike) -> Any:
     with ``RestrictedUnpickler``. Raises ``UnsafePickleError`` if either refuses a global.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; a plain pickle is expected here.
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         detail = _torch_error_detail(error)
         if "GLOBAL" in detail or zipfile.is_zipfile(path):
