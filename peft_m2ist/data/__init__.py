@@ -21,12 +21,6 @@ Model inputs (``RECCollator``)
 normalised to [0, 1] of the S x S canvas; ``phrase_type`` list[str] (pop before the model).
 """
 
-from peft_m2ist.data.benchmark import (
-    BenchmarkConfig,
-    chance_level,
-    heldout_combinations,
-    load_shapes_benchmark,
-)
 from peft_m2ist.data.collator import RECCollator
 from peft_m2ist.data.controls import CONTROLS, apply_control
 from peft_m2ist.data.hf import load_hf_rec
@@ -35,6 +29,19 @@ from peft_m2ist.data.refer import load_refer
 from peft_m2ist.data.safe_pickle import UnsafePickleError, load_pth_list, load_refs_pickle
 from peft_m2ist.data.transforms import CanvasSample, TrainAugment, flip_phrase, names_position, resize_and_pad
 from peft_m2ist.data.transvg import load_transvg
+
+_BENCHMARK_NAMES = ("BenchmarkConfig", "chance_level", "heldout_combinations", "load_shapes_benchmark")
+
+
+def __getattr__(name: str):
+    # The benchmark module is imported on first use, so `python -m peft_m2ist.data.benchmark`
+    # does not find it already imported by the package.
+    if name in _BENCHMARK_NAMES:
+        from peft_m2ist.data import benchmark
+
+        return getattr(benchmark, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BOX_TOLERANCE_PX",
