@@ -70,6 +70,8 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
             f"- Trainable parameters (experts + projections + grounding head): {counts['adapter_and_head']:,}\n"
             "- Load with `import peft_m2ist` first, then `PeftModel.from_pretrained(pair, path)`.\n"
         )
+        if getattr(self, "card_results", None):
+            section += f"\n## Results\n\n{self.card_results}"
         if "## M2IST adapter" not in card.text:
             card.text = card.text + section
         card.save(card_path)
