@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
     g.add_argument("--eval_only", action="store_true", help="Evaluate --adapter on the validation split and stop.")
     g.add_argument("--report_to", default="auto", help="'auto' (tensorboard or trackio if installed), 'none', ...")
+    g.add_argument("--crash_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     return p
@@ -278,9 +281,18 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     for epoch in range(start_epoch, num_epochs):
         train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
-        skip_batches = 0
-        for batch in loader:
+        if skip_batches:
+            # Starting an iterator draws from torch's global RNG. The uninterrupted run drew it before the
+            # checkpoint was taken, so keep the restored RNG state untouched by this draw.
+            rng_state = torch.get_rng_state()
+            batches = iter(accelerator.skip_first_batches(train_loader, skip_batches))
+            first = next(batches, None)  # the draw happens when the first batch is fetched
+            torch.set_rng_state(rng_state)
+            batches = itertools.chain([first] if first is not None else [], batches)
+            skip_batches = 0
+        else:
+            batches = iter(train_loader)
+        for batch in batches:
             batch.pop("phrase_type")
             with accelerator.accumulate(model):
                 out = model(**batch)
@@ -299,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "train/loss_giou": out.loss_giou.item(), "lr": scheduler.get_last_lr()[-1]}, step=step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
+            if args.crash_after_steps and step >= args.crash_after_steps:
+                os._exit(3)  # no clean-up, like a killed process
             if step >= total_steps:
                 break
         scores = evaluate(model, val_loader, accelerator, desc=f"eval epoch {epoch}")
