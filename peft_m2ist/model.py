@@ -17,7 +17,16 @@ from .layer import M2ISTTapLayer, TapRecorder
 from .loss import box_losses
 from .probe import AdapterPlan, plan_adapter
 from .side_network import M2ISTSideNetwork
-from .towers import frozen, get_tower, run_text_tower, run_vision_tower
+from .towers import (
+    Tokens,
+    TowerOutput,
+    frozen,
+    get_tower,
+    match_grid,
+    run_text_tower,
+    run_vision_tower,
+    to_tokens,
+)
 
 SIDE_KEY = "m2ist_side"
 HEAD_KEY = "m2ist_head"
@@ -285,28 +294,22 @@ class M2ISTModel(BaseTuner):
         }
 
     # ------------------------------------------------------------------ forward
-    def forward(
+    def encode_towers(
         self,
-        pixel_values: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        return_dict: bool = True,
-        **kwargs,
-    ) -> ReferringExpressionOutput:
-        """Towers under `no_grad` (taps record) -> M3ISA experts -> head -> `pred_boxes` (+ loss with `labels`).
+    ) -> dict[str, torch.Tensor]:
+        """Run both frozen towers once and return everything the side network reads, as a flat dict of tensors.
 
-        Args:
-            pixel_values: `(batch, channels, S, S)` normalised images padded to the configured `image_size` S.
-            input_ids: `(batch, L)` token ids, `L <= max_text_tokens`.
-            attention_mask: `(batch, L)`, 1 = real token (default: all ones).
-            pixel_mask: `(batch, S, S)`, 1 = real pixel, 0 = padding (default: all real).
-            labels: `(batch, 4)` target boxes, `cxcywh` normalised to [0, 1].
+        Keys: `vision` `(batch, Nv, Dv)` and `text` `(batch, Nt, Dt)` final tokens, `text_mask` `(batch, Nt)`,
+        `vision_mask` `(batch, Nv)` when the vision tower yields a feature map, and `tap:<module name>` for every
+        tap, vision taps already pooled onto the final grid. The towers are frozen, so these features can be
+        cached and fed back with `forward(tower_features=...)` to skip the towers in later epochs.
         """
-        adapter = self.active_adapters[0]
-        config: M2ISTConfig = self.peft_config[adapter]
-        validate_inputs(pixel_values, input_ids, attention_mask, pixel_mask, labels, config.max_text_tokens)
+        config: M2ISTConfig = self.peft_config[self.active_adapters[0]]
+        validate_inputs(pixel_values, input_ids, attention_mask, pixel_mask, None, config.max_text_tokens)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vision_tower = get_tower(self.model, config.vision_tower, "vision_tower")
@@ -320,11 +323,64 @@ class M2ISTModel(BaseTuner):
                 text = run_text_tower(text_tower, input_ids, attention_mask)
             finally:
                 records = recorder.stop()
+            features = {"vision": vision.tokens.tensor, "text": text.tokens.tensor, "text_mask": text.mask}
+            if vision.mask is not None:
+                features["vision_mask"] = vision.mask
+            vision_prefix = config.vision_tower + "."
+            for name, tensor in records.items():
+                tokens = to_tokens(tensor)
+                if name.startswith(vision_prefix):
+                    features[f"tap:{name}"] = match_grid(tokens, vision.tokens.num_tokens, vision.tokens.grid)
+                else:
+                    features[f"tap:{name}"] = tokens.tensor
+        return features
+
+    @staticmethod
+    def _unpack(features: dict[str, torch.Tensor], config: M2ISTConfig):
+        grid = (config.tower_shapes or {}).get("vision", {}).get("grid")
+        vision = TowerOutput(Tokens(features["vision"], tuple(grid) if grid else None), features.get("vision_mask"))
+        text = TowerOutput(Tokens(features["text"]), features["text_mask"])
+        records = {k[4:]: v for k, v in features.items() if k.startswith("tap:")}
+        return vision, text, records
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        tower_features: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> ReferringExpressionOutput:
+        """Towers under `no_grad` (taps record) -> M3ISA experts -> head -> `pred_boxes` (+ loss with `labels`).
+
+        Args:
+            pixel_values: `(batch, channels, S, S)` normalised images padded to the configured `image_size` S.
+            input_ids: `(batch, L)` token ids, `L <= max_text_tokens`.
+            attention_mask: `(batch, L)`, 1 = real token (default: all ones).
+            pixel_mask: `(batch, S, S)`, 1 = real pixel, 0 = padding (default: all real).
+            labels: `(batch, 4)` target boxes, `cxcywh` normalised to [0, 1].
+            tower_features: the output of `encode_towers` (for instance from a feature cache); replaces
+                `pixel_values`, `input_ids`, `attention_mask` and `pixel_mask`.
+        """
+        adapter = self.active_adapters[0]
+        config: M2ISTConfig = self.peft_config[adapter]
+        if tower_features is None:
+            tower_features = self.encode_towers(pixel_values, input_ids, attention_mask, pixel_mask)
+        elif not isinstance(tower_features, dict) or not {"vision", "text", "text_mask"} <= set(tower_features):
+            raise ValueError("`tower_features` must be the dict returned by `encode_towers`.")
         if self._m2ist_disabled:
-            return ReferringExpressionOutput(vision_last_hidden_state=vision.tokens.tensor,
-                                             text_last_hidden_state=text.tokens.tensor)
+            return ReferringExpressionOutput(vision_last_hidden_state=tower_features["vision"],
+                                             text_last_hidden_state=tower_features["text"])
+        vision, text, records = self._unpack(tower_features, config)
+        if labels is not None:
+            batch = vision.tokens.tensor.shape[0]
+            validate_inputs(torch.zeros(batch, 1, 1, 1), torch.zeros(batch, 1, dtype=torch.long), None, None,
+                            labels, config.max_text_tokens)
         vision_tokens, text_tokens = self.m2ist_side[adapter](records, vision, text)
-        pred_boxes = self.m2ist_head[adapter](text_tokens, attention_mask, vision_tokens, vision.mask)
+        pred_boxes = self.m2ist_head[adapter](text_tokens, text.mask, vision_tokens, vision.mask)
         if labels is None:
             return ReferringExpressionOutput(pred_boxes=pred_boxes)
         parts = box_losses(pred_boxes.float(), labels.float())

@@ -26,6 +26,7 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        tower_features: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> ReferringExpressionOutput:
         with self._enable_peft_forward_hooks(**kwargs):
@@ -36,6 +37,7 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
                 attention_mask=attention_mask,
                 pixel_mask=pixel_mask,
                 labels=labels,
+                tower_features=tower_features,
                 **kwargs,
             )
 
@@ -75,6 +77,10 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
         if "## M2IST adapter" not in card.text:
             card.text = card.text + section
         card.save(card_path)
+
+    def encode_towers(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> dict:
+        """The frozen towers' outputs the side network reads; see `M2ISTModel.encode_towers`."""
+        return self.base_model.encode_towers(pixel_values, input_ids, attention_mask, pixel_mask)
 
     def get_parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
         """Counts for one adapter: `adapter_only` (the M3ISA experts: the paper's 'tunable parameters'),
