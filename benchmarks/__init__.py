@@ -1,0 +1,1 @@
+"""Benchmarks of peft-m2ist (see RESULTS.md)."""

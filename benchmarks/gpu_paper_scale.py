@@ -1,0 +1,64 @@
+"""The paper-scale comparison on one GPU in one command, bounded in time.
+
+DETR-R50 encoder + BERT-base (random weights), 640 px, 20 tokens, batch 64; full fine-tuning, LoRA, bottleneck
+adapters, head-only and the four M2IST variants, all in one process:
+
+1. the exact account (saved-tensor hooks, at the real batch: no extrapolation needed on a GPU);
+2. `torch.cuda.max_memory_allocated` over one training step after a warm-up step (`reset_peak_memory_stats`);
+3. interleaved training-step times (`torch.cuda.synchronize` around each step), ratio to full fine-tuning;
+4. inference latency of the M2IST models vs the towers alone.
+
+    python benchmarks/gpu_paper_scale.py                 # on one H100: ends within ~5 minutes (--time-budget 240)
+    python benchmarks/gpu_paper_scale.py --bf16          # the same under bf16 autocast
+    python benchmarks/gpu_paper_scale.py --batch-size 2 --steps 2   # CPU smoke test
+
+Timing rounds stop when the global `--time-budget` (seconds, counted from the start, model building included) is
+spent: 65% of it for training steps, the rest for inference. The JSON (`benchmarks/results/gpu_paper_scale_<device>
+[_bf16].json`) is rewritten after every phase, so a run cut short still leaves its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks` and the library
+
+from benchmarks import common as C
+from benchmarks import memory_time
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU, 2 on CPU")
+    p.add_argument("--steps", type=int, default=5, help="timed interleaved rounds (training and inference)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward (CUDA only)")
+    p.add_argument("--time-budget", type=float, default=240.0, help="global budget in seconds")
+    p.add_argument("--methods", nargs="+", default=list(C.ALL_METHODS), choices=C.ALL_METHODS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", type=Path, default=None)
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # steady kernels: the warm-up round must not re-tune them
+    batch = a.batch_size or (64 if device.type == "cuda" else 2)
+    suffix = "_bf16" if a.bf16 else ""
+    args = argparse.Namespace(
+        scale="paper", methods=a.methods, device=a.device, batch_size=batch, account_batches=[batch],
+        extrapolate_to=64, repeats=a.steps, warmup=a.warmup, inference_repeats=a.steps, bottleneck=128,
+        lora_rank=16, head_dropout=0.1, bf16=a.bf16, time_budget=a.time_budget, skip=[], threads=None, seed=0,
+        output=a.output or C.RESULTS_DIR / f"gpu_paper_scale_{device.type}{suffix}.json",
+    )
+    result = memory_time.run(args)
+    if device.type == "cuda":
+        print(f"peak allocated over the run: {C.mib(torch.cuda.max_memory_allocated())} MiB on "
+              f"{torch.cuda.get_device_name(device)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
