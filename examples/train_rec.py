@@ -28,7 +28,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="Training augmentation (random resize/crop, colour jitter, flip swapping left/right).")
     g.add_argument("--cache_dir", default=None, help="Where the benchmark build is cached.")
+    g.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
+                   help="Run the frozen towers once per sample and train the side network on the cached outputs "
+                   "(not with --augment, whose images change every epoch).")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=13)
     g.add_argument("--num_epochs", type=int, default=8)
@@ -109,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--push_to_hub needs --hub_model_id")
     if args.eval_only and not args.adapter:
         parser.error("--eval_only needs --adapter")
+    if args.augment and args.cache_features:
+        parser.error("--augment changes the images every epoch: add --no-cache_features")
     return args
 
 
@@ -155,6 +160,42 @@ def parameter_groups(model, args: argparse.Namespace) -> list[dict]:
         if param.requires_grad:
             (experts if ".blocks." in name else rest).append(param)
     return [{"params": experts, "lr": args.lr_adapter}, {"params": rest, "lr": args.lr_head}]
+
+
+# ---------------------------------------------------------------------------------------------- feature cache
+class CachedTowerFeatures(Dataset):
+    """Per-sample frozen-tower outputs (`encode_towers`), labels and phrase types, for training on the side only."""
+
+    def __init__(self, features: dict[str, torch.Tensor], labels: torch.Tensor, phrase_types: list[str]) -> None:
+        self.features, self.labels, self.phrase_types = features, labels, phrase_types
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"tower_features": {k: v[index] for k, v in self.features.items()}, "labels": self.labels[index],
+                "phrase_type": self.phrase_types[index]}
+
+
+def cache_tower_features(model, loader: DataLoader, accelerator: Accelerator, desc: str) -> CachedTowerFeatures:
+    """Run the towers once over `loader` (every process caches the whole split; the loader is sharded later)."""
+    features: dict[str, list[torch.Tensor]] = {}
+    labels, phrase_types = [], []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
+        phrase_types += batch.pop("phrase_type")
+        labels.append(batch.pop("labels"))
+        inputs = {k: v.to(accelerator.device) for k, v in batch.items()}
+        for key, value in model.encode_towers(**inputs).items():
+            features.setdefault(key, []).append(value.cpu())
+    return CachedTowerFeatures({k: torch.cat(v) for k, v in features.items()}, torch.cat(labels), phrase_types)
+
+
+def cached_loaders(model, train_loader, val_loader, accelerator, args):
+    model.to(accelerator.device)
+    train = cache_tower_features(model, train_loader, accelerator, "caching tower features (train)")
+    val = cache_tower_features(model, val_loader, accelerator, "caching tower features (val)")
+    return (DataLoader(train, batch_size=args.batch_size, shuffle=True),
+            DataLoader(val, batch_size=args.batch_size, shuffle=False))
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -252,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         model.print_trainable_parameters()
         model.print_parameter_counts()
+    if args.cache_features:
+        train_loader, val_loader = cached_loaders(model, train_loader, val_loader, accelerator, args)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
