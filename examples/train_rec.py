@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head_heads", type=int, default=8)
     g.add_argument("--head_ffn_dim", type=int, default=2048)
     g.add_argument("--head_dropout", type=float, default=0.1)
+    g.add_argument("--head_attention_dropout", type=float, default=0.0)
     g.add_argument("--max_text_tokens", type=int, default=20)
     g = p.add_argument_group("data")
     g.add_argument("--data_seed", type=int, default=0, help="Seed of the built-in shapes benchmark.")
@@ -131,6 +132,7 @@ def build_model(args: argparse.Namespace):
             num_tapped_layers=args.num_tapped_layers, bottleneck_dim=args.bottleneck_dim,
             interaction=args.interaction, mixture=args.mixture, head_dim=args.head_dim, head_layers=args.head_layers,
             head_heads=args.head_heads, head_ffn_dim=args.head_ffn_dim, head_dropout=args.head_dropout,
+            head_attention_dropout=args.head_attention_dropout,
             max_text_tokens=args.max_text_tokens, image_size=args.image_size,
         )
         model = get_peft_model(pair, config)

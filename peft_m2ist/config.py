@@ -51,7 +51,8 @@ class M2ISTConfig(PeftConfig):
         vision_attention_layers (`list[str]` or `str`, *optional*): Vision modules feeding the interactive experts.
             `None` picks the attention module of each block (the block itself for towers without attention).
         text_attention_layers (`list[str]` or `str`, *optional*): The same for the text tower.
-        num_tapped_layers (`int`): Layer pairs tapped when the layers are auto-resolved.
+        num_tapped_layers (`int`): Layer pairs tapped when the layers are auto-resolved: evenly spaced blocks ending at
+            the last one, `min(num_tapped_layers, depth of either tower)` in both towers.
         bottleneck_dim (`int`): Width of every expert's bottleneck.
         expert_scale (`float`): Fixed scale of each expert's output.
         expert_dropout (`float`): Dropout on the expert bottleneck activations.
@@ -64,7 +65,8 @@ class M2ISTConfig(PeftConfig):
         head_layers (`int`): Transformer layers of the grounding head.
         head_heads (`int`): Attention heads of the grounding head.
         head_ffn_dim (`int`): Feed-forward width of the grounding head.
-        head_dropout (`float`): Dropout inside the grounding head.
+        head_dropout (`float`): Dropout on the grounding head's residual and feed-forward paths.
+        head_attention_dropout (`float`): Dropout on the head's attention probabilities (0: nothing stored for it).
         max_text_tokens (`int`): Text length the head's position embedding is built for.
         image_size (`int`, *optional*): Square input size the vision token count is derived from; `None` takes the
             vision tower config's `image_size`, else 640.
@@ -102,7 +104,10 @@ class M2ISTConfig(PeftConfig):
     )
     num_tapped_layers: int = field(
         default=6,
-        metadata={"help": "Number of evenly spaced layer pairs to tap when the layers are auto-resolved."},
+        metadata={
+            "help": "Layer pairs to tap when the layers are auto-resolved: evenly spaced blocks ending at the last "
+            "one, min(num_tapped_layers, depth of either tower) in both towers."
+        },
     )
     bottleneck_dim: int = field(default=128, metadata={"help": "Width of every expert's bottleneck."})
     expert_scale: float = field(default=0.1, metadata={"help": "Fixed scale applied to every expert's output."})
@@ -128,7 +133,16 @@ class M2ISTConfig(PeftConfig):
     head_layers: int = field(default=6, metadata={"help": "Number of transformer layers in the grounding head."})
     head_heads: int = field(default=8, metadata={"help": "Number of attention heads in the grounding head."})
     head_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the grounding head."})
-    head_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the grounding head."})
+    head_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout on the grounding head's residual and feed-forward paths."}
+    )
+    head_attention_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Dropout on the grounding head's attention probabilities. 0 lets the fused attention kernel "
+            "skip storing the probability maps for backward (TransVG used 0.1; the largest memory item)."
+        },
+    )
     max_text_tokens: int = field(
         default=20, metadata={"help": "Maximum text length (tokens) the head's position embedding covers."}
     )
@@ -176,7 +190,7 @@ class M2ISTConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be None or a positive integer, got {value!r}.")
-        for name in ("expert_dropout", "head_dropout"):
+        for name in ("expert_dropout", "head_dropout", "head_attention_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")

@@ -20,9 +20,13 @@ class BoxMLP(nn.Sequential):
 class GroundingHead(nn.Module):
     """TransVG-style regression head.
 
-    A learned [REG] token is prepended to the text tokens and the vision tokens; a learned position embedding covers
+    A learned [REG] token is prepended to the text tokens and the vision tokens; the sequence is layer-normalised
+    (the two towers' streams can differ in scale by orders of magnitude); a learned position embedding covers
     the `1 + max_text_tokens + num_vision_tokens` slots; a post-norm transformer encoder mixes them; the [REG] output
     goes through a 3-layer MLP and a sigmoid to a box `cxcywh` normalised to [0, 1].
+
+    `dropout` applies to the residual and feed-forward paths; `attention_dropout` (default 0) to the attention
+    probabilities, which with a non-zero value have to be stored for backward.
     """
 
     def __init__(
@@ -34,15 +38,20 @@ class GroundingHead(nn.Module):
         dropout: float,
         max_text_tokens: int,
         num_vision_tokens: int,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.max_text_tokens = max_text_tokens
         self.num_vision_tokens = num_vision_tokens
+        self.input_norm = nn.LayerNorm(dim)
         self.reg_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + max_text_tokens + num_vision_tokens, dim))
         nn.init.trunc_normal_(self.reg_token, std=0.02)
         nn.init.trunc_normal_(self.position_embedding, std=0.02)
         layer = nn.TransformerEncoderLayer(dim, num_heads, ffn_dim, dropout, batch_first=True)
+        # `dropout` covers the residual and feed-forward paths; dropout on the attention probabilities is separate
+        # because it forces the attention kernel to keep a (tokens x tokens) probability map per head for backward.
+        layer.self_attn.dropout = attention_dropout
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.box_mlp = BoxMLP(dim)
 
@@ -80,5 +89,5 @@ class GroundingHead(nn.Module):
             [self.position_embedding[:, : 1 + text_len], self.position_embedding[:, 1 + self.max_text_tokens :]], dim=1
         )
         keep = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, vision_mask.to(text_mask.dtype)], dim=1)
-        hidden = self.encoder(tokens + positions, src_key_padding_mask=~keep.bool())
+        hidden = self.encoder(self.input_norm(tokens) + positions, src_key_padding_mask=~keep.bool())
         return self.box_mlp(hidden[:, 0]).sigmoid()

@@ -157,6 +157,8 @@ class M2ISTModel(BaseTuner):
     ) -> None:
         """Resolve and probe the taps (raising before anything is changed), place them, then build the side network."""
         self._ensure_side_containers()
+        if not adapter_name or "." in adapter_name:
+            raise ValueError(f"Adapter names must be non-empty and contain no '.', got {adapter_name!r}.")
         config: M2ISTConfig = self.peft_config[adapter_name]
         try:
             plan = plan_adapter(model, config)
@@ -171,7 +173,8 @@ class M2ISTModel(BaseTuner):
         with ctx():
             side = M2ISTSideNetwork(config, plan.vision, plan.text, plan.vision_taps, plan.text_taps)
             head = GroundingHead(config.head_dim, config.head_layers, config.head_heads, config.head_ffn_dim,
-                                 config.head_dropout, config.max_text_tokens, plan.vision.num_tokens)
+                                 config.head_dropout, config.max_text_tokens, plan.vision.num_tokens,
+                                 attention_dropout=config.head_attention_dropout)
         param = next(get_tower(model, config.vision_tower, "vision_tower").parameters(), None)
         if param is not None and not low_cpu_mem_usage:
             side.to(param.device)
@@ -188,7 +191,7 @@ class M2ISTModel(BaseTuner):
             return
         current = {"vision": plan.vision.to_dict(), "text": plan.text.to_dict()}
         for tower in ("vision", "text"):
-            for key in ("stream_dim", "num_tokens", "ffn_dims", "attention_dims", "has_embedding"):
+            for key in ("stream_dim", "num_tokens", "grid", "ffn_dims", "attention_dims", "has_embedding"):
                 if saved.get(tower, {}).get(key) != current[tower][key]:
                     raise ValueError(
                         f"it was built for a {tower} tower with {key}={saved[tower].get(key)!r}, but the given "

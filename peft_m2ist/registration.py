@@ -13,10 +13,6 @@ from peft.utils.peft_types import PeftType, TaskType
 
 PEFT_TYPE_NAME = "M2IST"
 TASK_TYPE_NAME = "REFERRING_EXPRESSION_COMPREHENSION"
-NOT_IMPORTED_HINT = (
-    "This adapter was made with peft-m2ist: run `import peft_m2ist` (pip install peft-m2ist) before "
-    "`PeftModel.from_pretrained` / `PeftConfig.from_pretrained`, so that peft knows the M2IST method."
-)
 
 
 def _add_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
