@@ -6,6 +6,26 @@ import torch
 from torch import nn
 
 
+def sine_grid_encoding(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2D sine/cosine encoding `(1, h * w, dim)` of the cell centres of an `h x w` grid (row-major).
+
+    Half the channels encode y, half x, each as sin/cos at geometric frequencies, so the head reads absolute
+    coordinates off a vision token without learning them.
+    """
+    h, w = grid
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    angles_y = yy.reshape(-1, 1) * freqs * 2 * torch.pi
+    angles_x = xx.reshape(-1, 1) * freqs * 2 * torch.pi
+    encoding = torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)
+    padded = torch.zeros(h * w, dim)
+    padded[:, : encoding.shape[1]] = encoding
+    return padded.unsqueeze(0)
+
+
 class BoxMLP(nn.Sequential):
     """`num_layers` Linear layers with ReLU between them: `(batch, dim)` -> `(batch, 4)` logits."""
 
@@ -39,11 +59,16 @@ class GroundingHead(nn.Module):
         max_text_tokens: int,
         num_vision_tokens: int,
         attention_dropout: float = 0.0,
+        vision_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.max_text_tokens = max_text_tokens
         self.num_vision_tokens = num_vision_tokens
         self.input_norm = nn.LayerNorm(dim)
+        grid_encoding = None
+        if vision_grid is not None and vision_grid[0] * vision_grid[1] == num_vision_tokens:
+            grid_encoding = sine_grid_encoding(vision_grid, dim)
+        self.register_buffer("vision_grid_encoding", grid_encoding, persistent=False)
         self.reg_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + max_text_tokens + num_vision_tokens, dim))
         nn.init.trunc_normal_(self.reg_token, std=0.02)
@@ -85,9 +110,10 @@ class GroundingHead(nn.Module):
             vision_mask = torch.ones(vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device)
         reg = self.reg_token.expand(batch, -1, -1)
         tokens = torch.cat([reg, text_tokens, vision_tokens], dim=1)
-        positions = torch.cat(
-            [self.position_embedding[:, : 1 + text_len], self.position_embedding[:, 1 + self.max_text_tokens :]], dim=1
-        )
+        vision_positions = self.position_embedding[:, 1 + self.max_text_tokens :]
+        if self.vision_grid_encoding is not None:
+            vision_positions = vision_positions + self.vision_grid_encoding
+        positions = torch.cat([self.position_embedding[:, : 1 + text_len], vision_positions], dim=1)
         keep = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, vision_mask.to(text_mask.dtype)], dim=1)
         hidden = self.encoder(self.input_norm(tokens) + positions, src_key_padding_mask=~keep.bool())
         return self.box_mlp(hidden[:, 0]).sigmoid()
