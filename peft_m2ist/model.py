@@ -99,6 +99,12 @@ def validate_inputs(
                 f"{(batch, *pixel_values.shape[-2:])}."
             )
     if labels is not None:
+        validate_labels(labels, batch)
+
+
+def validate_labels(labels: object, batch: int) -> None:
+    """`labels` must be a float `(batch, 4)` tensor of `cxcywh` boxes in [0, 1] with width and height > 0."""
+    if labels is not None:
         labels = _check_tensor("labels", labels, 2, "(batch, 4) cxcywh")
         if labels.shape != (batch, 4):
             raise ValueError(f"`labels` must have shape (batch, 4) = {(batch, 4)} (cxcywh), got {tuple(labels.shape)}.")
@@ -379,10 +385,7 @@ class M2ISTModel(BaseTuner):
             return ReferringExpressionOutput(vision_last_hidden_state=tower_features["vision"],
                                              text_last_hidden_state=tower_features["text"])
         vision, text, records = self._unpack(tower_features, config)
-        if labels is not None:
-            batch = vision.tokens.tensor.shape[0]
-            validate_inputs(torch.zeros(batch, 1, 1, 1), torch.zeros(batch, 1, dtype=torch.long), None, None,
-                            labels, config.max_text_tokens)
+        validate_labels(labels, vision.tokens.tensor.shape[0])
         vision_tokens, text_tokens = self.m2ist_side[adapter](records, vision, text)
         pred_boxes = self.m2ist_head[adapter](text_tokens, text.mask, vision_tokens, vision.mask)
         if labels is None:

@@ -37,3 +37,14 @@ def test_bad_tower_features_are_rejected():
     model = get_peft_model(build_pair("vit+bert"), tiny_config())
     with pytest.raises(ValueError, match="tower_features"):
         model(tower_features={"vision": torch.zeros(1)})
+
+
+def test_labels_are_validated_on_the_cached_path():
+    model = get_peft_model(build_pair("vit+bert"), tiny_config())
+    inputs = batch()
+    labels = inputs.pop("labels")
+    features = model.encode_towers(**inputs)
+    with pytest.raises(ValueError, match=r"labels"):
+        model(tower_features=features, labels=labels + 1.0)
+    with pytest.raises(ValueError, match=r"labels"):
+        model(tower_features=features, labels=labels[:1])
