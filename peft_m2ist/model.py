@@ -320,6 +320,11 @@ class M2ISTModel(BaseTuner):
         """
         config: M2ISTConfig = self.peft_config[self.active_adapters[0]]
         validate_inputs(pixel_values, input_ids, attention_mask, pixel_mask, None, config.max_text_tokens)
+        if tuple(pixel_values.shape[-2:]) != (config.image_size, config.image_size):
+            raise ValueError(
+                f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but the adapter was built for "
+                f"{config.image_size}x{config.image_size} images (`M2ISTConfig.image_size`); resize and pad to it."
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vision_tower = get_tower(self.model, config.vision_tower, "vision_tower")

@@ -35,9 +35,7 @@ class AdapterPlan:
 
     @property
     def target_modules(self) -> list[str]:
-        names = [*self.vision_taps.ffn, *self.vision_taps.attention, *self.text_taps.ffn, *self.text_taps.attention]
-        names += [n for n in (self.vision_taps.embeddings, self.text_taps.embeddings) if n]
-        return sorted(set(names))
+        return sorted(set(self.vision_taps.all() + self.text_taps.all()))
 
 
 def _full(tower_path: str, names: list[str]) -> list[str]:
@@ -116,8 +114,7 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
     input_ids = torch.ones(1, config.max_text_tokens, dtype=torch.long, device=device)
     attention_mask = torch.ones_like(input_ids)
 
-    names = [*vision_taps.ffn, *vision_taps.attention, *text_taps.ffn, *text_taps.attention]
-    names += [n for n in (vision_taps.embeddings, text_taps.embeddings) if n]
+    names = vision_taps.all() + text_taps.all()
     with frozen(vision_tower, text_tower):
         records, (v_out, t_out) = _probe(
             container, names,

@@ -35,6 +35,10 @@ class TapNames:
     attention: list[str]
     embeddings: str | None
 
+    def all(self) -> list[str]:
+        """Every tapped module name, embeddings included."""
+        return [*self.ffn, *self.attention, *([self.embeddings] if self.embeddings else [])]
+
 
 class M2ISTSideNetwork(nn.Module):
     """Turns the recorded tap outputs and the towers' final tokens into head-width token streams.

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -259,9 +260,10 @@ def frozen(*towers: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-def _accepts(module: nn.Module, name: str) -> bool:
+@lru_cache(maxsize=64)
+def _forward_accepts(module_type: type, name: str) -> bool:
     try:
-        return name in inspect.signature(module.forward).parameters
+        return name in inspect.signature(module_type.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -296,7 +298,7 @@ def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, pixel_mask: t
     if tower_model_type(tower) == "detr":
         return _run_detr_encoder(tower, pixel_values, pixel_mask)
     kwargs = {"pixel_values": pixel_values}
-    if pixel_mask is not None and _accepts(tower, "pixel_mask"):
+    if pixel_mask is not None and _forward_accepts(type(tower), "pixel_mask"):
         kwargs["pixel_mask"] = pixel_mask
     tokens = to_tokens(output_tensor(tower(**kwargs)))
     mask = None

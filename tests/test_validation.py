@@ -52,7 +52,7 @@ def test_wrong_image_size_names_the_config_field(model):
     inputs = batch(labels=False)
     inputs["pixel_values"] = torch.randn(2, 3, 48, 48)
     inputs.pop("pixel_mask")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="image_size"):
         model(**inputs)
 
 
