@@ -120,10 +120,10 @@ def paper_scale() -> Scale:
 
 
 def default_scale() -> Scale:
-    """The library's offline default pair: ImageNet MobileNetV2 + MiniLM-L6 at the shapes benchmark's 128 px."""
-    from peft_m2ist.pretrained import load_text_tower, load_vision_tower
+    """The training example's offline default pair: ImageNet MobileNetV2 cut at stride 16 + MiniLM-L6, 128 px."""
+    from peft_m2ist.pretrained import MOBILENET_V2_STRIDE16_TOWER, load_text_tower, load_vision_tower
 
-    vision, _ = load_vision_tower()
+    vision, _ = load_vision_tower(MOBILENET_V2_STRIDE16_TOWER)
     text, tokenizer = load_text_tower()
     blocks = len(vision.layer)
     return Scale(
@@ -132,15 +132,16 @@ def default_scale() -> Scale:
         text=text,
         image_size=128,
         text_tokens=20,
-        description="MobileNetV2 ImageNet (offline:mobilenet_v2) + MiniLM-L6 (offline:minilm-l6), 128 px, 20 tokens",
+        description="MobileNetV2 ImageNet cut at stride 16 (offline:mobilenet_v2-stride16) + MiniLM-L6 "
+                    "(offline:minilm-l6), 128 px, 20 tokens",
         m2ist_taps={},
         lora_targets=r"(vision_model\.layer\.\d+\.(expand_1x1|reduce_1x1)\.convolution"
                      r"|text_model\.encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense))",
-        lora_note="MobileNetV2 has no attention: the pointwise (1x1) convolutions of its 16 blocks; "
+        lora_note=f"MobileNetV2 has no attention: the pointwise (1x1) convolutions of its {blocks} blocks; "
                   "q/k/v/out linears of the 6 MiniLM layers",
         adapter_sites=[f"vision_model.layer.{i}" for i in range(blocks)]
         + [f"text_model.encoder.layer.{i}.output.dense" for i in range(len(text.encoder.layer))],
-        adapter_note="after each of the 16 MobileNetV2 inverted-residual blocks (on channels) and after the FFN of "
+        adapter_note=f"after each of the {blocks} MobileNetV2 inverted-residual blocks (on channels) and after the FFN of "
                      "the 6 MiniLM layers",
         unused_prefixes=("text_model.pooler.",),
         vocab_size=tokenizer.vocab_size,
@@ -167,7 +168,7 @@ class BaselineREC(nn.Module):
 
     def __init__(self, pair: nn.Module, num_vision_tokens: int, freeze_towers: bool, head_dim: int = 256,
                  head_layers: int = 6, head_heads: int = 8, head_ffn_dim: int = 2048, head_dropout: float = 0.1,
-                 max_text_tokens: int = 20) -> None:
+                 max_text_tokens: int = 20, vision_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.pair = pair
         self.freeze_towers = freeze_towers
@@ -175,7 +176,7 @@ class BaselineREC(nn.Module):
         self.vision_proj = nn.Linear(vision_dim, head_dim)
         self.text_proj = nn.Linear(text_dim, head_dim)
         self.head = GroundingHead(head_dim, head_layers, head_heads, head_ffn_dim, head_dropout, max_text_tokens,
-                                  num_vision_tokens)
+                                  num_vision_tokens, vision_grid=vision_grid)  # M2IST's head, same defaults
         self.adapters = nn.ModuleList()  # filled by `add_bottleneck_adapters`
 
     def forward(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None, labels=None):
@@ -196,12 +197,8 @@ class BaselineREC(nn.Module):
 
 
 def _token_width(vision: nn.Module) -> int:
-    config = vision.config
-    if config.model_type == "detr":
-        return config.d_model
-    if config.model_type == "mobilenet_v2":
-        return vision.conv_1x1.convolution.out_channels
-    return config.hidden_size
+    """Width of the vision tower's final tokens, measured on a small dummy image (towers may be truncated)."""
+    return vision_token_layout(vision, 64)[2]
 
 
 class BottleneckAdapter(nn.Module):
@@ -242,9 +239,14 @@ def add_bottleneck_adapters(model: BaselineREC, sites: list[str], bottleneck: in
 
 
 def count_vision_tokens(vision: nn.Module, image_size: int) -> int:
+    return vision_token_layout(vision, image_size)[0]
+
+
+def vision_token_layout(vision: nn.Module, image_size: int) -> tuple[int, tuple[int, int] | None, int]:
+    """`(number of vision tokens, their (h, w) grid or None, token width)` for square `image_size` inputs."""
     with frozen(vision):
         out = run_vision_tower(vision, torch.zeros(1, 3, image_size, image_size), None)
-    return out.tokens.num_tokens
+    return out.tokens.num_tokens, out.tokens.grid, out.tokens.dim
 
 
 def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, lora_rank: int = 16,
@@ -263,10 +265,9 @@ def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, 
         model.method_note = f"peft_m2ist M2ISTConfig(interaction={interaction!r}, mixture={mixture!r}, " \
                             f"bottleneck_dim={bottleneck})"
         return model
-    if num_vision_tokens is None:
-        num_vision_tokens = count_vision_tokens(scale.vision, scale.image_size)
-    model = BaselineREC(pair, num_vision_tokens, freeze_towers=name == "head_only", head_dropout=head_dropout,
-                        max_text_tokens=scale.text_tokens)
+    counted, grid, _ = vision_token_layout(scale.vision, scale.image_size)
+    model = BaselineREC(pair, num_vision_tokens or counted, freeze_towers=name == "head_only",
+                        head_dropout=head_dropout, max_text_tokens=scale.text_tokens, vision_grid=grid)
     for p in model.pair.parameters():
         p.requires_grad_(False)
     if name == "full":
@@ -516,6 +517,9 @@ def machine_info(device: torch.device) -> dict:
     with suppress(OSError):
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                             cwd=Path(__file__).parent, check=False).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+        info["git_worktree_clean"] = not changed  # False: uncommitted changes on top of git_commit
     return info
 
 

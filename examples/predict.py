@@ -5,12 +5,14 @@
     python examples/predict.py --adapter outputs/m2ist-shapes/best_adapter --val_samples 16 --output grid.png
 
 The predicted box is drawn in red, the ground truth (validation samples) in green. The towers are the ones the
-adapter was trained on: pass --vision_model / --text_model when they are not the offline defaults.
+adapter was trained on, read from the `towers.json` that train_rec.py writes next to it; pass --vision_model /
+--text_model for adapters saved otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -29,8 +31,10 @@ PRED, TRUTH = (230, 30, 30), (20, 170, 60)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="Folder written by save_pretrained (or a Hub id).")
-    p.add_argument("--vision_model", default=DEFAULT_VISION_TOWER)
-    p.add_argument("--text_model", default=DEFAULT_TEXT_TOWER)
+    p.add_argument("--vision_model", default=None,
+                   help=f"Vision tower; default: the one in the adapter's towers.json, else {DEFAULT_VISION_TOWER}.")
+    p.add_argument("--text_model", default=None,
+                   help=f"Text tower; default: the one in the adapter's towers.json, else {DEFAULT_TEXT_TOWER}.")
     p.add_argument("--image", nargs="*", default=[], help="Image file(s); one --phrase per image.")
     p.add_argument("--phrase", nargs="*", default=[], help="Referring expression(s).")
     p.add_argument("--val_samples", type=int, default=0, help="Predict on the first N validation samples instead.")
@@ -39,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.val_samples and (not args.image or len(args.image) != len(args.phrase)):
         p.error("give --val_samples N, or as many --phrase as --image")
+    towers_file = Path(args.adapter) / "towers.json"  # written by train_rec.py next to the adapter
+    trained_on = json.loads(towers_file.read_text()) if towers_file.is_file() else {}
+    args.vision_model = args.vision_model or trained_on.get("vision", DEFAULT_VISION_TOWER)
+    args.text_model = args.text_model or trained_on.get("text", DEFAULT_TEXT_TOWER)
     return args
 
 

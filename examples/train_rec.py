@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", default=None, help="Start from (or, with --eval_only, evaluate) a saved adapter.")
     g.add_argument("--num_tapped_layers", type=int, default=6)
     g.add_argument("--bottleneck_dim", type=int, default=128)
+    g.add_argument("--expert_scale", type=float, default=0.1, help="Fixed scale of every expert's output.")
     g.add_argument("--interaction", choices=["shared", "cross_attention"], default="shared")
     g.add_argument("--mixture", choices=["sum", "gated"], default="sum")
     g.add_argument("--head_dim", type=int, default=256)
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head_ffn_dim", type=int, default=2048)
     g.add_argument("--head_dropout", type=float, default=0.1)
     g.add_argument("--head_attention_dropout", type=float, default=0.0)
+    g.add_argument("--box_head", choices=["pointer", "mlp"], default="pointer",
+                   help="'pointer': [REG] points at vision tokens (default); 'mlp': TransVG's regression MLP.")
     g.add_argument("--max_text_tokens", type=int, default=20)
     g = p.add_argument_group("data")
     g.add_argument("--data_seed", type=int, default=0, help="Seed of the built-in shapes benchmark.")
@@ -129,10 +133,10 @@ def build_model(args: argparse.Namespace):
         model = PeftModel.from_pretrained(pair, args.adapter, is_trainable=not args.eval_only)
     else:
         config = M2ISTConfig(
-            num_tapped_layers=args.num_tapped_layers, bottleneck_dim=args.bottleneck_dim,
+            num_tapped_layers=args.num_tapped_layers, bottleneck_dim=args.bottleneck_dim, expert_scale=args.expert_scale,
             interaction=args.interaction, mixture=args.mixture, head_dim=args.head_dim, head_layers=args.head_layers,
             head_heads=args.head_heads, head_ffn_dim=args.head_ffn_dim, head_dropout=args.head_dropout,
-            head_attention_dropout=args.head_attention_dropout,
+            head_attention_dropout=args.head_attention_dropout, box_head=args.box_head,
             max_text_tokens=args.max_text_tokens, image_size=args.image_size,
         )
         model = get_peft_model(pair, config)
@@ -232,6 +236,15 @@ def _name(vocab: list[str], index: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
+TOWERS_FILE = "towers.json"
+"""Written next to each saved adapter: the towers it was trained on, which `predict.py` reloads by default."""
+
+
+def save_adapter(model, folder: Path, args: argparse.Namespace) -> None:
+    model.save_pretrained(folder)
+    (folder / TOWERS_FILE).write_text(json.dumps({"vision": args.vision_model, "text": args.text_model}, indent=2))
+
+
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     folders = [d for d in (output_dir / "checkpoints").glob("step_*") if d.is_dir()]
     return sorted(folders, key=lambda d: int(re.sub(r"\D", "", d.name)))
@@ -269,6 +282,7 @@ def trackers(report_to: str) -> list[str] | None:
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
+    started = time.monotonic()
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -368,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
             if scores["accuracy"] > best["accuracy"]:
                 best = {"epoch": epoch, "step": step, **scores}
-                accelerator.unwrap_model(model).save_pretrained(output_dir / "best_adapter")
+                save_adapter(accelerator.unwrap_model(model), output_dir / "best_adapter", args)
                 state_file.write_text(json.dumps(best, indent=2))
         if step >= total_steps:
             break
@@ -377,10 +391,11 @@ def main(argv: list[str] | None = None) -> dict:
     final = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(output_dir / "final_adapter")
+        save_adapter(unwrapped, output_dir / "final_adapter", args)
         final = {"best": best, "history": history, "chance": chance, "control": args.control,
                  "towers": {"vision": args.vision_model, "text": args.text_model},
                  "data": f"shapes benchmark (seed {args.data_seed}, {args.image_size}px)",
+                 "elapsed_s": round(time.monotonic() - started, 1), "steps": step,
                  "args": {k: v for k, v in vars(args).items() if k != "config"}}
         (output_dir / "results.json").write_text(json.dumps(final, indent=2, default=str))
         accelerator.print(f"best val Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "

@@ -12,6 +12,7 @@ from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE
 
 INTERACTION_MODES = ("shared", "cross_attention")
 MIXTURE_MODES = ("sum", "gated")
+BOX_HEADS = ("pointer", "mlp")
 
 
 def _check_tap_spec(name: str, value: Any) -> None:
@@ -67,6 +68,8 @@ class M2ISTConfig(PeftConfig):
         head_ffn_dim (`int`): Feed-forward width of the grounding head.
         head_dropout (`float`): Dropout on the grounding head's residual and feed-forward paths.
         head_attention_dropout (`float`): Dropout on the head's attention probabilities (0: nothing stored for it).
+        box_head (`str`): How the head reads the box: `"pointer"` ([REG] points at vision tokens; default) or `"mlp"`
+            (TransVG's regression MLP on [REG]).
         max_text_tokens (`int`): Text length the head's position embedding is built for.
         image_size (`int`, *optional*): Square input size the vision token count is derived from; `None` takes the
             vision tower config's `image_size`, else 640.
@@ -143,6 +146,14 @@ class M2ISTConfig(PeftConfig):
             "skip storing the probability maps for backward (TransVG used 0.1; the largest memory item)."
         },
     )
+    box_head: str = field(
+        default="pointer",
+        metadata={
+            "help": "How the head reads the box off the transformer: 'pointer' ([REG] points at the vision tokens; the "
+            "box centre is the pointer-weighted mean of their cell centres plus a learned offset; learns the "
+            "text-to-object binding much faster) or 'mlp' (TransVG's 3-layer regression MLP on [REG], the paper's)."
+        },
+    )
     max_text_tokens: int = field(
         default=20, metadata={"help": "Maximum text length (tokens) the head's position embedding covers."}
     )
@@ -205,6 +216,8 @@ class M2ISTConfig(PeftConfig):
             raise ValueError(f"`interaction` must be one of {INTERACTION_MODES}, got {self.interaction!r}.")
         if self.mixture not in MIXTURE_MODES:
             raise ValueError(f"`mixture` must be one of {MIXTURE_MODES}, got {self.mixture!r}.")
+        if self.box_head not in BOX_HEADS:
+            raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {self.box_head!r}.")
         if self.head_dim % self.head_heads:
             raise ValueError(f"`head_dim` ({self.head_dim}) must be divisible by `head_heads` ({self.head_heads}).")
         if self.interaction == "cross_attention" and self.bottleneck_dim % self.interaction_heads:

@@ -1,9 +1,21 @@
-"""The grounding head: [REG] + text tokens + vision tokens -> transformer -> MLP -> one `cxcywh` box."""
+"""The grounding head: [REG] + text tokens + vision tokens -> transformer -> one `cxcywh` box.
+
+Two ways to read the box off the transformer (`box_head`):
+
+- `"mlp"` (TransVG, the paper's head): a 3-layer MLP on the [REG] output regresses the box.
+- `"pointer"` (ours, the default): [REG] points at the vision tokens (one softmax over them); the box centre is the
+  pointer-weighted mean of the tokens' cell centres plus an MLP offset of at most one cell, and the MLP gives the size.
+  Same [REG] token, transformer and L1 + GIoU loss, but the loss reaches the selection directly instead of through a
+  regression that first has to learn where every token sits: on the built-in benchmark it learns the text-to-object
+  binding in hundreds of steps where the MLP head needs thousands.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .config import BOX_HEADS
 
 
 def sine_grid_encoding(grid: tuple[int, int], dim: int) -> torch.Tensor:
@@ -37,13 +49,56 @@ class BoxMLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def grid_cell_centres(grid: tuple[int, int]) -> torch.Tensor:
+    """Cell centres `(h * w, 2)` as `(x, y)` normalised to [0, 1], row-major like the vision tokens."""
+    h, w = grid
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+
+
+class PointerBox(nn.Module):
+    """Box from [REG] pointing at vision tokens: `(batch, dim)` + `(batch, N, dim)` -> `(batch, 4)` `cxcywh` in [0, 1].
+
+    Pointer weights `softmax(q(reg) . k(token) / sqrt(dim))` over the real vision tokens; centre = weighted mean of the
+    token centres + `tanh` offset of at most one cell; width and height from a sigmoid. Token centres are the grid's
+    cell centres for grid towers, or learned (starting at the image centre) for towers without a grid.
+    """
+
+    def __init__(self, dim: int, num_vision_tokens: int, vision_grid: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, 4))
+        self.scale = dim**-0.5
+        if vision_grid is not None:
+            self.register_buffer("token_centres", grid_cell_centres(vision_grid), persistent=False)
+            self.register_buffer("max_offset", torch.tensor([1.0 / vision_grid[1], 1.0 / vision_grid[0]]),
+                                 persistent=False)
+        else:
+            self.token_centres = nn.Parameter(torch.full((num_vision_tokens, 2), 0.5))
+            self.register_buffer("max_offset", torch.tensor([0.5, 0.5]), persistent=False)
+
+    def forward(self, reg: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
+        logits = torch.einsum("bd,bnd->bn", self.query(reg), self.key(vision)) * self.scale
+        logits = logits.masked_fill(~vision_mask.bool(), torch.finfo(logits.dtype).min)
+        weights = logits.softmax(dim=-1)
+        centre = weights @ self.token_centres.to(weights.dtype)
+        pooled = torch.einsum("bn,bnd->bd", weights, vision)
+        out = self.mlp(torch.cat([reg, pooled], dim=-1))
+        centre = (centre + torch.tanh(out[:, :2]) * self.max_offset.to(out.dtype)).clamp(0.0, 1.0)
+        return torch.cat([centre, out[:, 2:].sigmoid()], dim=-1)
+
+
 class GroundingHead(nn.Module):
     """TransVG-style regression head.
 
     A learned [REG] token is prepended to the text tokens and the vision tokens; the sequence is layer-normalised
     (the two towers' streams can differ in scale by orders of magnitude); a learned position embedding covers
-    the `1 + max_text_tokens + num_vision_tokens` slots; a post-norm transformer encoder mixes them; the [REG] output
-    goes through a 3-layer MLP and a sigmoid to a box `cxcywh` normalised to [0, 1].
+    the `1 + max_text_tokens + num_vision_tokens` slots; a post-norm transformer encoder mixes them; the box, `cxcywh`
+    normalised to [0, 1], comes from `PointerBox` (`box_head="pointer"`) or from a 3-layer MLP and a sigmoid on the
+    [REG] output (`box_head="mlp"`, TransVG's).
 
     `dropout` applies to the residual and feed-forward paths; `attention_dropout` (default 0) to the attention
     probabilities, which with a non-zero value have to be stored for backward.
@@ -60,13 +115,18 @@ class GroundingHead(nn.Module):
         num_vision_tokens: int,
         attention_dropout: float = 0.0,
         vision_grid: tuple[int, int] | None = None,
+        box_head: str = "pointer",
     ) -> None:
         super().__init__()
+        if box_head not in BOX_HEADS:
+            raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {box_head!r}.")
+        if vision_grid is not None and vision_grid[0] * vision_grid[1] != num_vision_tokens:
+            vision_grid = None
         self.max_text_tokens = max_text_tokens
         self.num_vision_tokens = num_vision_tokens
         self.input_norm = nn.LayerNorm(dim)
         grid_encoding = None
-        if vision_grid is not None and vision_grid[0] * vision_grid[1] == num_vision_tokens:
+        if vision_grid is not None:
             grid_encoding = sine_grid_encoding(vision_grid, dim)
         self.register_buffer("vision_grid_encoding", grid_encoding, persistent=False)
         self.reg_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -78,7 +138,11 @@ class GroundingHead(nn.Module):
         # because it forces the attention kernel to keep a (tokens x tokens) probability map per head for backward.
         layer.self_attn.dropout = attention_dropout
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
-        self.box_mlp = BoxMLP(dim)
+        self.box_head = box_head
+        if box_head == "pointer":
+            self.pointer = PointerBox(dim, num_vision_tokens, vision_grid)
+        else:
+            self.box_mlp = BoxMLP(dim)
 
     def forward(
         self,
@@ -116,4 +180,6 @@ class GroundingHead(nn.Module):
         positions = torch.cat([self.position_embedding[:, : 1 + text_len], vision_positions], dim=1)
         keep = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, vision_mask.to(text_mask.dtype)], dim=1)
         hidden = self.encoder(self.input_norm(tokens) + positions, src_key_padding_mask=~keep.bool())
+        if self.box_head == "pointer":
+            return self.pointer(hidden[:, 0], hidden[:, 1 + text_len :], vision_mask)
         return self.box_mlp(hidden[:, 0]).sigmoid()

@@ -181,7 +181,8 @@ class M2ISTModel(BaseTuner):
             head = GroundingHead(config.head_dim, config.head_layers, config.head_heads, config.head_ffn_dim,
                                  config.head_dropout, config.max_text_tokens, plan.vision.num_tokens,
                                  attention_dropout=config.head_attention_dropout,
-                                 vision_grid=tuple(plan.vision.grid) if plan.vision.grid else None)
+                                 vision_grid=tuple(plan.vision.grid) if plan.vision.grid else None,
+                                 box_head=config.box_head)
         param = next(get_tower(model, config.vision_tower, "vision_tower").parameters(), None)
         if param is not None and not low_cpu_mem_usage:
             side.to(param.device)

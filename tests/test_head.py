@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_m2ist.head import GroundingHead, sine_grid_encoding
+from peft_m2ist.head import GroundingHead, PointerBox, grid_cell_centres, sine_grid_encoding
 
 
 def _head(**kw) -> GroundingHead:
@@ -14,10 +14,54 @@ def _head(**kw) -> GroundingHead:
     return GroundingHead(**args).eval()
 
 
-def test_boxes_are_cxcywh_in_unit_range():
-    head = _head(vision_grid=(2, 3))
+@pytest.mark.parametrize("box_head", ["pointer", "mlp"])
+@pytest.mark.parametrize("grid", [(2, 3), None])
+def test_boxes_are_cxcywh_in_unit_range(box_head, grid):
+    head = _head(vision_grid=grid, box_head=box_head)
     boxes = head(torch.randn(3, 4, 16), torch.ones(3, 4, dtype=torch.long), torch.randn(3, 6, 16))
-    assert boxes.shape == (3, 4) and ((boxes > 0) & (boxes < 1)).all()
+    assert boxes.shape == (3, 4) and ((boxes >= 0) & (boxes <= 1)).all()
+    assert hasattr(head, "pointer") == (box_head == "pointer") and hasattr(head, "box_mlp") == (box_head == "mlp")
+
+
+def test_cell_centres_are_row_major_xy():
+    centres = grid_cell_centres((2, 3))
+    torch.testing.assert_close(centres[0], torch.tensor([1 / 6, 1 / 4]))
+    torch.testing.assert_close(centres[5], torch.tensor([5 / 6, 3 / 4]))
+
+
+def test_pointer_centre_is_the_pointed_cell_plus_at_most_one_cell():
+    pointer = PointerBox(8, 6, (2, 3))
+    with torch.no_grad():  # point hard at token 4 (x = 1/2, y = 3/4): its key matches the query, the others do not
+        pointer.query.weight.copy_(torch.eye(8) * 50)
+        pointer.query.bias.zero_()
+        pointer.key.weight.copy_(torch.eye(8))
+        pointer.key.bias.zero_()
+    reg = torch.zeros(1, 8)
+    reg[0, 0] = 1.0
+    vision = torch.zeros(1, 6, 8)
+    vision[0, 4, 0] = 1.0
+    box = pointer(reg, vision, torch.ones(1, 6))
+    assert abs(box[0, 0] - 0.5) <= 1 / 3 + 1e-6 and abs(box[0, 1] - 0.75) <= 1 / 2 + 1e-6
+    with torch.no_grad():
+        pointer.mlp[-1].weight.zero_()
+        pointer.mlp[-1].bias.zero_()
+    torch.testing.assert_close(pointer(reg, vision, torch.ones(1, 6))[0, :2], torch.tensor([0.5, 0.75]), atol=1e-4,
+                               rtol=0)
+
+
+def test_pointer_ignores_padded_vision_tokens():
+    head = _head(vision_grid=(2, 3))
+    text, vision = torch.randn(1, 3, 16), torch.randn(1, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    before = head(text, torch.ones(1, 3, dtype=torch.long), vision, mask)
+    vision[0, 4:] = torch.randn(2, 16) * 100
+    torch.testing.assert_close(head(text, torch.ones(1, 3, dtype=torch.long), vision, mask), before, rtol=0,
+                               atol=1e-5)
+
+
+def test_unknown_box_head_is_refused():
+    with pytest.raises(ValueError, match="box_head"):
+        _head(box_head="argmax")
 
 
 def test_grid_encoding_tells_cells_apart_and_is_not_saved():

@@ -297,6 +297,33 @@ def test_default_vision_tower(mobilenet_folder):
 
 
 @pytest.mark.slow
+def test_stride16_vision_tower_is_the_same_network_cut_after_block_12(mobilenet_folder):
+    full, _ = P.load_vision_tower(P.DEFAULT_VISION_TOWER, cache_dir=mobilenet_folder.parent)
+    cut, _ = P.load_vision_tower(P.MOBILENET_V2_STRIDE16_TOWER, cache_dir=mobilenet_folder.parent)
+    assert P.MOBILENET_V2_STRIDE16_TOWER in P.OFFLINE_VISION_TOWERS
+    assert len(cut.layer) == 12 and cut.config.num_kept_blocks == 12
+    pixel_values = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        out = cut(pixel_values=pixel_values).last_hidden_state
+        block_11 = full(pixel_values=pixel_values, output_hidden_states=True).hidden_states[11]
+    assert out.shape == (1, 96, 8, 8)
+    torch.testing.assert_close(out, block_11, rtol=0, atol=0)
+
+
+def test_truncation_keeps_the_first_blocks_and_checks_its_argument():
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    model = MobileNetV2Model(MobileNetV2Config(depth_multiplier=0.35, image_size=64)).eval()
+    with torch.no_grad():
+        expected = model(pixel_values=torch.ones(1, 3, 64, 64), output_hidden_states=True).hidden_states[4]
+    P.truncate_mobilenet_v2(model, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=torch.ones(1, 3, 64, 64)).last_hidden_state, expected)
+    with pytest.raises(ValueError, match="num_blocks"):
+        P.truncate_mobilenet_v2(model, 0)
+
+
+@pytest.mark.slow
 def test_local_folder_goes_through_auto_classes(mobilenet_folder):
     from transformers import MobileNetV2Model
 

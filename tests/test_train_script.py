@@ -86,12 +86,13 @@ def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
     for key in s1:
         assert s1[key] == pytest.approx(s2[key], abs=1e-6), key
 
-    # predict.py draws the adapter's boxes for validation samples into one PNG
-    png = tmp_path / "grid.png"
+    # predict.py finds the towers in the adapter's towers.json and draws its boxes for validation samples
     vision, text = towers
+    assert json.loads((adapter / "towers.json").read_text()) == {"vision": str(vision), "text": str(text)}
+    png = tmp_path / "grid.png"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "predict.py"), "--adapter", str(adapter), "--vision_model",
-         str(vision), "--text_model", str(text), "--val_samples", "3", "--output", str(png)],
+        [sys.executable, str(ROOT / "examples" / "predict.py"), "--adapter", str(adapter), "--val_samples", "3",
+         "--output", str(png)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=True,
     )
     assert proc.stdout.count("box [x0, y0, x1, y1]") == 3
