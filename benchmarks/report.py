@@ -231,8 +231,16 @@ def goals_section(results: list[dict]) -> list[str]:
     lines += ["", "The adapter-parameter goal targets the paper's configuration; the cross-attention variants add two "
               "bottleneck attention modules per layer pair by design. The memory goals are stated at the paper's "
               "batch (64): the batch-64 rows are the ones to judge; the measured batch-2 rows are dominated by the "
-              "frozen weights every method holds. Head dropout 0.1 is TransVG's (the paper's) setting; the "
-              "head-dropout-0 file shows what the head's attention dropout costs on this CPU (see below).", ""]
+              "frozen weights every method holds. Head dropout 0.1 is TransVG's (the paper's) setting on the residual "
+              "and feed-forward paths; the head's attention dropout is 0 in every method (`head_attention_dropout`, "
+              "whose non-zero value makes the attention kernel store its probability maps for backward).",
+              "",
+              "CUDA peak vs exact account: every method that keeps the ResNet-50 frozen (LoRA, in-tower adapters, "
+              "head only, M2IST) peaks within a few percent of the others on the GPU, although the tensors they save "
+              "for backward differ by gigabytes (exact account). The peak is therefore set by something they share, "
+              "most likely the frozen backbone's no-grad forward at 640 px x 64 images (its transient feature maps), "
+              "not by what each method stores; we have not yet measured this directly. Running the frozen towers in "
+              "micro-batches would lower that peak for every such method.", ""]
     reference = json.loads((HERE / "reference_paper.json").read_text())["methods"]
     for r in paper:
         ms = r["methods"]

@@ -1,6 +1,6 @@
 """Print the markdown table of docs/results.md from the `results.json` files that examples/train_rec.py writes.
 
-    python scripts/results_table.py docs/runs/*.json
+    python scripts/results_table.py docs/training_runs/*.json
 
 Each file is one run; its name (without `.json`) is the row label. Nothing is typed in by hand: every figure comes
 from the files.
