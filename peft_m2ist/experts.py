@@ -19,7 +19,7 @@ class ModalityExpert(nn.Module):
     Used as the vision expert (VEA) and the language expert (LEA). Input `(batch, tokens, in_dim)`, output
     `(batch, tokens, out_dim)`; `out_dim` is the width of the tower's final tokens. `up` starts at zero (as LoRA's `B`
     and AdaptFormer's up-projection do), so an untrained expert adds nothing and the head starts from the towers' own
-    tokens: random corrections at the start slowed learning several-fold on the built-in benchmark.
+    tokens (random corrections at the start slowed learning on the built-in benchmark; see docs/results.md).
     """
 
     def __init__(self, in_dim: int, bottleneck_dim: int, out_dim: int, scale: float, dropout: float) -> None:

@@ -92,7 +92,7 @@ class PointerBox(nn.Module):
 
 
 class GroundingHead(nn.Module):
-    """TransVG-style regression head.
+    """TransVG-style grounding head.
 
     A learned [REG] token is prepended to the text tokens and the vision tokens; the sequence is layer-normalised
     (the two towers' streams can differ in scale by orders of magnitude); a learned position embedding covers

@@ -361,9 +361,10 @@ def truncate_mobilenet_v2(model: MobileNetV2Model, num_blocks: int = MOBILENET_V
 
     The stem and ``model.layer[:num_blocks]`` are kept; the later blocks and the final 1x1 expansion to 1280 channels
     are dropped, so ``last_hidden_state`` is the last kept block's output. With the default 12 blocks that is
-    ``(B, 96, H/16, W/16)``: at 128 px an 8x8 grid of mid-level features. (ImageNet's final 1280-channel features at
-    stride 32 encode object classes; on the built-in benchmark a linear probe reads neither the colour nor the shape of
-    the objects from them, while the stride-16 blocks give both at about 80%.) The cut is recorded in
+    ``(B, 96, H/16, W/16)``: at 128 px an 8x8 grid of mid-level features. (ImageNet's final 1280-channel features
+    encode object classes: on the built-in benchmark, with the last stage dilated to keep the 8x8 grid, a linear probe
+    per cell read neither the colour nor the shape of the object there from them, while blocks 4-10 gave both at
+    about 80%.) The cut is recorded in
     ``model.config.num_kept_blocks``; ``save_pretrained`` would still write the full architecture, so rebuild the
     trunk with this function rather than from a saved folder.
     """
