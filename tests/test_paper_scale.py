@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import transformers as tf
 from peft import get_peft_model
 
@@ -41,3 +43,8 @@ def test_paper_scale_adapter_only_count_is_within_5_percent_of_2_99m():
     assert model.peft_config["default"].tower_shapes["vision"]["num_tokens"] == 400
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == counts["adapter_and_head"]
+    # docs/concepts.md quotes this printout and breaks the head count down: it must not drift from the code
+    concepts = (Path(__file__).resolve().parent.parent / "docs" / "concepts.md").read_text()
+    assert (f"adapter-only: {counts['adapter_only']:,}  projections + head: {counts['projections_and_head']:,}  "
+            f"towers: {counts['towers']:,}") in concepts
+    assert f"adapter + head params: {counts['adapter_and_head']:,}" in concepts
