@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -266,9 +267,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit
     accelerator.save_state(str(output_dir / "checkpoints" / f"step_{step}"))
     if accelerator.is_main_process and limit:
         for old in checkpoint_dirs(output_dir)[:-limit]:
-            for f in sorted(old.rglob("*"), reverse=True):
-                f.unlink() if f.is_file() else f.rmdir()
-            old.rmdir()
+            shutil.rmtree(old)
 
 
 def trackers(report_to: str) -> list[str] | None:

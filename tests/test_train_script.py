@@ -53,6 +53,8 @@ def _run(args: list[str], launcher: list[str] | None = None, check: bool = True)
 def test_resume_after_crash_ends_with_the_same_adapter(towers, tmp_path):
     straight = tmp_path / "straight"
     _run(_args(towers, straight))
+    # 12 steps, a checkpoint every 2, the newest 2 kept (--checkpoints_total_limit)
+    assert sorted(d.name for d in (straight / "checkpoints").iterdir()) == ["step_10", "step_12"]
     crashed = tmp_path / "crashed"
     first = _run(_args(towers, crashed, "--crash_after_steps", "9"), check=False)
     assert first.returncode == 3, first.stderr[-2000:]
