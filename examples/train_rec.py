@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from peft_m2ist import M2ISTConfig, VisionTextPair
-from peft_m2ist.data import RECCollator, apply_control, chance_level, load_shapes_benchmark
+from peft_m2ist.config import BOX_HEADS, INTERACTION_MODES, MIXTURE_MODES
+from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level, load_shapes_benchmark
 from peft_m2ist.metrics import load_rec_metric
 from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, DEFAULT_VISION_TOWER, load_text_tower, load_vision_tower
 
@@ -53,15 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_tapped_layers", type=int, default=6)
     g.add_argument("--bottleneck_dim", type=int, default=128)
     g.add_argument("--expert_scale", type=float, default=0.1, help="Fixed scale of every expert's output.")
-    g.add_argument("--interaction", choices=["shared", "cross_attention"], default="shared")
-    g.add_argument("--mixture", choices=["sum", "gated"], default="sum")
+    g.add_argument("--interaction", choices=INTERACTION_MODES, default="shared")
+    g.add_argument("--mixture", choices=MIXTURE_MODES, default="sum")
     g.add_argument("--head_dim", type=int, default=256)
     g.add_argument("--head_layers", type=int, default=6)
     g.add_argument("--head_heads", type=int, default=8)
     g.add_argument("--head_ffn_dim", type=int, default=2048)
     g.add_argument("--head_dropout", type=float, default=0.1)
     g.add_argument("--head_attention_dropout", type=float, default=0.0)
-    g.add_argument("--box_head", choices=["pointer", "mlp"], default="pointer",
+    g.add_argument("--box_head", choices=BOX_HEADS, default="pointer",
                    help="'pointer': [REG] points at vision tokens (default); 'mlp': TransVG's regression MLP.")
     g.add_argument("--max_text_tokens", type=int, default=20)
     g = p.add_argument_group("data")
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_size", type=int, default=128, help="Canvas side S the images are resized/padded to.")
     g.add_argument("--train_samples", type=int, default=None, help="Use only the first N training rows.")
     g.add_argument("--eval_samples", type=int, default=None, help="Use only the first N validation rows.")
-    g.add_argument("--control", choices=["none", "text_hidden", "image_hidden"], default="none",
+    g.add_argument("--control", choices=CONTROLS, default="none",
                    help="Hide one modality in every split (the benchmark's controls).")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="Training augmentation (random resize/crop, colour jitter, flip swapping left/right).")
