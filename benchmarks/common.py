@@ -250,8 +250,13 @@ def vision_token_layout(vision: nn.Module, image_size: int) -> tuple[int, tuple[
 
 
 def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, lora_rank: int = 16,
-                 num_vision_tokens: int | None = None, head_dropout: float = 0.1) -> nn.Module:
-    """A fresh model of method `name` on deep copies of the scale's towers (identical weights for every method)."""
+                 num_vision_tokens: int | None = None, head_dropout: float = 0.1, head_layers: int = 6,
+                 head_ffn_dim: int = 2048) -> nn.Module:
+    """A fresh model of method `name` on deep copies of the scale's towers (identical weights for every method).
+
+    Every method gets the same grounding head (`head_layers`, `head_ffn_dim`, `head_dropout`; TransVG's 6 x 2048 by
+    default, the training example uses 2 x 512).
+    """
     pair = peft_m2ist.VisionTextPair(copy.deepcopy(scale.vision), copy.deepcopy(scale.text))
     torch.manual_seed(seed + 1)
     if name.startswith("m2ist_"):
@@ -260,14 +265,16 @@ def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, 
 
         config = peft_m2ist.M2ISTConfig(bottleneck_dim=bottleneck, interaction=interaction, mixture=mixture,
                                         image_size=scale.image_size, max_text_tokens=scale.text_tokens,
-                                        head_dropout=head_dropout, **copy.deepcopy(scale.m2ist_taps))
+                                        head_dropout=head_dropout, head_layers=head_layers,
+                                        head_ffn_dim=head_ffn_dim, **copy.deepcopy(scale.m2ist_taps))
         model = get_peft_model(pair, config)
         model.method_note = f"peft_m2ist M2ISTConfig(interaction={interaction!r}, mixture={mixture!r}, " \
                             f"bottleneck_dim={bottleneck})"
         return model
     counted, grid, _ = vision_token_layout(scale.vision, scale.image_size)
     model = BaselineREC(pair, num_vision_tokens or counted, freeze_towers=name == "head_only",
-                        head_dropout=head_dropout, max_text_tokens=scale.text_tokens, vision_grid=grid)
+                        head_layers=head_layers, head_ffn_dim=head_ffn_dim, head_dropout=head_dropout,
+                        max_text_tokens=scale.text_tokens, vision_grid=grid)
     for p in model.pair.parameters():
         p.requires_grad_(False)
     if name == "full":
