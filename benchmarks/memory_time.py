@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dropout", type=float, default=0.1,
                    help="dropout of every method's grounding head (0.1: TransVG / the paper; 0 lets the attention "
                         "use a fused kernel that keeps no attention probabilities on CPU)")
+    p.add_argument("--head-checkpointing", action="store_true",
+                   help="gradient checkpointing in every method's grounding head (M2ISTConfig."
+                        "head_gradient_checkpointing; the baselines' heads alike)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; timing rounds stop when the budget is spent (the JSON is written after each phase)")
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             return torch.autocast("cuda", dtype=torch.bfloat16)
 
     suffix = "" if args.head_dropout == 0.1 else f"_headdrop{args.head_dropout:g}"
+    suffix += "_headckpt" if args.head_checkpointing else ""
     out_path = args.output or C.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "repeats": args.repeats, "warmup": args.warmup, "inference_repeats": args.inference_repeats,
             "bottleneck": args.bottleneck, "lora_rank": args.lora_rank, "bf16": args.bf16,
             "time_budget_s": args.time_budget, "head_dropout": args.head_dropout,
+            "head_checkpointing": args.head_checkpointing,
             "image_size": scale.image_size, "text_tokens": scale.text_tokens, "vision_tokens": num_vision_tokens,
             "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4), fp32 parameters",
             "activations_note": "storages packed by saved_tensors_hooks during forward, each counted once; storages "
@@ -104,7 +109,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     models, optims = {}, {}
     for name in args.methods:
         model = C.build_method(name, scale, args.seed, args.bottleneck, args.lora_rank, num_vision_tokens,
-                               args.head_dropout).to(device)
+                               args.head_dropout,
+                               head_gradient_checkpointing=args.head_checkpointing).to(device)
         models[name], optims[name] = model, C.make_optimizer(model)
         result["methods"][name] = {"note": model.method_note, "params": C.parameter_counts(model)}
         log(f"  {name}: {result['methods'][name]['params']['trainable']:,} trainable parameters")

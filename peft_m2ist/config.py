@@ -70,6 +70,8 @@ class M2ISTConfig(PeftConfig):
         head_attention_dropout (`float`): Dropout on the head's attention probabilities (0: nothing stored for it).
         box_head (`str`): How the head reads the box: `"pointer"` ([REG] points at vision tokens; default) or `"mlp"`
             (TransVG's regression MLP on [REG]).
+        head_gradient_checkpointing (`bool`): Recompute the head's layers in backward instead of storing their
+            activations (same gradients, about one more head forward per step).
         max_text_tokens (`int`): Text length the head's position embedding is built for.
         image_size (`int`, *optional*): Square input size the vision token count is derived from; `None` takes the
             vision tower config's `image_size`, else 640.
@@ -154,6 +156,13 @@ class M2ISTConfig(PeftConfig):
             "text-to-object binding much faster) or 'mlp' (TransVG's 3-layer regression MLP on [REG], the paper's)."
         },
     )
+    head_gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute each head layer's forward during backward instead of storing its activations: the "
+            "same gradients for about one more head forward per step; the head is most of M2IST's training memory."
+        },
+    )
     max_text_tokens: int = field(
         default=20, metadata={"help": "Maximum text length (tokens) the head's position embedding covers."}
     )
@@ -218,6 +227,10 @@ class M2ISTConfig(PeftConfig):
             raise ValueError(f"`mixture` must be one of {MIXTURE_MODES}, got {self.mixture!r}.")
         if self.box_head not in BOX_HEADS:
             raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {self.box_head!r}.")
+        if not isinstance(self.head_gradient_checkpointing, bool):
+            raise ValueError(
+                f"`head_gradient_checkpointing` must be True or False, got {self.head_gradient_checkpointing!r}."
+            )
         if self.head_dim % self.head_heads:
             raise ValueError(f"`head_dim` ({self.head_dim}) must be divisible by `head_heads` ({self.head_heads}).")
         if self.interaction == "cross_attention" and self.bottleneck_dim % self.interaction_heads:

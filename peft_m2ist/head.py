@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import BOX_HEADS
 
@@ -102,6 +103,11 @@ class GroundingHead(nn.Module):
 
     `dropout` applies to the residual and feed-forward paths; `attention_dropout` (default 0) to the attention
     probabilities, which with a non-zero value have to be stored for backward.
+
+    With `gradient_checkpointing` each transformer layer keeps only its input for backward and runs its forward
+    again there (`torch.utils.checkpoint`, dropout masks replayed): the same outputs and gradients for about one more
+    forward pass of the head per step, and the head's activation memory drops to one `(batch, tokens, dim)` tensor per
+    layer plus the layer being recomputed.
     """
 
     def __init__(
@@ -116,8 +122,10 @@ class GroundingHead(nn.Module):
         attention_dropout: float = 0.0,
         vision_grid: tuple[int, int] | None = None,
         box_head: str = "pointer",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if box_head not in BOX_HEADS:
             raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {box_head!r}.")
         if vision_grid is not None and vision_grid[0] * vision_grid[1] != num_vision_tokens:
@@ -179,7 +187,15 @@ class GroundingHead(nn.Module):
             vision_positions = vision_positions + self.vision_grid_encoding
         positions = torch.cat([self.position_embedding[:, : 1 + text_len], vision_positions], dim=1)
         keep = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, vision_mask.to(text_mask.dtype)], dim=1)
-        hidden = self.encoder(self.input_norm(tokens) + positions, src_key_padding_mask=~keep.bool())
+        hidden = self._encode(self.input_norm(tokens) + positions, ~keep.bool())
         if self.box_head == "pointer":
             return self.pointer(hidden[:, 0], hidden[:, 1 + text_len :], vision_mask)
         return self.box_mlp(hidden[:, 0]).sigmoid()
+
+    def _encode(self, hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """Run the transformer layers on `(batch, tokens, dim)`; `padding` is `(batch, tokens)`, True = ignore."""
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return self.encoder(hidden, src_key_padding_mask=padding)
+        for layer in self.encoder.layers:
+            hidden = checkpoint(layer, hidden, src_key_padding_mask=padding, use_reentrant=False)
+        return hidden

@@ -182,7 +182,8 @@ class M2ISTModel(BaseTuner):
                                  config.head_dropout, config.max_text_tokens, plan.vision.num_tokens,
                                  attention_dropout=config.head_attention_dropout,
                                  vision_grid=tuple(plan.vision.grid) if plan.vision.grid else None,
-                                 box_head=config.box_head)
+                                 box_head=config.box_head,
+                                 gradient_checkpointing=config.head_gradient_checkpointing)
         param = next(get_tower(model, config.vision_tower, "vision_tower").parameters(), None)
         if param is not None and not low_cpu_mem_usage:
             side.to(param.device)

@@ -88,3 +88,54 @@ def test_wrong_sizes_raise():
         head(torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.long), torch.randn(1, 6, 16))
     with pytest.raises(ValueError, match="vision tokens"):
         head(torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.long), torch.randn(1, 5, 16))
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while `fn` runs (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_gradient_checkpointing_gives_the_same_boxes_and_gradients_for_less_memory():
+    torch.manual_seed(0)
+    plain = _head(num_layers=3, ffn_dim=256, dropout=0.1, vision_grid=(2, 3)).train()
+    ckpt = _head(num_layers=3, ffn_dim=256, dropout=0.1, vision_grid=(2, 3), gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    text, mask = torch.randn(4, 5, 16), torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 5, [1] * 4 + [0]])
+    vision = torch.randn(4, 6, 16)
+    results = []
+    for head in (plain, ckpt):
+        torch.manual_seed(1)  # the same dropout masks in both runs; checkpointing replays them in backward
+        boxes, saved = _saved_bytes(lambda head=head: head(text, mask, vision))
+        boxes.sum().backward()
+        results.append((boxes, saved, {n: p.grad for n, p in head.named_parameters()}))
+    (boxes_a, saved_a, grads_a), (boxes_b, saved_b, grads_b) = results
+    torch.testing.assert_close(boxes_b, boxes_a)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+    assert saved_b < saved_a / 2, (saved_a, saved_b)
+
+
+def test_gradient_checkpointing_runs_only_when_training_with_gradients(monkeypatch):
+    import peft_m2ist.head as head_module
+
+    calls = []
+    real = head_module.checkpoint
+    monkeypatch.setattr(head_module, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    head = _head(num_layers=2, gradient_checkpointing=True)  # eval mode
+    text, mask, vision = torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.long), torch.randn(2, 6, 16)
+    head(text, mask, vision)
+    head.train()
+    with torch.no_grad():
+        head(text, mask, vision)
+    assert calls == []
+    head(text, mask, vision).sum().backward()
+    assert len(calls) == 2  # one per layer

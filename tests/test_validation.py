@@ -95,6 +95,7 @@ def test_unknown_tower_type_names_the_fields_to_set():
         (dict(vision_layers="("), "regular expression"),
         (dict(text_layers=[]), "text_layers"),
         (dict(image_size=-3), "image_size"),
+        (dict(head_gradient_checkpointing="yes"), "head_gradient_checkpointing"),
     ],
 )
 def test_config_validation(kwargs, match):
