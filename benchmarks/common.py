@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 import peft_m2ist
@@ -380,8 +381,10 @@ def exact_account(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dic
     - `weights`: every parameter and buffer of the model (frozen ones included), each storage once;
     - `trainable`: the trainable parameters; `grads`: their gradients after backward;
     - `optimizer`: every tensor in the AdamW state after the step (exp_avg, exp_avg_sq, step);
-    - `activations`: storages packed by `saved_tensors_hooks` during forward, each counted once, EXCLUDING the
-      storages of parameters and buffers (those are already in `weights`; `params_saved` counts them separately);
+    - `activations`: storages packed by `saved_tensors_hooks` during forward, plus the tensor inputs of
+      `torch.utils.checkpoint.checkpoint` calls (a checkpointed function keeps them for its recompute, where the
+      hooks do not see them), each counted once, EXCLUDING the storages of parameters and buffers (those are already
+      in `weights`; `params_saved` counts them separately);
     - `total` = weights + grads + optimizer + activations.
     """
     model_ptrs = {info[0] for t in list(model.parameters()) + list(model.buffers())
@@ -400,10 +403,22 @@ def exact_account(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dic
             activations[info[0]] = info[1]
         return t
 
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                pack(value)
+        return real_checkpoint(function, *args, **kwargs)
+
     optimizer.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            (autocast() if autocast is not None else nullcontext()):
-        loss = model(**batch).loss
+    torch.utils.checkpoint.checkpoint = counting_checkpoint  # seen by callers that look it up at call time
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                (autocast() if autocast is not None else nullcontext()):
+            loss = model(**batch).loss
+    finally:
+        torch.utils.checkpoint.checkpoint = real_checkpoint
     loss.backward()
     optimizer.step()
     trainable = [p for p in model.parameters() if p.requires_grad]

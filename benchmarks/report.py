@@ -88,7 +88,8 @@ def memory_time_section(r: dict) -> list[str]:
         f"- Batch {s['batch_size']} (timing); exact account at batch(es) {s['account_batches']}; bottleneck "
         f"{s['bottleneck']}, LoRA r={s['lora_rank']}; {s['image_size']} px ({s['vision_tokens']} vision tokens), "
         f"{s['text_tokens']} text tokens; head dropout {s.get('head_dropout', 0.1)}; {s['optimizer']}"
-        + ("; bf16 autocast" if s.get("bf16") else "") + ".",
+        + ("; bf16 autocast" if s.get("bf16") else "")
+        + ("; gradient checkpointing in every method's grounding head" if s.get("head_checkpointing") else "") + ".",
         "",
     ]
     if all("account" in methods[m] for m in methods):
@@ -189,7 +190,8 @@ def goals_section(results: list[dict]) -> list[str]:
 
     for r in paper:
         ms = r["methods"]
-        src = f"`{r['_file']}` (head dropout {r['settings'].get('head_dropout', 0.1)})"
+        src = (f"`{r['_file']}` (head dropout {r['settings'].get('head_dropout', 0.1)}"
+               + (", head checkpointing" if r["settings"].get("head_checkpointing") else "") + ")")
         b = str(r["settings"]["account_batches"][-1])
         for key, label in (("ratio_to_full", "training memory <= 25% of full FT"),
                            ("ratio_to_lora", "training memory <= 50% of LoRA")):
@@ -255,30 +257,83 @@ def goals_section(results: list[dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- accuracy + figure
+def _accuracy_groups(results: list[dict]) -> list[list[dict]]:
+    """Accuracy runs grouped by scale and settings, the seed aside (one group = one comparison, several seeds)."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("kind") == "accuracy":
+            key = json.dumps([r["scale"], {k: v for k, v in r["settings"].items() if k != "seed"}], sort_keys=True)
+            groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def _mean_accuracy(runs: list[dict], method: str, split: str) -> float | None:
+    """Mean Acc@0.5 of `method` on `split` over the runs (seeds) that trained it."""
+    values = [r["methods"][method]["scores"][split]["accuracy"] for r in runs if method in r["methods"]]
+    return sum(values) / len(values) if values else None
+
+
 def accuracy_section(results: list[dict]) -> list[str]:
-    acc = [r for r in results if r.get("kind") == "accuracy"]
-    if not acc:
+    groups = _accuracy_groups(results)
+    if not groups:
         return ["Not run yet. The script is ready (`benchmarks/accuracy.py`: equal budget = the same optimiser steps, "
                 "batch, schedule and data order for every method, Acc@0.5 on val / test / test_heldout of the "
-                "built-in shapes benchmark); it is left for a longer run:", "",
-                "    python benchmarks/accuracy.py --scale default --steps 1500", ""]
+                "built-in shapes benchmark):", "", "    python benchmarks/accuracy.py", ""]
     lines = []
-    for r in acc:
-        s = r["settings"]
-        splits = list(r.get("chance", {}))
-        lines += [f"### {r['scale']} scale: {r.get('scale_description', '')}", "",
-                  f"- Machine: {machine_line(r)}", f"- Command: `{r['command']}` -> `{r['_file']}`",
-                  f"- {s['steps']} steps at batch {s['batch_size']} for every method; chance level: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in r.get("chance", {}).items()), "",
-                  "| method | trainable | train memory MiB (exact, step 1) | train time s | "
+    for runs in groups:
+        first = runs[0]
+        s = first["settings"]
+        splits = list(first.get("chance", {}))
+        seeds = [r["settings"]["seed"] for r in runs]
+        lines += [f"### {first['scale']} scale: {first.get('scale_description', '')}", ""]
+        for r in runs:
+            lines += [f"- Seed {r['settings']['seed']}: {machine_line(r)}; `{r['command']}` -> `{r['_file']}`"
+                      + ("" if len(r["methods"]) == len(first["methods"]) else
+                         f" ({len(r['methods'])} of the methods)")]
+        lines += [f"- Every method: {s['steps']} optimiser steps at batch {s['batch_size']}, the same data order; "
+                  f"grounding head {s.get('head_layers', 6)} layers x FFN {s.get('head_ffn_dim', 2048)}; AdamW, lr "
+                  f"{s['lr_head']:g} (projections + head), {s['lr_adapter']:g} (adapters of any kind, LoRA), "
+                  f"{s['lr_tower']:g} (tower weights, full fine-tuning); warm-up {s['warmup_ratio']:g} then cosine; "
+                  f"augmentation {'on' if s.get('augment') else 'off'}.",
+                  "- Chance level (the best constant box per phrase type): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in first.get("chance", {}).items()), "",
+                  "| method | seed | trainable | train memory MiB (exact, step 1) | train time s | "
                   + " | ".join(f"Acc@0.5 {sp}" for sp in splits) + " |",
-                  "| --- | ---: | ---: | ---: |" + " ---: |" * len(splits)]
-        for m in _ordered(r["methods"]):
-            e = r["methods"][m]
-            lines.append(f"| {LABELS.get(m, m)} | {millions(e['params']['trainable'])} | {mib(e['account']['total'])}"
-                         f" | {e['train_time_s']:.0f} | "
-                         + " | ".join(f"{e['scores'][sp]['accuracy']:.3f}" for sp in splits) + " |")
+                  "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(splits)]
+        for m in _ordered({m: None for r in runs for m in r["methods"]}):
+            for r in runs:
+                if m not in r["methods"]:
+                    continue
+                e = r["methods"][m]
+                lines.append(f"| {LABELS.get(m, m)} | {r['settings']['seed']} | {millions(e['params']['trainable'])}"
+                             f" | {mib(e['account']['total'])} | {e['train_time_s']:.0f} | "
+                             + " | ".join(f"{e['scores'][sp]['accuracy']:.3f}" for sp in splits) + " |")
         lines.append("")
+        lines += _accuracy_goals(runs, splits, seeds)
+    return lines
+
+
+def _accuracy_goals(runs: list[dict], splits: list[str], seeds: list[int]) -> list[str]:
+    """The issue's accuracy goals for `GOAL_METHOD`, on the mean over the seeds that trained every method compared."""
+    lines = [f"Goals (mean Acc@0.5 over the seeds that trained both methods; seeds run: {seeds}):", "",
+             "| goal | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
+    goals = (("full", "within 2 points of full fine-tuning", lambda d: d >= -0.02),
+             ("lora", "above LoRA", lambda d: d > 0),
+             ("head_only", "above head only", lambda d: d > 0))
+    for other, label, holds in goals:
+        both = [r for r in runs if GOAL_METHOD in r["methods"] and other in r["methods"]]
+        if not both:
+            lines.append(f"| {LABELS[GOAL_METHOD]} {label} |" + " not run |" * len(splits))
+            continue
+        cells = []
+        for sp in splits:
+            mine, theirs = _mean_accuracy(both, GOAL_METHOD, sp), _mean_accuracy(both, other, sp)
+            diff = mine - theirs
+            cells.append(f"{100 * mine:.1f} vs {100 * theirs:.1f} ({100 * diff:+.1f}) "
+                         f"**{'met' if holds(diff) else 'missed'}**")
+        lines.append(f"| {LABELS[GOAL_METHOD]} {label} ({len(both)} seed{'s' if len(both) > 1 else ''}) | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
     return lines
 
 
@@ -290,19 +345,26 @@ def make_figure(results: list[dict]) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    acc = [r for r in results if r.get("kind") == "accuracy"]
-    if acc:
-        r = acc[0]
+    groups = _accuracy_groups(results)
+    if groups:
+        runs = groups[0]
+        r = runs[0]
         split = "test" if "test" in r.get("chance", {}) else next(iter(r["chance"]))
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for m in _ordered(r["methods"]):
-            e = r["methods"][m]
-            x, y = e["account"]["total"] / 2**20, 100 * e["scores"][split]["accuracy"]
-            ax.scatter(x, y, s=20 + e["params"]["trainable"] / 2e5, alpha=0.7)
+        for m in _ordered({m: None for run in runs for m in run["methods"]}):
+            e = next(run["methods"][m] for run in runs if m in run["methods"])
+            x, y = e["account"]["total"] / 2**20, 100 * _mean_accuracy(runs, m, split)
+            ax.scatter(x, y, s=20 + e["params"]["trainable"] / 2e5, alpha=0.7,
+                       color="C3" if m.startswith("m2ist") else "C0")
             ax.annotate(LABELS.get(m, m), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel(f"training memory, MiB (exact account, batch {r['settings']['batch_size']})")
-        ax.set_ylabel(f"Acc@0.5 on {split} (%)")
-        ax.set_title(f"Accuracy vs training memory ({r['scale']} scale; marker size ~ trainable params)")
+        ax.axhline(100 * r["chance"][split], color="grey", linestyle=":", linewidth=1)
+        ax.annotate("chance", (0, 100 * r["chance"][split]), xycoords=("axes fraction", "data"), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points", color="grey")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"training memory, MiB (exact account, batch {r['settings']['batch_size']}, log scale)")
+        ax.set_ylabel(f"Acc@0.5 on {split} (%), mean over seeds")
+        ax.set_title(f"Accuracy vs training memory ({r['scale']} scale; marker size ~ trainable params)",
+                     fontsize=10)
     else:
         mt = [r for r in results if r.get("kind") == "memory_time" and all(
             "account" in e for e in r["methods"].values()) and not r["machine"].get("gpu")]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils import checkpoint as activation_checkpoint
 
 from .config import BOX_HEADS
 
@@ -197,5 +197,5 @@ class GroundingHead(nn.Module):
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return self.encoder(hidden, src_key_padding_mask=padding)
         for layer in self.encoder.layers:
-            hidden = checkpoint(layer, hidden, src_key_padding_mask=padding, use_reentrant=False)
+            hidden = activation_checkpoint.checkpoint(layer, hidden, src_key_padding_mask=padding, use_reentrant=False)
         return hidden

@@ -90,16 +90,31 @@ def test_wrong_sizes_raise():
         head(torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.long), torch.randn(1, 5, 16))
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd keeps for backward while `fn` runs (each storage once)."""
+def _saved_bytes(fn):
+    """`fn()` and the bytes autograd keeps for backward while it runs, each storage once: the tensors packed by
+    `saved_tensors_hooks` plus the inputs of checkpointed calls (kept for the recompute; the hooks do not see them)."""
+    import torch.utils.checkpoint
+
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                pack(value)
+        return real(function, *args, **kwargs)
+
+    torch.utils.checkpoint.checkpoint = counting_checkpoint
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+    finally:
+        torch.utils.checkpoint.checkpoint = real
     return out, sum(seen.values())
 
 
@@ -125,11 +140,11 @@ def test_gradient_checkpointing_gives_the_same_boxes_and_gradients_for_less_memo
 
 
 def test_gradient_checkpointing_runs_only_when_training_with_gradients(monkeypatch):
-    import peft_m2ist.head as head_module
+    import torch.utils.checkpoint
 
     calls = []
-    real = head_module.checkpoint
-    monkeypatch.setattr(head_module, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     head = _head(num_layers=2, gradient_checkpointing=True)  # eval mode
     text, mask, vision = torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.long), torch.randn(2, 6, 16)
     head(text, mask, vision)
