@@ -1,0 +1,90 @@
+"""The benchmark machinery on tiny inputs: the exact memory account and the report's accuracy goals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks`
+
+from benchmarks import common as C
+from benchmarks import report
+
+
+class _TwoLinears(nn.Module):
+    """x (batch, 4) -> Linear(4, 8) -> tanh -> Linear(8, 1); loss = sum. Optionally the first block checkpointed."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.first, self.second, self.checkpointed = nn.Linear(4, 8), nn.Linear(8, 1), checkpointed
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.first(x))
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        x = x * 2  # an activation the checkpointed block takes as input
+        if self.checkpointed:
+            hidden = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        else:
+            hidden = self.block(x)
+        return SimpleNamespace(loss=self.second(hidden).sum())
+
+
+def test_exact_account_counts_grads_adamw_state_and_checkpoint_inputs():
+    batch = 5
+    accounts = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = _TwoLinears(checkpointed)
+        accounts[checkpointed] = C.exact_account(model, torch.optim.AdamW(model.parameters()),
+                                                 {"x": torch.randn(batch, 4)})
+    plain, ckpt = accounts[False], accounts[True]
+    param_bytes = (4 * 8 + 8 + 8 * 1 + 1) * 4
+    for account in (plain, ckpt):
+        assert account["weights"] == account["trainable"] == account["grads"] == param_bytes
+        # AdamW: exp_avg and exp_avg_sq per parameter, plus one float32 `step` per parameter tensor
+        assert account["optimizer"] == 2 * param_bytes + 4 * 4
+        assert account["total"] == param_bytes * 2 + account["optimizer"] + account["activations"]
+    # Without checkpointing: x*2 (saved by Linear 1), tanh's output (saved by tanh and Linear 2): 5x4 + 5x8 floats.
+    assert plain["activations"] == (batch * 4 + batch * 8) * 4
+    # With it: the block's input (kept for the recompute) and tanh's output (saved by Linear 2, outside the block).
+    assert ckpt["activations"] == (batch * 4 + batch * 8) * 4
+    assert plain["params_saved"] > 0
+
+
+def test_exact_account_restores_torch_checkpoint():
+    real = torch.utils.checkpoint.checkpoint
+    model = _TwoLinears(checkpointed=True)
+    C.exact_account(model, torch.optim.AdamW(model.parameters()), {"x": torch.randn(2, 4)})
+    assert torch.utils.checkpoint.checkpoint is real
+
+
+def _accuracy_run(seed: int, scores: dict[str, float]) -> dict:
+    return {"kind": "accuracy", "scale": "default", "settings": {"seed": seed, "steps": 10},
+            "chance": {"val": 0.2}, "methods": {m: {"scores": {"val": {"accuracy": a}}} for m, a in scores.items()}}
+
+
+def test_accuracy_goals_compare_means_over_shared_seeds():
+    runs = [_accuracy_run(1, {"m2ist_shared_sum": 0.70, "full": 0.71, "lora": 0.60, "head_only": 0.72}),
+            _accuracy_run(2, {"m2ist_shared_sum": 0.74, "head_only": 0.70})]
+    groups = report._accuracy_groups([*runs, {"kind": "memory_time"}])
+    assert groups == [runs]
+    lines = report._accuracy_goals(runs, ["val"], [1, 2])
+
+    def row(goal: str) -> str:
+        (line,) = [line for line in lines if f"(paper) {goal} (" in line]
+        return line
+
+    full = row("within 2 points of full fine-tuning")
+    assert "70.0 vs 71.0 (-1.0) **met**" in full and "(1 seed)" in full  # only seed 1 trained full
+    assert "70.0 vs 60.0 (+10.0) **met**" in row("above LoRA")
+    head = row("above head only")
+    assert "72.0 vs 71.0 (+1.0) **met**" in head and "(2 seeds)" in head
+    runs[0]["methods"]["full"]["scores"]["val"]["accuracy"] = 0.75
+    rows = report._accuracy_goals(runs, ["val"], [1, 2])
+    assert any("70.0 vs 75.0 (-5.0) **missed**" in line for line in rows)
