@@ -237,6 +237,13 @@ def goals_section(results: list[dict]) -> list[str]:
               "and feed-forward paths; the head's attention dropout is 0 in every method (`head_attention_dropout`, "
               "whose non-zero value makes the attention kernel store its probability maps for backward).",
               "",
+              *(["Rows marked \"head checkpointing\" come from runs with gradient checkpointing in every method's "
+                 "grounding head (`M2ISTConfig.head_gradient_checkpointing` for M2IST, the same `GroundingHead` "
+                 "option for the baselines): like for like, with the head's activations, common to all methods, "
+                 "recomputed in backward instead of stored. What remains is what each method itself keeps: the "
+                 "side network for M2IST, the towers' activations for LoRA and the adapters. The other rows store "
+                 "the head's activations.", ""]
+                if any(r["settings"].get("head_checkpointing") for r in paper) else []),
               "CUDA peak vs exact account: every method that keeps the ResNet-50 frozen (LoRA, in-tower adapters, "
               "head only, M2IST) peaks within a few percent of the others on the GPU, although the tensors they save "
               "for backward differ by gigabytes (exact account). The peak is therefore set by something they share, "
