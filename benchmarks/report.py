@@ -58,7 +58,10 @@ def machine_line(result: dict) -> str:
                 + (f", {m['load_average_1min_at_end']:.1f} at end" if "load_average_1min_at_end" in m else "")
                 + f" on {m.get('cpu_count')} cores")
     return (f"{where}; torch {m['torch']}, transformers {m.get('transformers')}, peft {m.get('peft')}; "
-            f"commit {m.get('git_commit')}; {m['date']}{load}")
+            f"commit {m.get('git_commit')}"
+            + (" + uncommitted changes" if m.get("git_worktree_clean") is False
+               and "uncommitted" not in str(m.get("git_commit")) else "")
+            + f"; {m['date']}{load}")
 
 
 def load_results() -> list[dict]:
