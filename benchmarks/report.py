@@ -307,7 +307,7 @@ def accuracy_section(results: list[dict]) -> list[str]:
                   f"augmentation {'on' if s.get('augment') else 'off'}.",
                   "- Chance level (the best constant box per phrase type): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in first.get("chance", {}).items()), "",
-                  "| method | seed | trainable | train memory MiB (exact, step 1) | train time s | "
+                  "| method | seed | trainable | train memory MiB (exact, step 1) | train wall s (shared cores) | "
                   + " | ".join(f"Acc@0.5 {sp}" for sp in splits) + " |",
                   "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(splits)]
         for m in _ordered({m: None for r in runs for m in r["methods"]}):
@@ -371,6 +371,7 @@ def make_figure(results: list[dict]) -> str | None:
         ax.annotate("chance", (0, 100 * r["chance"][split]), xycoords=("axes fraction", "data"), fontsize=7,
                     xytext=(4, 2), textcoords="offset points", color="grey")
         ax.set_xscale("log")
+        ax.margins(x=0.2)  # room for the labels of the outermost points
         ax.set_xlabel(f"training memory, MiB (exact account, batch {r['settings']['batch_size']}, log scale)")
         ax.set_ylabel(f"Acc@0.5 on {split} (%), mean over seeds")
         ax.set_title(f"Accuracy vs training memory ({r['scale']} scale; marker size ~ trainable params)",
