@@ -319,8 +319,27 @@ def accuracy_section(results: list[dict]) -> list[str]:
                              f" | {mib(e['account']['total'])} | {e['train_time_s']:.0f} | "
                              + " | ".join(f"{e['scores'][sp]['accuracy']:.3f}" for sp in splits) + " |")
         lines.append("")
+        lines += _accuracy_by_phrase_type(runs, "test" if "test" in splits else splits[0])
         lines += _accuracy_goals(runs, splits, seeds)
     return lines
+
+
+def _accuracy_by_phrase_type(runs: list[dict], split: str) -> list[str]:
+    """Mean Acc@0.5 per phrase type (the benchmark's `phrase_type` column) on `split`, over the seeds."""
+    methods = _ordered({m: None for r in runs for m in r["methods"]})
+    types = sorted({k[len("accuracy_"):] for r in runs for e in r["methods"].values()
+                    for k in e["scores"].get(split, {}) if k.startswith("accuracy_")})
+    if not types:
+        return []
+    lines = [f"Acc@0.5 on {split} by phrase type (mean over seeds):", "",
+             "| method | " + " | ".join(types) + " |", "| --- |" + " ---: |" * len(types)]
+    for m in methods:
+        cells = []
+        for t in types:
+            values = [r["methods"][m]["scores"][split][f"accuracy_{t}"] for r in runs if m in r["methods"]]
+            cells.append(f"{sum(values) / len(values):.3f}")
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _accuracy_goals(runs: list[dict], splits: list[str], seeds: list[int]) -> list[str]:
