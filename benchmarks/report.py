@@ -148,14 +148,23 @@ def memory_time_section(r: dict) -> list[str]:
                   f"interleaved rounds after {s['warmup']} warm-up round(s)):", "",
                   "| method | median wall s | rounds | x full (wall) | median CPU s | x full (CPU) |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for m in _ordered(methods):
-            t = methods[m].get("step_time", {})
+        rows = [(LABELS.get(m, m), methods[m].get("step_time", {})) for m in _ordered(methods)]
+        cached = [m for m in _ordered(methods) if "step_time_cached_features" in methods[m]]
+        rows += [(f"{LABELS.get(m, m)}, from cached tower features*", methods[m]["step_time_cached_features"])
+                 for m in cached]
+        for label, t in rows:
             med, cpu = t.get("median_s"), t.get("median_cpu_s")
-            lines.append(f"| {LABELS.get(m, m)} | {'n/a' if med is None else f'{med:.3f}'} | "
+            lines.append(f"| {label} | {'n/a' if med is None else f'{med:.3f}'} | "
                          f"{len(t.get('times_s', []))} | {ratio(t.get('ratio_to_full'))} | "
                          f"{'n/a' if cpu is None else f'{cpu:.3f}'} | {ratio(t.get('cpu_ratio_to_full'))} |")
         lines += ["", "CPU s = this process's CPU time over the step (all threads); other processes sharing the "
                   "cores disturb it much less than the wall clock (see the load average above).", ""]
+        if cached:
+            lines += ["\\* Not like for like: the same M2IST step fed with tower features computed once before the "
+                      "timing (`forward(tower_features=...)`), so the frozen towers' forward is skipped. This is the "
+                      "step `examples/train_rec.py` runs after its first pass with its feature cache on (its default "
+                      "when images are not augmented); full fine-tuning, LoRA and in-tower adapters change the towers "
+                      "and cannot cache them. The goals table judges the rows above it.", ""]
         lines.append("")
     if "inference" in r:
         lines += [f"**Inference latency** (eval, `no_grad`, batch {r.get('inference_batch_size')}; towers alone = both "

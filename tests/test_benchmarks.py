@@ -1,11 +1,14 @@
-"""The benchmark machinery on tiny inputs: the exact memory account and the report's accuracy goals."""
+"""The benchmark machinery on small inputs: the exact memory account, the timing of M2IST from cached tower features,
+and the report's accuracy goals."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -13,7 +16,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks`
 
 from benchmarks import common as C
-from benchmarks import report
+from benchmarks import memory_time, report
 
 
 class _TwoLinears(nn.Module):
@@ -62,6 +65,23 @@ def test_exact_account_restores_torch_checkpoint():
     model = _TwoLinears(checkpointed=True)
     C.exact_account(model, torch.optim.AdamW(model.parameters()), {"x": torch.randn(2, 4)})
     assert torch.utils.checkpoint.checkpoint is real
+
+
+@pytest.mark.slow
+def test_memory_time_times_m2ist_from_cached_tower_features_apart(tmp_path):
+    out = tmp_path / "memory_time.json"
+    args = memory_time.parse_args(["--scale", "default", "--methods", "full", "m2ist_shared_sum", "--repeats", "1",
+                                   "--warmup", "0", "--skip", "account", "inference", "--output", str(out)])
+    memory_time.run(args, log=lambda *_: None)
+    methods = json.loads(out.read_text())["methods"]
+    assert set(methods) == {"full", "m2ist_shared_sum"}  # the cached variant is not a method of its own
+    assert "step_time_cached_features" not in methods["full"]
+    cached = methods["m2ist_shared_sum"]["step_time_cached_features"]
+    assert len(cached["times_s"]) == 1 and cached["median_s"] > 0
+    assert cached["ratio_to_full"] == pytest.approx(cached["median_s"] / methods["full"]["step_time"]["median_s"])
+    result = {**json.loads(out.read_text()), "_file": out.name}
+    table = "\n".join(report.memory_time_section(result))
+    assert "from cached tower features*" in table and "Not like for like" in table
 
 
 def _accuracy_run(seed: int, scores: dict[str, float]) -> dict:
