@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks` and the library
@@ -183,65 +184,96 @@ def memory_time_section(r: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- goals
-def goals_section(results: list[dict]) -> list[str]:
+VARIANTS = [m for m in ALL_METHODS if m.startswith("m2ist")]
+PAPER_BATCH = 64  # the batch the paper's memory and time figures are given at
+
+
+@dataclass
+class GoalCheck:
+    """One goal measured once: the value and verdict of each M2IST variant in one result file."""
+
+    goal: str  # "training memory <= 25% of full FT"
+    how: str  # "exact account, batch 64 extrapolated" ("" for the plain measurement)
+    source: str  # the result file and its settings, for the full table
+    where: str  # the machine and settings in a few words, for the summary
+    cells: dict[str, tuple[str, bool] | None]  # variant -> (value as printed, met); None = not measured
+    in_summary: bool = True  # False: a side measurement (off the goal's batch, or CPU time of a GPU run)
+
+    @property
+    def label(self) -> str:
+        return f"{self.goal} ({self.how})" if self.how else self.goal
+
+
+def _where(r: dict) -> str:
+    m, s = r["machine"], r["settings"]
+    parts = [m["gpu"].removeprefix("NVIDIA ") if m.get("gpu") else f"CPU {m['torch_threads']} thread"
+             + ("s" if m["torch_threads"] > 1 else "")]
+    parts += ["bf16"] * bool(s.get("bf16")) + ["head checkpointing"] * bool(s.get("head_checkpointing"))
+    return ", ".join(parts)
+
+
+def paper_goal_checks(results: list[dict]) -> list[GoalCheck]:
+    """Every paper-scale goal measurement in `results` (memory, parameters, step time, inference latency)."""
+    checks: list[GoalCheck] = []
     paper = [r for r in results if r.get("kind") == "memory_time" and r["scale"] == "paper"]
-    if not paper:
-        return ["No paper-scale result yet.", ""]
-    lines = ["| goal | source | " + " | ".join(LABELS[m] for m in ALL_METHODS if m.startswith("m2ist")) + " |",
-             "| --- | --- |" + " --- |" * 4]
-    variants = [m for m in ALL_METHODS if m.startswith("m2ist")]
-
-    def row(goal: str, source: str, values: list[tuple[float | None, bool | None]]) -> str:
-        cells = []
-        for value, met in values:
-            if value is None:
-                cells.append("n/a")
-            else:
-                cells.append(f"{value} **{'met' if met else 'missed'}**")
-        return f"| {goal} | {source} | " + " | ".join(cells) + " |"
-
     for r in paper:
         ms = r["methods"]
         src = (f"`{r['_file']}` (head dropout {r['settings'].get('head_dropout', 0.1)}"
                + (", head checkpointing" if r["settings"].get("head_checkpointing") else "") + ")")
         b = str(r["settings"]["account_batches"][-1])
-        for key, label in (("ratio_to_full", "training memory <= 25% of full FT"),
-                           ("ratio_to_lora", "training memory <= 50% of LoRA")):
-            limit = 0.25 if key == "ratio_to_full" else 0.5
-            if all("account_extrapolated" in ms.get(v, {}) for v in variants):
-                vals = [ms[v]["account_extrapolated"].get(key) for v in variants]
-                lines.append(row(f"{label} (exact account, batch {r['settings']['extrapolate_to']} extrapolated)", src,
-                                 [(ratio(x), x is not None and x <= limit) if x is not None else (None, None)
-                                  for x in vals]))
-            if all("account" in ms.get(v, {}) for v in variants):
-                vals = [ms[v]["account"][b].get(key) for v in variants]
-                lines.append(row(f"{label} (exact account, batch {b} measured)", src,
-                                 [(ratio(x), x <= limit) if x is not None else (None, None) for x in vals]))
-            if all("cuda_peak" in ms.get(v, {}) for v in variants):
-                vals = [ms[v]["cuda_peak"].get(key) for v in variants]
-                lines.append(row(f"{label} (CUDA peak, batch {r['settings']['batch_size']})", src,
-                                 [(ratio(x), x <= limit) if x is not None else (None, None) for x in vals]))
-        vals = [ms[v]["params"].get("adapter_only") if v in ms else None for v in variants]
+        where = _where(r)
+
+        gpu = bool(r["machine"].get("gpu"))
+
+        def add(goal: str, how: str, values: list[float | None], holds, fmt=ratio, side: bool = False, src=src,
+                where=where) -> None:
+            cells = {v: None if x is None else (fmt(x), bool(holds(x))) for v, x in zip(VARIANTS, values)}
+            checks.append(GoalCheck(goal, how, src, where, cells, in_summary=not side))
+
+        for key, goal, limit in (("ratio_to_full", "training memory <= 25% of full FT", 0.25),
+                                 ("ratio_to_lora", "training memory <= 50% of LoRA", 0.5)):
+            if all("account_extrapolated" in ms.get(v, {}) for v in VARIANTS):
+                add(goal, f"exact account, batch {r['settings']['extrapolate_to']} extrapolated",
+                    [ms[v]["account_extrapolated"].get(key) for v in VARIANTS], lambda x, lim=limit: x <= lim)
+            if all("account" in ms.get(v, {}) for v in VARIANTS):
+                add(goal, f"exact account, batch {b} measured", [ms[v]["account"][b].get(key) for v in VARIANTS],
+                    lambda x, lim=limit: x <= lim, side=int(b) != PAPER_BATCH)
+            if all("cuda_peak" in ms.get(v, {}) for v in VARIANTS):
+                add(goal, f"CUDA peak, batch {r['settings']['batch_size']}",
+                    [ms[v]["cuda_peak"].get(key) for v in VARIANTS], lambda x, lim=limit: x <= lim)
         if r is paper[0]:
-            lines.append(row(f"adapter-only params within 5% of {PAPER_ADAPTER_PARAMS / 1e6:.2f}M", src,
-                             [(millions(x), abs(x / PAPER_ADAPTER_PARAMS - 1) <= 0.05) if x else (None, None)
-                              for x in vals]))
-        if all("step_time" in ms.get(v, {}) for v in variants):
-            vals = [ms[v]["step_time"].get("ratio_to_full") for v in variants]
-            lines.append(row("training-step time <= 50% of full FT", src,
-                             [(ratio(x), x <= 0.5) if x is not None else (None, None) for x in vals]))
-            if all(ms[v]["step_time"].get("cpu_ratio_to_full") is not None for v in variants):
-                vals = [ms[v]["step_time"]["cpu_ratio_to_full"] for v in variants]
-                lines.append(row("training-step time <= 50% of full FT (process CPU time)", src,
-                                 [(ratio(x), x <= 0.5) for x in vals]))
+            add(f"adapter-only params within 5% of {PAPER_ADAPTER_PARAMS / 1e6:.2f}M", "",
+                [ms[v]["params"].get("adapter_only") if v in ms else None for v in VARIANTS],
+                lambda x: abs(x / PAPER_ADAPTER_PARAMS - 1) <= 0.05, millions)
+        if all("step_time" in ms.get(v, {}) for v in VARIANTS):
+            add("training-step time <= 50% of full FT", "",
+                [ms[v]["step_time"].get("ratio_to_full") for v in VARIANTS], lambda x: x <= 0.5)
+            if all(ms[v]["step_time"].get("cpu_ratio_to_full") is not None for v in VARIANTS):
+                add("training-step time <= 50% of full FT", "process CPU time",
+                    [ms[v]["step_time"]["cpu_ratio_to_full"] for v in VARIANTS], lambda x: x <= 0.5, side=gpu)
         if "inference" in r:
-            vals = [r["inference"].get(v, {}).get("ratio_to_towers") for v in variants]
-            lines.append(row("inference latency <= 1.3x towers alone", src,
-                             [(ratio(x), x <= 1.3) if x is not None else (None, None) for x in vals]))
-            vals = [r["inference"].get(v, {}).get("cpu_ratio_to_towers") for v in variants]
-            if all(x is not None for x in vals):
-                lines.append(row("inference latency <= 1.3x towers alone (process CPU time)", src,
-                                 [(ratio(x), x <= 1.3) for x in vals]))
+            add("inference latency <= 1.3x towers alone", "",
+                [r["inference"].get(v, {}).get("ratio_to_towers") for v in VARIANTS], lambda x: x <= 1.3)
+            values = [r["inference"].get(v, {}).get("cpu_ratio_to_towers") for v in VARIANTS]
+            if all(x is not None for x in values):
+                add("inference latency <= 1.3x towers alone", "process CPU time", values, lambda x: x <= 1.3,
+                    side=gpu)
+    return checks
+
+
+def _cell(cell: tuple[str, bool] | None) -> str:
+    return "n/a" if cell is None else f"{cell[0]} **{'met' if cell[1] else 'missed'}**"
+
+
+def goals_section(results: list[dict]) -> list[str]:
+    checks = paper_goal_checks(results)
+    if not checks:
+        return ["No paper-scale result yet.", ""]
+    lines = ["| goal | source | " + " | ".join(LABELS[m] for m in VARIANTS) + " |",
+             "| --- | --- |" + " --- |" * len(VARIANTS)]
+    lines += [f"| {c.label} | {c.source} | " + " | ".join(_cell(c.cells[v]) for v in VARIANTS) + " |"
+              for c in checks]
+    paper = [r for r in results if r.get("kind") == "memory_time" and r["scale"] == "paper"]
     lines += ["", "The adapter-parameter goal targets the paper's configuration; the cross-attention variants add two "
               "bottleneck attention modules per layer pair by design. The memory goals are stated at the paper's "
               "batch (64): the batch-64 rows are the ones to judge; the measured batch-2 rows are dominated by the "
@@ -273,6 +305,33 @@ def goals_section(results: list[dict]) -> list[str]:
             lines += [f"Against the paper's training memory at batch {ext} (`{r['_file']}`, exact account "
                       "extrapolated, 1 GB = 1e9 bytes): " + "; ".join(parts) + ".", ""]
     return lines
+
+
+def summary_section(results: list[dict]) -> list[str]:
+    """One row per goal for `GOAL_METHOD`: every measurement of it (value, machine, how), then how many met."""
+    lines = [f"Every measurement of each goal for `{GOAL_METHOD}` (the paper's configuration), gathered from the "
+             f"sections below: paper-scale memory at batch {PAPER_BATCH} (the account at batch 2, dominated by the "
+             "frozen weights, and the CPU time of GPU runs, equal to their wall time, are only in the full table), "
+             "then accuracy on the built-in benchmark. A goal is settled where its measurements agree.", "",
+             "| goal | measurements | met |", "| --- | --- | ---: |"]
+    checks = paper_goal_checks(results)
+    for goal in dict.fromkeys(c.goal for c in checks):
+        found = [(c, c.cells[GOAL_METHOD]) for c in checks
+                 if c.goal == goal and c.in_summary and c.cells.get(GOAL_METHOD)]
+        parts = [f"{value} {'met' if met else '**missed**'} ({c.where}" + (f"; {c.how}" if c.how else "") + ")"
+                 for c, (value, met) in found]
+        lines.append(f"| {goal} | " + "<br>".join(parts) + f" | {sum(met for _, (_, met) in found)} of {len(found)} |")
+    for runs in _accuracy_groups(results):
+        splits = list(runs[0].get("chance", {}))
+        for label, n, cells in accuracy_goal_checks(runs, splits):
+            if cells is None:
+                lines.append(f"| Acc@0.5 {label} ({runs[0]['scale']} scale) | not run | |")
+                continue
+            parts = [f"{sp} {100 * diff:+.1f} points {'met' if met else '**missed**'}"
+                     for sp, _, _, diff, met in cells]
+            lines.append(f"| Acc@0.5 {label} ({runs[0]['scale']} scale, mean of {n} seed{'s' if n > 1 else ''}) | "
+                         + "<br>".join(parts) + f" | {sum(c[4] for c in cells)} of {len(cells)} |")
+    return [*lines, ""]
 
 
 # ---------------------------------------------------------------------------------------------- accuracy + figure
@@ -351,26 +410,39 @@ def _accuracy_by_phrase_type(runs: list[dict], split: str) -> list[str]:
     return [*lines, ""]
 
 
-def _accuracy_goals(runs: list[dict], splits: list[str], seeds: list[int]) -> list[str]:
-    """The issue's accuracy goals for `GOAL_METHOD`, on the mean over the seeds that trained every method compared."""
-    lines = [f"Goals (mean Acc@0.5 over the seeds that trained both methods; seeds run: {seeds}):", "",
-             "| goal | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
-    goals = (("full", "within 2 points of full fine-tuning", lambda d: d >= -0.02),
-             ("lora", "above LoRA", lambda d: d > 0),
-             ("head_only", "above head only", lambda d: d > 0))
-    for other, label, holds in goals:
+ACCURACY_GOALS = (("full", "within 2 points of full fine-tuning", lambda d: d >= -0.02),
+                  ("lora", "above LoRA", lambda d: d > 0),
+                  ("head_only", "above head only", lambda d: d > 0))
+
+
+def accuracy_goal_checks(runs: list[dict], splits: list[str]) -> list[tuple[str, int, list[tuple] | None]]:
+    """Per accuracy goal: its label, the number of seeds that trained both methods, and per split
+    `(split, mean of GOAL_METHOD, mean of the other, difference, met)` (None when no seed trained both)."""
+    checks = []
+    for other, label, holds in ACCURACY_GOALS:
         both = [r for r in runs if GOAL_METHOD in r["methods"] and other in r["methods"]]
         if not both:
-            lines.append(f"| {LABELS[GOAL_METHOD]} {label} |" + " not run |" * len(splits))
+            checks.append((label, 0, None))
             continue
         cells = []
         for sp in splits:
             mine, theirs = _mean_accuracy(both, GOAL_METHOD, sp), _mean_accuracy(both, other, sp)
-            diff = mine - theirs
-            cells.append(f"{100 * mine:.1f} vs {100 * theirs:.1f} ({100 * diff:+.1f}) "
-                         f"**{'met' if holds(diff) else 'missed'}**")
-        lines.append(f"| {LABELS[GOAL_METHOD]} {label} ({len(both)} seed{'s' if len(both) > 1 else ''}) | "
-                     + " | ".join(cells) + " |")
+            cells.append((sp, mine, theirs, mine - theirs, bool(holds(mine - theirs))))
+        checks.append((label, len(both), cells))
+    return checks
+
+
+def _accuracy_goals(runs: list[dict], splits: list[str], seeds: list[int]) -> list[str]:
+    """The issue's accuracy goals for `GOAL_METHOD`, on the mean over the seeds that trained every method compared."""
+    lines = [f"Goals (mean Acc@0.5 over the seeds that trained both methods; seeds run: {seeds}):", "",
+             "| goal | " + " | ".join(splits) + " |", "| --- |" + " --- |" * len(splits)]
+    for label, n, cells in accuracy_goal_checks(runs, splits):
+        if cells is None:
+            lines.append(f"| {LABELS[GOAL_METHOD]} {label} |" + " not run |" * len(splits))
+            continue
+        lines.append(f"| {LABELS[GOAL_METHOD]} {label} ({n} seed{'s' if n > 1 else ''}) | "
+                     + " | ".join(f"{100 * mine:.1f} vs {100 * theirs:.1f} ({100 * diff:+.1f}) "
+                                  f"**{'met' if met else 'missed'}**" for _, mine, theirs, diff, met in cells) + " |")
     lines.append("")
     return lines
 
@@ -440,6 +512,8 @@ def main() -> None:
              "below comes from one of them (the file and the command that wrote it are named in each section). "
              "Timings are on the machine named in each section and compare methods measured in the same process "
              "(interleaved rounds); ratios are the portable numbers.", ""]
+    lines += ["## Summary", ""]
+    lines += summary_section(results)
     lines += ["## Goals (paper scale)", "",
               f"Goals of the issue, checked for each M2IST variant. `{GOAL_METHOD}` is the paper's configuration.", ""]
     lines += goals_section(results)

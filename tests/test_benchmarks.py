@@ -108,3 +108,23 @@ def test_accuracy_goals_compare_means_over_shared_seeds():
     runs[0]["methods"]["full"]["scores"]["val"]["accuracy"] = 0.75
     rows = report._accuracy_goals(runs, ["val"], [1, 2])
     assert any("70.0 vs 75.0 (-5.0) **missed**" in line for line in rows)
+
+
+def _paper_run(full_ratio_at_64: float, full_ratio_at_2: float) -> dict:
+    entry = {"params": {"adapter_only": 2_961_408},
+             "account": {"2": {"ratio_to_full": full_ratio_at_2, "ratio_to_lora": 0.9}},
+             "account_extrapolated": {"ratio_to_full": full_ratio_at_64, "ratio_to_lora": 0.4}}
+    return {"kind": "memory_time", "scale": "paper", "_file": "results/x.json",
+            "settings": {"account_batches": [1, 2], "extrapolate_to": 64, "batch_size": 2},
+            "machine": {"gpu": None, "torch_threads": 1}, "methods": {v: entry for v in report.VARIANTS}}
+
+
+def test_summary_judges_memory_at_the_papers_batch_only():
+    lines = report.summary_section([_paper_run(0.2, 0.3)])
+    (memory,) = [line for line in lines if line.startswith("| training memory <= 25% of full FT |")]
+    assert "0.200 met (CPU 1 thread; exact account, batch 64 extrapolated)" in memory
+    assert "batch 2" not in memory and memory.endswith("| 1 of 1 |")
+    (lora,) = [line for line in lines if line.startswith("| training memory <= 50% of LoRA |")]
+    assert "0.400 met" in lora
+    full_table = "\n".join(report.goals_section([_paper_run(0.2, 0.3)]))
+    assert "0.300 **missed**" in full_table  # the batch-2 row stays in the full table
