@@ -389,6 +389,11 @@ class M2ISTModel(BaseTuner):
         elif not isinstance(tower_features, dict) or not {"vision", "text", "text_mask"} <= set(tower_features):
             raise ValueError("`tower_features` must be the dict returned by `encode_towers`.")
         if self._m2ist_disabled:
+            if labels is not None:
+                raise ValueError(
+                    "`labels` were given inside `disable_adapter()`: the towers run alone there, with no grounding "
+                    "head, so there are no boxes to score. Call without `labels` to get the towers' own outputs."
+                )
             return ReferringExpressionOutput(vision_last_hidden_state=tower_features["vision"],
                                              text_last_hidden_state=tower_features["text"])
         vision, text, records = self._unpack(tower_features, config)

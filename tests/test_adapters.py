@@ -57,6 +57,8 @@ def test_disable_adapter_gives_the_towers_own_outputs():
     assert out.pred_boxes is None
     v, t = _towers_alone(reference, inputs)
     assert torch.allclose(out.vision_last_hidden_state, v) and torch.allclose(out.text_last_hidden_state, t)
+    with model.disable_adapter(), pytest.raises(ValueError, match="no grounding head"):
+        model(**batch(labels=True))
     assert model(**inputs).pred_boxes is not None
 
 
