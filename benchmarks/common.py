@@ -544,9 +544,11 @@ def machine_info(device: torch.device) -> dict:
     with suppress(OSError):
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                             cwd=Path(__file__).parent, check=False).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                 text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
-        info["git_worktree_clean"] = not changed  # False: uncommitted changes on top of git_commit
+        # The benchmarks' own outputs (results/*.json, RESULTS.md) do not count: a run rewrites them as it goes.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)benchmarks/results", ":(exclude)benchmarks/RESULTS.md"],
+                                 capture_output=True, text=True, cwd=Path(__file__).parents[1], check=False).stdout
+        info["git_worktree_clean"] = not changed.strip()  # False: uncommitted code changes on top of git_commit
     return info
 
 
