@@ -538,7 +538,9 @@ def main() -> None:
               "exact account (`torch.autograd.graph.saved_tensors_hooks`, storages deduplicated by "
               "`untyped_storage().data_ptr()`, parameter/buffer storages excluded from activations and counted once "
               "in weights; gradients and AdamW state read from the tensors after the step); on a GPU also "
-              "`torch.cuda.max_memory_allocated`; interleaved step timing; inference latency.",
+              "`torch.cuda.max_memory_allocated`; interleaved step timing (each M2IST variant also from tower "
+              "features computed beforehand, as train_rec's feature cache does: reported apart, not like for like); "
+              "inference latency.",
               "- `benchmarks/gpu_paper_scale.py`: the same at paper scale, batch 64, with a global time budget.",
               "- `benchmarks/accuracy.py`: equal-budget training on the built-in shapes benchmark.",
               "- Gradient-based baselines (full, LoRA, adapters) run the towers in train mode (dropout on), as a "
