@@ -474,16 +474,20 @@ def make_figure(results: list[dict]) -> str | None:
         for m in _ordered({m: None for run in runs for m in run["methods"]}):
             e = next(run["methods"][m] for run in runs if m in run["methods"])
             x, y = e["account"]["total"] / 2**20, 100 * _mean_accuracy(runs, m, split)
-            ax.scatter(x, y, s=20 + e["params"]["trainable"] / 2e5, alpha=0.7,
-                       color="C3" if m.startswith("m2ist") else "C0")
+            color = "C3" if m.startswith("m2ist") else "C0"
+            seeds = [100 * run["methods"][m]["scores"][split]["accuracy"] for run in runs if m in run["methods"]]
+            if len(seeds) > 1:  # the range over seeds
+                ax.errorbar(x, y, yerr=[[y - min(seeds)], [max(seeds) - y]], fmt="none", ecolor=color, alpha=0.5,
+                            capsize=3, linewidth=1)
+            ax.scatter(x, y, s=20 + e["params"]["trainable"] / 2e5, alpha=0.7, color=color)
             ax.annotate(LABELS.get(m, m), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.axhline(100 * r["chance"][split], color="grey", linestyle=":", linewidth=1)
         ax.annotate("chance", (0, 100 * r["chance"][split]), xycoords=("axes fraction", "data"), fontsize=7,
                     xytext=(4, 2), textcoords="offset points", color="grey")
         ax.set_xscale("log")
-        ax.margins(x=0.2)  # room for the labels of the outermost points
+        ax.margins(x=0.35)  # room for the labels of the outermost points
         ax.set_xlabel(f"training memory, MiB (exact account, batch {r['settings']['batch_size']}, log scale)")
-        ax.set_ylabel(f"Acc@0.5 on {split} (%), mean over seeds")
+        ax.set_ylabel(f"Acc@0.5 on {split} (%), mean over seeds (bars: range)")
         ax.set_title(f"Accuracy vs training memory ({r['scale']} scale; marker size ~ trainable params)",
                      fontsize=10)
     else:
