@@ -221,9 +221,7 @@ def paper_goal_checks(results: list[dict]) -> list[GoalCheck]:
         src = (f"`{r['_file']}` (head dropout {r['settings'].get('head_dropout', 0.1)}"
                + (", head checkpointing" if r["settings"].get("head_checkpointing") else "") + ")")
         b = str(r["settings"]["account_batches"][-1])
-        where = _where(r)
-
-        gpu = bool(r["machine"].get("gpu"))
+        where, gpu = _where(r), bool(r["machine"].get("gpu"))
 
         def add(goal: str, how: str, values: list[float | None], holds, fmt=ratio, side: bool = False, src=src,
                 where=where) -> None:
@@ -310,8 +308,9 @@ def goals_section(results: list[dict]) -> list[str]:
 def summary_section(results: list[dict]) -> list[str]:
     """One row per goal for `GOAL_METHOD`: every measurement of it (value, machine, how), then how many met."""
     lines = [f"Every measurement of each goal for `{GOAL_METHOD}` (the paper's configuration), gathered from the "
-             f"sections below: paper-scale memory at batch {PAPER_BATCH} (the account at batch 2, dominated by the "
-             "frozen weights, and the CPU time of GPU runs, equal to their wall time, are only in the full table), "
+             f"sections below: paper-scale memory at batch {PAPER_BATCH} (the account measured at a small batch, "
+             "dominated by the frozen weights, and the CPU time of GPU runs, equal to their wall time, are only in "
+             "the full table), "
              "then accuracy on the built-in benchmark. A goal is settled where its measurements agree.", "",
              "| goal | measurements | met |", "| --- | --- | ---: |"]
     checks = paper_goal_checks(results)
