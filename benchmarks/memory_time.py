@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -201,7 +202,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
         def predict(model):
             model.eval()
-            with torch.no_grad(), (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+            with torch.no_grad(), (autocast() if autocast else nullcontext()):
                 return model(**inputs).pred_boxes
 
         tasks = {"towers_only": towers_only}
@@ -244,7 +245,7 @@ def _cached_feature_tasks(models: dict, optims: dict, batch: dict, autocast) -> 
     for name, model in models.items():
         if not name.startswith("m2ist_"):
             continue
-        with autocast() if autocast is not None else torch.autocast(batch["labels"].device.type, enabled=False):
+        with autocast() if autocast is not None else nullcontext():
             features = model.encode_towers(**inputs)
         cached_batch = {"tower_features": features, "labels": batch["labels"]}
         tasks[name + CACHED] = lambda m=model, o=optims[name], b=cached_batch: C.train_step(m, o, b, autocast)

@@ -326,10 +326,10 @@ def summary_section(results: list[dict]) -> list[str]:
             if cells is None:
                 lines.append(f"| Acc@0.5 {label} ({runs[0]['scale']} scale) | not run | |")
                 continue
-            parts = [f"{sp} {100 * diff:+.1f} points {'met' if met else '**missed**'}{_per_seed(per_seed)}"
-                     for sp, _, _, diff, met, per_seed in cells]
+            parts = [f"{c.split} {100 * c.diff:+.1f} points {'met' if c.met else '**missed**'}{_per_seed(c.per_seed)}"
+                     for c in cells]
             lines.append(f"| Acc@0.5 {label} ({runs[0]['scale']} scale, mean of {n} seed{'s' if n > 1 else ''}) | "
-                         + "<br>".join(parts) + f" | {sum(c[4] for c in cells)} of {len(cells)} |")
+                         + "<br>".join(parts) + f" | {sum(c.met for c in cells)} of {len(cells)} |")
     return [*lines, ""]
 
 
@@ -414,10 +414,24 @@ ACCURACY_GOALS = (("full", "within 2 points of full fine-tuning", lambda d: d >=
                   ("head_only", "above head only", lambda d: d > 0))
 
 
-def accuracy_goal_checks(runs: list[dict], splits: list[str]) -> list[tuple[str, int, list[tuple] | None]]:
-    """Per accuracy goal: its label, the number of seeds that trained both methods, and per split
-    `(split, mean of GOAL_METHOD, mean of the other, difference, met, per-seed differences)` (None when no seed
-    trained both)."""
+@dataclass
+class SplitCheck:
+    """One accuracy goal on one split: means over the seeds that trained both methods (fractions, not points)."""
+
+    split: str
+    mine: float  # GOAL_METHOD
+    theirs: float  # the method compared with
+    met: bool
+    per_seed: list[float]  # GOAL_METHOD minus the other, seed by seed
+
+    @property
+    def diff(self) -> float:
+        return self.mine - self.theirs
+
+
+def accuracy_goal_checks(runs: list[dict], splits: list[str]) -> list[tuple[str, int, list[SplitCheck] | None]]:
+    """Per accuracy goal: its label, the number of seeds that trained both methods, and one `SplitCheck` per split
+    (None when no seed trained both)."""
     checks = []
     for other, label, holds in ACCURACY_GOALS:
         both = [r for r in runs if GOAL_METHOD in r["methods"] and other in r["methods"]]
@@ -428,7 +442,7 @@ def accuracy_goal_checks(runs: list[dict], splits: list[str]) -> list[tuple[str,
         for sp in splits:
             mine, theirs = _mean_accuracy(both, GOAL_METHOD, sp), _mean_accuracy(both, other, sp)
             per_seed = [_mean_accuracy([r], GOAL_METHOD, sp) - _mean_accuracy([r], other, sp) for r in both]
-            cells.append((sp, mine, theirs, mine - theirs, bool(holds(mine - theirs)), per_seed))
+            cells.append(SplitCheck(sp, mine, theirs, bool(holds(mine - theirs)), per_seed))
         checks.append((label, len(both), cells))
     return checks
 
@@ -449,9 +463,8 @@ def _accuracy_goals(runs: list[dict], splits: list[str], seeds: list[int]) -> li
             lines.append(f"| {LABELS[GOAL_METHOD]} {label} |" + " not run |" * len(splits))
             continue
         lines.append(f"| {LABELS[GOAL_METHOD]} {label} ({n} seed{'s' if n > 1 else ''}) | "
-                     + " | ".join(f"{100 * mine:.1f} vs {100 * theirs:.1f} ({100 * diff:+.1f}) "
-                                  f"**{'met' if met else 'missed'}**" + _per_seed(per_seed)
-                                  for _, mine, theirs, diff, met, per_seed in cells) + " |")
+                     + " | ".join(f"{100 * c.mine:.1f} vs {100 * c.theirs:.1f} ({100 * c.diff:+.1f}) "
+                                  f"**{'met' if c.met else 'missed'}**" + _per_seed(c.per_seed) for c in cells) + " |")
     lines.append("")
     return lines
 
