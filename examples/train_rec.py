@@ -40,6 +40,8 @@ from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level, 
 from peft_m2ist.metrics import load_rec_metric
 from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, DEFAULT_VISION_TOWER, load_text_tower, load_vision_tower
 
+TOWER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 logger = get_logger(__name__)
 
 
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head_gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="Recompute the head's layers in backward instead of storing their activations.")
     g.add_argument("--max_text_tokens", type=int, default=20)
+    g.add_argument("--tower_dtype", choices=sorted(TOWER_DTYPES), default="float32",
+                   help="Keep the frozen towers in this dtype: bfloat16/float16 halve their weights (and the feature "
+                   "cache); the side network and head stay float32.")
     g = p.add_argument_group("data")
     g.add_argument("--data_seed", type=int, default=0, help="Seed of the built-in shapes benchmark.")
     g.add_argument("--image_size", type=int, default=128, help="Canvas side S the images are resized/padded to.")
@@ -132,6 +137,8 @@ def build_model(args: argparse.Namespace):
     if any(isinstance(m, torch.nn.Conv2d) for m in vision.modules()):
         vision.to(memory_format=torch.channels_last)  # same values; ~4x faster convolutions on CPU
     text, tokenizer = load_text_tower(args.text_model)
+    vision.to(TOWER_DTYPES[args.tower_dtype])
+    text.to(TOWER_DTYPES[args.tower_dtype])
     pair = VisionTextPair(vision, text)
     if args.adapter:
         model = PeftModel.from_pretrained(pair, args.adapter, is_trainable=not args.eval_only)

@@ -293,8 +293,20 @@ def _run_detr_encoder(detr: nn.Module, pixel_values: torch.Tensor, pixel_mask: t
     return TowerOutput(Tokens(encoded.last_hidden_state, grid), flat_mask.long())
 
 
+def floating_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of `module`'s first floating-point parameter (`None` if it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
 def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> TowerOutput:
-    """Run the vision tower; returns its final tokens and a token mask derived from `pixel_mask` for feature maps."""
+    """Run the vision tower; returns its final tokens and a token mask derived from `pixel_mask` for feature maps.
+
+    `pixel_values` are cast to the tower's dtype first, so a tower loaded in bf16 or fp16 (frozen weights in half
+    the memory) takes the fp32 images an image processor returns.
+    """
+    dtype = floating_dtype(tower)
+    if dtype is not None and pixel_values.is_floating_point():
+        pixel_values = pixel_values.to(dtype)
     if tower_model_type(tower) == "detr":
         return _run_detr_encoder(tower, pixel_values, pixel_mask)
     kwargs = {"pixel_values": pixel_values}

@@ -102,3 +102,14 @@ def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
 
     with Image.open(png) as image:
         assert image.size == (3 * 256, 284)
+
+
+def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
+    out = tmp_path / "bf16"
+    proc = _run(_args(towers, out, "--max_train_steps", "2", "--tower_dtype", "bfloat16"))
+    assert "best val Acc@0.5" in proc.stdout
+    result = json.loads((out / "results.json").read_text())
+    assert result["args"]["tower_dtype"] == "bfloat16" and result["steps"] == 2
+    assert 0.0 <= result["best"]["accuracy"] <= 1.0
+    adapter = load_file(out / "final_adapter" / "adapter_model.safetensors")
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}

@@ -92,3 +92,32 @@ def test_training_step_only_touches_side_and_head(pair_name, interaction, mixtur
     assert len(changed) > len(side_before) // 2
     # after the step the towers' own train/eval flags are back to what the container says
     assert any(m.training for t in towers for m in t.modules())
+
+
+@pytest.mark.parametrize("pair_name", list(PAIRS))
+def test_towers_in_bf16_train_an_fp32_side_network(pair_name):
+    """Frozen towers loaded in bf16 (half the weight memory) take fp32 images and feed an fp32 side network."""
+    reference = get_peft_model(build_pair(pair_name), tiny_config())
+    half = get_peft_model(build_pair(pair_name).to(torch.bfloat16), tiny_config())
+    half.load_state_dict(reference.state_dict(), strict=False)  # same side network and head
+    towers = _tower_modules(half, half.peft_config["default"])
+    assert {p.dtype for t in towers for p in t.parameters()} == {torch.bfloat16}
+    trainable = {n: p for n, p in half.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+
+    inputs = batch()  # fp32 pixel_values, as image processors return them
+    half.train()
+    out = half(**inputs)
+    assert out.pred_boxes.dtype == torch.float32 and out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values() if p.grad is not None)
+    assert sum(p.grad is not None for p in trainable.values()) > len(trainable) // 2
+    assert all(p.grad is None for t in towers for p in t.parameters())
+
+    reference.eval()
+    half.eval()
+    with torch.no_grad():
+        expected = reference(**{k: v for k, v in inputs.items() if k != "labels"}).pred_boxes
+        got = half(**{k: v for k, v in inputs.items() if k != "labels"}).pred_boxes
+    # bf16 keeps ~3 significant digits: the boxes move a little, not wholesale
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.0)
