@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tower_dtype", choices=sorted(TOWER_DTYPES), default="float32",
                    help="Keep the frozen towers in this dtype: bfloat16/float16 halve their weights (and the feature "
                    "cache); the side network and head stay float32.")
+    g.add_argument("--tower_micro_batch_size", type=int, default=None,
+                   help="Run the frozen towers on at most this many samples at a time (same features, lower peak).")
     g = p.add_argument_group("data")
     g.add_argument("--data_seed", type=int, default=0, help="Seed of the built-in shapes benchmark.")
     g.add_argument("--image_size", type=int, default=128, help="Canvas side S the images are resized/padded to.")
@@ -142,13 +144,16 @@ def build_model(args: argparse.Namespace):
     pair = VisionTextPair(vision, text)
     if args.adapter:
         model = PeftModel.from_pretrained(pair, args.adapter, is_trainable=not args.eval_only)
+        if args.tower_micro_batch_size is not None:  # a run-time setting: the flag wins over the saved config
+            model.peft_config[model.active_adapter].tower_micro_batch_size = args.tower_micro_batch_size
     else:
         config = M2ISTConfig(
             num_tapped_layers=args.num_tapped_layers, bottleneck_dim=args.bottleneck_dim, expert_scale=args.expert_scale,
             interaction=args.interaction, mixture=args.mixture, head_dim=args.head_dim, head_layers=args.head_layers,
             head_heads=args.head_heads, head_ffn_dim=args.head_ffn_dim, head_dropout=args.head_dropout,
             head_attention_dropout=args.head_attention_dropout, box_head=args.box_head,
-            head_gradient_checkpointing=args.head_gradient_checkpointing, max_text_tokens=args.max_text_tokens, image_size=args.image_size,
+            head_gradient_checkpointing=args.head_gradient_checkpointing,
+            tower_micro_batch_size=args.tower_micro_batch_size, max_text_tokens=args.max_text_tokens, image_size=args.image_size,
         )
         model = get_peft_model(pair, config)
     return model, image_processor, tokenizer

@@ -45,6 +45,8 @@ class M2ISTConfig(PeftConfig):
     Args:
         vision_tower (`str`): Dotted path of the vision tower inside the container.
         text_tower (`str`): Dotted path of the text tower inside the container.
+        tower_micro_batch_size (`int`, *optional*): Run the frozen towers on at most this many samples at a time;
+            `None` runs the whole batch at once. Same features; lowers the peak memory of the towers' forward.
         vision_layers (`list[str]` or `str`, *optional*): Vision modules (relative to the vision tower) whose outputs feed
             the vision experts: module names, or a regex matched against full names. `None` picks the FFN of
             `num_tapped_layers` evenly spaced blocks from the tower's `model_type`.
@@ -84,6 +86,14 @@ class M2ISTConfig(PeftConfig):
     )
     text_tower: str = field(
         default="text_model", metadata={"help": "Dotted path of the text tower inside the container model."}
+    )
+    tower_micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Run the frozen towers on at most this many samples at a time and concatenate what they return: "
+            "the same features, with the towers' transient activations (at large batches the largest tensors of a "
+            "training step) sized by this number instead of the batch. None runs the whole batch at once."
+        },
     )
     vision_layers: list[str] | str | None = field(
         default=None,
@@ -206,7 +216,7 @@ class M2ISTConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        for name in ("interaction_dim", "image_size"):
+        for name in ("interaction_dim", "image_size", "tower_micro_batch_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be None or a positive integer, got {value!r}.")

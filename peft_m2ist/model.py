@@ -331,25 +331,41 @@ class M2ISTModel(BaseTuner):
             attention_mask = torch.ones_like(input_ids)
         vision_tower = get_tower(self.model, config.vision_tower, "vision_tower")
         text_tower = get_tower(self.model, config.text_tower, "text_tower")
-        recorder = self._m2ist_recorder
+        step = config.tower_micro_batch_size or input_ids.shape[0]
         with frozen(vision_tower, text_tower):
-            if not self._m2ist_disabled:
-                recorder.start()
-            try:
-                vision = run_vision_tower(vision_tower, pixel_values, pixel_mask)
-                text = run_text_tower(text_tower, input_ids, attention_mask)
-            finally:
-                records = recorder.stop()
-            features = {"vision": vision.tokens.tensor, "text": text.tokens.tensor, "text_mask": text.mask}
-            if vision.mask is not None:
-                features["vision_mask"] = vision.mask
-            vision_prefix = config.vision_tower + "."
-            for name, tensor in records.items():
-                tokens = to_tokens(tensor)
-                if name.startswith(vision_prefix):
-                    features[f"tap:{name}"] = match_grid(tokens, vision.tokens.num_tokens, vision.tokens.grid)
-                else:
-                    features[f"tap:{name}"] = tokens.tensor
+            chunks = [
+                self._encode_chunk(
+                    config, vision_tower, text_tower, pixel_values[i : i + step], input_ids[i : i + step],
+                    attention_mask[i : i + step], None if pixel_mask is None else pixel_mask[i : i + step],
+                )
+                for i in range(0, input_ids.shape[0], step)
+            ]
+        if len(chunks) == 1:
+            return chunks[0]
+        return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+
+    def _encode_chunk(self, config: M2ISTConfig, vision_tower: nn.Module, text_tower: nn.Module,
+                      pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """`encode_towers` on one micro-batch, with the towers already frozen."""
+        recorder = self._m2ist_recorder
+        if not self._m2ist_disabled:
+            recorder.start()
+        try:
+            vision = run_vision_tower(vision_tower, pixel_values, pixel_mask)
+            text = run_text_tower(text_tower, input_ids, attention_mask)
+        finally:
+            records = recorder.stop()
+        features = {"vision": vision.tokens.tensor, "text": text.tokens.tensor, "text_mask": text.mask}
+        if vision.mask is not None:
+            features["vision_mask"] = vision.mask
+        vision_prefix = config.vision_tower + "."
+        for name, tensor in records.items():
+            tokens = to_tokens(tensor)
+            if name.startswith(vision_prefix):
+                features[f"tap:{name}"] = match_grid(tokens, vision.tokens.num_tokens, vision.tokens.grid)
+            else:
+                features[f"tap:{name}"] = tokens.tensor
         return features
 
     @staticmethod

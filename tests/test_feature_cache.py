@@ -7,6 +7,8 @@ import torch
 from peft import get_peft_model
 from tiny_towers import PAIRS, batch, build_pair, tiny_config
 
+from peft_m2ist.towers import get_tower
+
 
 @pytest.mark.parametrize("pair_name", list(PAIRS))
 def test_cached_features_give_the_same_boxes_and_loss(pair_name):
@@ -48,3 +50,37 @@ def test_labels_are_validated_on_the_cached_path():
         model(tower_features=features, labels=labels + 1.0)
     with pytest.raises(ValueError, match=r"labels"):
         model(tower_features=features, labels=labels[:1])
+
+
+@pytest.mark.parametrize("pair_name", list(PAIRS))
+def test_tower_micro_batches_give_the_same_features_boxes_and_gradients(pair_name):
+    """`tower_micro_batch_size` splits only the frozen towers' forward: 5 samples in micro-batches of 2 (2 + 2 + 1)."""
+    inputs = batch(size=5)
+    labels = inputs.pop("labels")
+    results = {}
+    for size in (None, 2):
+        model = get_peft_model(build_pair(pair_name), tiny_config(tower_micro_batch_size=size))
+        model.train()
+        torch.manual_seed(0)  # the same dropout masks in the side network and the head
+        calls = []
+        tower = get_tower(model.base_model.model, model.peft_config["default"].text_tower, "text_tower")
+        handle = tower.register_forward_hook(
+            lambda _m, _args, kwargs, _out, calls=calls: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        )
+        features = model.encode_towers(**inputs)
+        handle.remove()
+        assert calls == ([5] if size is None else [2, 2, 1])
+        out = model(**inputs, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[size] = features, out, grads
+    (whole, out_whole, grads_whole), (split, out_split, grads_split) = results[None], results[2]
+    assert whole.keys() == split.keys()
+    for key in whole:
+        assert whole[key].shape == split[key].shape and whole[key].dtype == split[key].dtype, key
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_split.pred_boxes, out_whole.pred_boxes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_split.loss, out_whole.loss, rtol=1e-5, atol=1e-5)
+    assert grads_whole and grads_whole.keys() == grads_split.keys()
+    for name in grads_whole:
+        torch.testing.assert_close(grads_split[name], grads_whole[name], rtol=1e-4, atol=1e-5)
