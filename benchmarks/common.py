@@ -23,14 +23,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import peft_m2ist
 from peft_m2ist.head import GroundingHead
@@ -448,6 +451,75 @@ def extrapolate(small: dict, large: dict, b_small: int, b_large: int, b_target: 
     out["total"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"]
     out["activations_per_sample"] = slope
     return out
+
+
+# ---------------------------------------------------------------------------------------------- peak of live tensors
+class LiveTensorPeak(TorchDispatchMode):
+    """Tracks the bytes of tensor storages allocated by ATen ops while active, and their peak.
+
+    After every op, the storages it returned that are new (not the storage of one of its inputs, which views and
+    in-place ops return) join the live set; storages whose last reference is gone leave it. `peak` is the largest
+    live total at an op boundary, and `peak_op` the op that reached it with the shape of its first output. Storages
+    that existed before (weights, optimiser state, the batch) are not counted. Kernel workspaces and allocator
+    rounding are not seen: this is the tensor-level part of what `torch.cuda.max_memory_allocated` measures, on any
+    device, the same on every machine.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+        self.peak_op: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        for t in outputs:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr and ptr not in inputs and ptr not in self.live:
+                self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+                self.current += storage.nbytes()
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_op = f"{func} -> {tuple(outputs[0].shape)}" if outputs else str(func)
+        return out
+
+
+def live_peak(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, autocast=None) -> dict:
+    """Peak bytes of live tensors over one training step after a warm-up step (`LiveTensorPeak`).
+
+    Reported like `cuda_peak`: the step's peak increment plus the method's own weights and optimiser state (exact
+    bytes), so the two read the same; this one runs on any device and names the op where the peak happens.
+    """
+    train_step(model, optimizer, batch, autocast)  # warm-up (allocates the optimizer state)
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    tracker = LiveTensorPeak()
+    with tracker:
+        train_step(model, optimizer, batch, autocast)
+    optimizer.zero_grad(set_to_none=True)
+    own = _unique_bytes(list(model.parameters()) + list(model.buffers()))
+    state = _unique_bytes([v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)])
+    return {"step_increment": tracker.peak, "peak_op": tracker.peak_op, "own_weights": own, "own_optimizer": state,
+            "training_memory": tracker.peak + own + state}
+
+
+@contextmanager
+def tower_micro_batches(model: nn.Module, size: int | None) -> Iterator[None]:
+    """Run an M2IST model's frozen towers in micro-batches of `size` (`M2ISTConfig.tower_micro_batch_size`)."""
+    config = model.peft_config[model.active_adapter]
+    before = config.tower_micro_batch_size
+    config.tower_micro_batch_size = size
+    try:
+        yield
+    finally:
+        config.tower_micro_batch_size = before
 
 
 # ---------------------------------------------------------------------------------------------- GPU peak

@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "what train_rec's feature cache does after its first pass; reported apart, not like for like)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; timing rounds stop when the budget is spent (the JSON is written after each phase)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("account", "cuda_peak", "time", "inference"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("account", "live_peak", "cuda_peak", "time", "inference"))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None)
@@ -139,27 +139,35 @@ def run(args: argparse.Namespace, log=print) -> dict:
         _ratios(result, account_batches, args.extrapolate_to)
         save()
 
-    # -- 2. CUDA peak -----------------------------------------------------------------------------------------------
-    if cuda and "cuda_peak" not in args.skip:
-        log("CUDA peak ...")
-        batch = C.make_batch(scale, batch_size, device, args.seed)
+    # -- 2. peaks: of live tensors (any device), and the CUDA allocator's -------------------------------------------
+    peak_batch = account_batches[-1] if not cuda else batch_size
+    micro = max(1, peak_batch // 4)  # M2IST's frozen towers in 4 micro-batches (M2ISTConfig.tower_micro_batch_size)
+    for key, measure, wanted in (("live_peak", C.live_peak, "live_peak" not in args.skip),
+                                 ("cuda_peak", C.cuda_peak, cuda and "cuda_peak" not in args.skip)):
+        if not wanted:
+            continue
+        log(f"{key} (batch {peak_batch}; M2IST also with tower micro-batches of {micro}) ...")
+        batch = C.make_batch(scale, peak_batch, device, args.seed)
         for name in args.methods:
-            try:
-                peak = C.cuda_peak(models[name], optims[name], batch, autocast)
-            except torch.OutOfMemoryError as err:
-                peak = {"error": f"out of memory: {err}".splitlines()[0]}
-                optims[name].zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-            result["methods"][name]["cuda_peak"] = peak
-            log(f"  {name}: " + (f"training memory {C.mib(peak.get('training_memory'))} MiB"
-                                 if "error" not in peak else peak["error"]))
-        full = result["methods"].get("full", {}).get("cuda_peak", {}).get("training_memory")
-        lora = result["methods"].get("lora", {}).get("cuda_peak", {}).get("training_memory")
+            runs = [(key, None)] + ([(key + "_tower_micro_batches", micro)] if name.startswith("m2ist_") else [])
+            for entry_key, size in runs:
+                with C.tower_micro_batches(models[name], size) if size else nullcontext():
+                    peak = _guarded_peak(measure, models[name], optims[name], batch, autocast)
+                peak["batch_size"] = peak_batch
+                if size:
+                    peak["tower_micro_batch_size"] = size
+                result["methods"][name][entry_key] = peak
+                log(f"  {name}{f' (micro-batches of {size})' if size else ''}: "
+                    + (f"training memory {C.mib(peak.get('training_memory'))} MiB, peak at {peak.get('peak_op')}"
+                       if "error" not in peak else peak["error"]))
+        full = result["methods"].get("full", {}).get(key, {}).get("training_memory")
+        lora = result["methods"].get("lora", {}).get(key, {}).get("training_memory")
         for entry in result["methods"].values():
-            mem = entry.get("cuda_peak", {}).get("training_memory")
-            if mem is not None:
-                entry["cuda_peak"]["ratio_to_full"] = mem / full if full else None
-                entry["cuda_peak"]["ratio_to_lora"] = mem / lora if lora else None
+            for entry_key in (key, key + "_tower_micro_batches"):
+                mem = entry.get(entry_key, {}).get("training_memory")
+                if mem is not None:
+                    entry[entry_key]["ratio_to_full"] = mem / full if full else None
+                    entry[entry_key]["ratio_to_lora"] = mem / lora if lora else None
         save()
 
     # -- 3. training-step time ----------------------------------------------------------------------------------------
@@ -229,6 +237,16 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log(format_tables(result))
     log(f"wrote {out_path}")
     return result
+
+
+def _guarded_peak(measure, model, optimizer, batch, autocast) -> dict:
+    """`measure(...)`, or `{"error": ...}` when the card runs out of memory (the run goes on with the next method)."""
+    try:
+        return measure(model, optimizer, batch, autocast)
+    except torch.OutOfMemoryError as err:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return {"error": f"out of memory: {err}".splitlines()[0]}
 
 
 CACHED = "+cached"  # suffix of the timing task that trains an M2IST model from precomputed tower features

@@ -130,20 +130,20 @@ def memory_time_section(r: dict) -> list[str]:
             lines += [f"Where M2IST's activations go: the projections + grounding head alone (head-only row) keep "
                       f"{mib(ho)} MiB of the {mib(mm)} MiB that `{GOAL_METHOD}` keeps at batch {b} "
                       f"({100 * ho / mm:.0f}%); the side network adds the rest.", ""]
+    if any("live_peak" in methods[m] for m in methods):
+        lines += _peak_table(
+            methods, "live_peak",
+            f"**Peak of live tensors** (`LiveTensorPeak` in `benchmarks/common.py`: every storage an op allocates, "
+            f"until its last reference goes, over one step after a warm-up step, at batch "
+            f"{_peak_batch(methods, 'live_peak')}; training memory = the step's peak increment + the method's own "
+            f"weights and optimizer state, as for the CUDA peak; the same on every machine):",
+            ["where the peak is"], lambda p: [f"`{p.get('peak_op')}`"])
     if any("cuda_peak" in methods[m] for m in methods):
-        lines += ["**CUDA peak** (`max_memory_allocated` over one step after a warm-up step; training memory = peak "
-                  "increment over the resident state + the method's own weights and optimizer state):", "",
-                  "| method | training memory GiB | x full | x LoRA | peak allocated GiB (all resident models) |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        for m in _ordered(methods):
-            p = methods[m].get("cuda_peak", {})
-            if "error" in p:
-                lines.append(f"| {LABELS.get(m, m)} | {p['error']} | | | |")
-            else:
-                lines.append(f"| {LABELS.get(m, m)} | {gib(p.get('training_memory'))} | "
-                             f"{ratio(p.get('ratio_to_full'))} | {ratio(p.get('ratio_to_lora'))} | "
-                             f"{gib(p.get('peak_allocated'))} |")
-        lines.append("")
+        lines += _peak_table(
+            methods, "cuda_peak",
+            "**CUDA peak** (`max_memory_allocated` over one step after a warm-up step; training memory = peak "
+            "increment over the resident state + the method's own weights and optimizer state):",
+            ["peak allocated GiB (all resident models)"], lambda p: [gib(p.get("peak_allocated"))])
     if any("step_time" in methods[m] for m in methods):
         lines += [f"**Training-step time** (forward + backward + AdamW step, batch {s['batch_size']}; median of "
                   f"interleaved rounds after {s['warmup']} warm-up round(s)):", "",
@@ -180,6 +180,36 @@ def memory_time_section(r: dict) -> list[str]:
     lines += ["Methods as built:", ""]
     lines += [f"- `{m}`: {methods[m]['note']}" for m in _ordered(methods)]
     lines.append("")
+    return lines
+
+
+MICRO = "_tower_micro_batches"  # suffix of the peak measured with M2IST's frozen towers in micro-batches
+
+
+def _peak_batch(methods: dict, key: str) -> int | None:
+    return next((e[key].get("batch_size") for e in methods.values() if key in e), None)
+
+
+def _peak_table(methods: dict, key: str, title: str, extra_heads: list[str], extra_cells) -> list[str]:
+    """One row per method from `methods[m][key]`, then M2IST's rows with its towers in micro-batches (`key + MICRO`)."""
+    lines = [title, "", "| method | training memory MiB | x full | x LoRA | " + " | ".join(extra_heads) + " |",
+             "| --- | ---: | ---: | ---: |" + " --- |" * len(extra_heads)]
+    rows = [(LABELS.get(m, m), methods[m].get(key, {})) for m in _ordered(methods)]
+    micro = [m for m in _ordered(methods) if key + MICRO in methods[m]]
+    rows += [(f"{LABELS.get(m, m)}, towers in micro-batches of {methods[m][key + MICRO]['tower_micro_batch_size']}"
+              "†", methods[m][key + MICRO]) for m in micro]
+    for label, p in rows:
+        if "error" in p:
+            lines.append(f"| {label} | {p['error']} | | |" + " |" * len(extra_heads))
+        else:
+            lines.append(f"| {label} | {mib(p.get('training_memory'))} | {ratio(p.get('ratio_to_full'))} | "
+                         f"{ratio(p.get('ratio_to_lora'))} | " + " | ".join(extra_cells(p)) + " |")
+    lines.append("")
+    if micro:
+        lines += ["† The same M2IST step with `tower_micro_batch_size` set: the frozen towers run on that many "
+                  "samples at a time, with the same features and gradients. Not like for like: a baseline could lower "
+                  "its own peak by splitting its batch too (gradient accumulation), so the goals judge the rows "
+                  "above.", ""]
     return lines
 
 
@@ -263,6 +293,48 @@ def _cell(cell: tuple[str, bool] | None) -> str:
     return "n/a" if cell is None else f"{cell[0]} **{'met' if cell[1] else 'missed'}**"
 
 
+def _shape(op: str | None) -> tuple[int, ...] | None:
+    """The output shape at the end of a `peak_op` string (`"aten.add.Tensor -> (2, 256, 160, 160)"`)."""
+    if not op or "->" not in op:
+        return None
+    text = op.rsplit("->", 1)[1].strip().strip("()")
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def peak_findings(paper: list[dict]) -> list[str]:
+    """Why the CUDA peak differs from the exact account, from the peak-of-live-tensors runs (computed, not typed)."""
+    lines = ["CUDA peak vs exact account: the methods that keep the ResNet-50 frozen (LoRA, in-tower adapters, head "
+             "only, M2IST) peak close to one another on the GPU, although the tensors they save for backward differ "
+             "by gigabytes (exact account)."]
+    live = next((r for r in paper if "live_peak" in r["methods"].get("head_only", {})
+                 and not r["settings"].get("head_checkpointing")), None)
+    gpu = next((r for r in paper if "cuda_peak" in r["methods"].get("head_only", {}) and not r["settings"].get("bf16")
+                and not r["settings"].get("head_checkpointing")), None)
+    if live is None:
+        return [lines[0] + " Where their peak happens has not been measured yet (`memory_time.py` records it).", ""]
+    peak = live["methods"]["head_only"]["live_peak"]
+    b = peak["batch_size"]
+    shape = _shape(peak.get("peak_op"))
+    where = (" a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
+             "forward, before the head runs" if shape and len(shape) == 4 else "")
+    lines.append(f"The peak of live tensors (`{live['_file']}`) places it: for head only at batch {b} it is reached "
+                 f"at `{peak['peak_op']}`,{where}.")
+    if gpu is not None:
+        cuda = gpu["methods"]["head_only"]["cuda_peak"]
+        gpu_batch = cuda.get("batch_size", gpu["settings"]["batch_size"])
+        scaled = peak["step_increment"] * gpu_batch / b
+        lines.append(f"Scaled linearly from batch {b} to {gpu_batch}, that step increment is "
+                     f"{mib(scaled)} MiB; the GPU measured {mib(cuda['step_increment'])} MiB "
+                     f"(`{gpu['_file']}`, {cuda['step_increment'] / scaled:.3f}x).")
+    m = live["methods"].get(GOAL_METHOD, {})
+    if "live_peak" in m and "live_peak" + MICRO in m:
+        plain, micro = m["live_peak"], m["live_peak" + MICRO]
+        lines.append(f"With its towers in micro-batches of {micro['tower_micro_batch_size']}, `{GOAL_METHOD}`'s peak "
+                     f"increment goes from {mib(plain['step_increment'])} to {mib(micro['step_increment'])} MiB, now "
+                     f"at `{micro['peak_op']}`.")
+    return [" ".join(lines), ""]
+
+
 def goals_section(results: list[dict]) -> list[str]:
     checks = paper_goal_checks(results)
     if not checks:
@@ -286,12 +358,7 @@ def goals_section(results: list[dict]) -> list[str]:
                  "side network for M2IST, the towers' activations for LoRA and the adapters. The other rows store "
                  "the head's activations.", ""]
                 if any(r["settings"].get("head_checkpointing") for r in paper) else []),
-              "CUDA peak vs exact account: every method that keeps the ResNet-50 frozen (LoRA, in-tower adapters, "
-              "head only, M2IST) peaks within a few percent of the others on the GPU, although the tensors they save "
-              "for backward differ by gigabytes (exact account). The peak is therefore set by something they share, "
-              "most likely the frozen backbone's no-grad forward at 640 px x 64 images (its transient feature maps), "
-              "not by what each method stores; we have not yet measured this directly. Running the frozen towers in "
-              "micro-batches would lower that peak for every such method.", ""]
+              *peak_findings(paper)]
     reference = json.loads((HERE / "reference_paper.json").read_text())["methods"]
     for r in paper:
         ms = r["methods"]

@@ -331,18 +331,24 @@ class M2ISTModel(BaseTuner):
             attention_mask = torch.ones_like(input_ids)
         vision_tower = get_tower(self.model, config.vision_tower, "vision_tower")
         text_tower = get_tower(self.model, config.text_tower, "text_tower")
-        step = config.tower_micro_batch_size or input_ids.shape[0]
+        batch = input_ids.shape[0]
+        step = config.tower_micro_batch_size or batch
+        features: dict[str, torch.Tensor] = {}
         with frozen(vision_tower, text_tower):
-            chunks = [
-                self._encode_chunk(
+            for i in range(0, batch, step):
+                chunk = self._encode_chunk(
                     config, vision_tower, text_tower, pixel_values[i : i + step], input_ids[i : i + step],
                     attention_mask[i : i + step], None if pixel_mask is None else pixel_mask[i : i + step],
                 )
-                for i in range(0, input_ids.shape[0], step)
-            ]
-        if len(chunks) == 1:
-            return chunks[0]
-        return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+                if step >= batch:
+                    return chunk
+                # each micro-batch's outputs go straight into whole-batch tensors, so no two copies coexist
+                for key, value in chunk.items():
+                    if key not in features:
+                        features[key] = value.new_empty((batch, *value.shape[1:]))
+                    features[key][i : i + step] = value
+                del chunk
+        return features
 
     def _encode_chunk(self, config: M2ISTConfig, vision_tower: nn.Module, text_tower: nn.Module,
                       pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

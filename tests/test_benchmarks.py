@@ -67,11 +67,65 @@ def test_exact_account_restores_torch_checkpoint():
     assert torch.utils.checkpoint.checkpoint is real
 
 
+def test_live_tensor_peak_counts_each_new_storage_until_it_is_freed():
+    with C.LiveTensorPeak() as tracker:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 4000 more: 8000 live
+        del a
+        view = b.view(10, 100)  # a view allocates nothing; `a` is seen gone at this op
+        d = torch.ones(500)  # 2000 bytes: 6000 live
+    assert tracker.peak == 8000
+    assert tracker.current == 6000
+    assert "mul" in tracker.peak_op and tracker.peak_op.endswith("(1000,)")
+    del view, d
+
+
+def test_live_peak_finds_the_frozen_towers_and_micro_batches_lower_it():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peft import get_peft_model
+    from tiny_towers import batch, build_pair, tiny_config
+
+    peaks = {}
+    for size in (None, 2):
+        torch.manual_seed(0)
+        model = get_peft_model(build_pair("mobilenet_v2+bert"), tiny_config(tower_micro_batch_size=size)).train()
+        optimizer = C.make_optimizer(model)
+        peaks[size] = C.live_peak(model, optimizer, batch(size=8))
+    whole, micro = peaks[None], peaks[2]
+    # the whole batch peaks on a feature map of the frozen CNN: (batch, channels, h, w)
+    assert whole["peak_op"].startswith("aten.convolution") and whole["peak_op"].endswith(")")
+    assert report._shape(whole["peak_op"])[0] == 8
+    assert micro["step_increment"] < 0.5 * whole["step_increment"]
+    for p in (whole, micro):
+        assert p["training_memory"] == p["step_increment"] + p["own_weights"] + p["own_optimizer"]
+        assert p["own_optimizer"] > 0  # the warm-up step created the AdamW state
+
+
+@pytest.mark.slow
+def test_memory_time_records_live_peaks_and_m2ist_micro_batches_apart(tmp_path):
+    out = tmp_path / "memory_time.json"
+    args = memory_time.parse_args(["--scale", "default", "--methods", "full", "head_only", "m2ist_shared_sum",
+                                   "--skip", "account", "time", "inference", "--output", str(out)])
+    memory_time.run(args, log=lambda *_: None)
+    result = {**json.loads(out.read_text()), "_file": out.name}
+    methods = result["methods"]
+    assert all(methods[m]["live_peak"]["batch_size"] == 2 for m in methods)
+    assert [m for m in methods if "live_peak_tower_micro_batches" in methods[m]] == ["m2ist_shared_sum"]
+    micro = methods["m2ist_shared_sum"]["live_peak_tower_micro_batches"]
+    assert micro["tower_micro_batch_size"] == 1
+    full = methods["full"]["live_peak"]["training_memory"]
+    assert micro["ratio_to_full"] == pytest.approx(micro["training_memory"] / full)
+    table = "\n".join(report.memory_time_section(result))
+    assert "**Peak of live tensors**" in table and "towers in micro-batches of 1†" in table
+    assert "| head only (frozen towers) |" in table
+
+
 @pytest.mark.slow
 def test_memory_time_times_m2ist_from_cached_tower_features_apart(tmp_path):
     out = tmp_path / "memory_time.json"
     args = memory_time.parse_args(["--scale", "default", "--methods", "full", "m2ist_shared_sum", "--repeats", "1",
-                                   "--warmup", "0", "--skip", "account", "inference", "--output", str(out)])
+                                   "--warmup", "0", "--skip", "account", "live_peak", "inference", "--output",
+                                   str(out)])
     memory_time.run(args, log=lambda *_: None)
     methods = json.loads(out.read_text())["methods"]
     assert set(methods) == {"full", "m2ist_shared_sum"}  # the cached variant is not a method of its own
