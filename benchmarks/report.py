@@ -143,7 +143,8 @@ def memory_time_section(r: dict) -> list[str]:
             methods, "cuda_peak",
             "**CUDA peak** (`max_memory_allocated` over one step after a warm-up step; training memory = peak "
             "increment over the resident state + the method's own weights and optimizer state):",
-            ["peak allocated GiB (all resident models)"], lambda p: [gib(p.get("peak_allocated"))])
+            ["peak allocated GiB (all resident models)"], lambda p: [gib(p.get("peak_allocated"))],
+            numeric_extras=True)
     if any("step_time" in methods[m] for m in methods):
         lines += [f"**Training-step time** (forward + backward + AdamW step, batch {s['batch_size']}; median of "
                   f"interleaved rounds after {s['warmup']} warm-up round(s)):", "",
@@ -190,10 +191,11 @@ def _peak_batch(methods: dict, key: str) -> int | None:
     return next((e[key].get("batch_size") for e in methods.values() if key in e), None)
 
 
-def _peak_table(methods: dict, key: str, title: str, extra_heads: list[str], extra_cells) -> list[str]:
+def _peak_table(methods: dict, key: str, title: str, extra_heads: list[str], extra_cells,
+                numeric_extras: bool = False) -> list[str]:
     """One row per method from `methods[m][key]`, then M2IST's rows with its towers in micro-batches (`key + MICRO`)."""
     lines = [title, "", "| method | training memory MiB | x full | x LoRA | " + " | ".join(extra_heads) + " |",
-             "| --- | ---: | ---: | ---: |" + " --- |" * len(extra_heads)]
+             "| --- | ---: | ---: | ---: |" + (" ---: |" if numeric_extras else " --- |") * len(extra_heads)]
     rows = [(LABELS.get(m, m), methods[m].get(key, {})) for m in _ordered(methods)]
     micro = [m for m in _ordered(methods) if key + MICRO in methods[m]]
     rows += [(f"{LABELS.get(m, m)}, towers in micro-batches of {methods[m][key + MICRO]['tower_micro_batch_size']}"
@@ -326,12 +328,22 @@ def peak_findings(paper: list[dict]) -> list[str]:
         lines.append(f"Scaled linearly from batch {b} to {gpu_batch}, that step increment is "
                      f"{mib(scaled)} MiB; the GPU measured {mib(cuda['step_increment'])} MiB "
                      f"(`{gpu['_file']}`, {cuda['step_increment'] / scaled:.3f}x).")
-    m = live["methods"].get(GOAL_METHOD, {})
-    if "live_peak" in m and "live_peak" + MICRO in m:
-        plain, micro = m["live_peak"], m["live_peak" + MICRO]
-        lines.append(f"With its towers in micro-batches of {micro['tower_micro_batch_size']}, `{GOAL_METHOD}`'s peak "
-                     f"increment goes from {mib(plain['step_increment'])} to {mib(micro['step_increment'])} MiB, now "
-                     f"at `{micro['peak_op']}`.")
+    at_paper_batch = next((r for r in paper if r["methods"].get(GOAL_METHOD, {}).get("live_peak", {})
+                           .get("batch_size") == PAPER_BATCH), None)
+    for r in [live] + ([at_paper_batch] if at_paper_batch else []):
+        m = r["methods"].get(GOAL_METHOD, {})
+        if "live_peak" in m and "live_peak" + MICRO in m:
+            plain, micro = m["live_peak"], m["live_peak" + MICRO]
+            lines.append(f"At batch {plain['batch_size']} (`{r['_file']}`), with its towers in micro-batches of "
+                         f"{micro['tower_micro_batch_size']}, `{GOAL_METHOD}`'s peak increment goes from "
+                         f"{mib(plain['step_increment'])} to {mib(micro['step_increment'])} MiB, now at "
+                         f"`{micro['peak_op']}` (training memory {mib(plain['training_memory'])} -> "
+                         f"{mib(micro['training_memory'])} MiB).")
+            lora = r["methods"].get("lora", {}).get("live_peak")
+            if lora and r is at_paper_batch:
+                lines.append(f"LoRA's, at the same batch: {mib(lora['training_memory'])} MiB "
+                             f"({plain['training_memory'] / lora['training_memory']:.3f}x and "
+                             f"{micro['training_memory'] / lora['training_memory']:.3f}x for M2IST).")
     return [" ".join(lines), ""]
 
 
