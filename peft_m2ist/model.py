@@ -318,7 +318,9 @@ class M2ISTModel(BaseTuner):
         Keys: `vision` `(batch, Nv, Dv)` and `text` `(batch, Nt, Dt)` final tokens, `text_mask` `(batch, Nt)`,
         `vision_mask` `(batch, Nv)` when the vision tower yields a feature map, and `tap:<module name>` for every
         tap, vision taps already pooled onto the final grid. The towers are frozen, so these features can be
-        cached and fed back with `forward(tower_features=...)` to skip the towers in later epochs.
+        cached and fed back with `forward(tower_features=...)` to skip the towers in later epochs. With
+        `M2ISTConfig.tower_micro_batch_size` the towers run on that many samples at a time, each micro-batch's
+        outputs written into the whole-batch tensors.
         """
         config: M2ISTConfig = self.peft_config[self.active_adapters[0]]
         validate_inputs(pixel_values, input_ids, attention_mask, pixel_mask, None, config.max_text_tokens)
