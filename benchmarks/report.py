@@ -305,46 +305,52 @@ def _shape(op: str | None) -> tuple[int, ...] | None:
 
 def peak_findings(paper: list[dict]) -> list[str]:
     """Why the CUDA peak differs from the exact account, from the peak-of-live-tensors runs (computed, not typed)."""
-    lines = ["CUDA peak vs exact account: the methods that keep the ResNet-50 frozen (LoRA, in-tower adapters, head "
+    intro = ("CUDA peak vs exact account: the methods that keep the ResNet-50 frozen (LoRA, in-tower adapters, head "
              "only, M2IST) peak close to one another on the GPU, although the tensors they save for backward differ "
-             "by gigabytes (exact account)."]
+             "by gigabytes (exact account).")
     live = next((r for r in paper if "live_peak" in r["methods"].get("head_only", {})
                  and not r["settings"].get("head_checkpointing")), None)
     gpu = next((r for r in paper if "cuda_peak" in r["methods"].get("head_only", {}) and not r["settings"].get("bf16")
                 and not r["settings"].get("head_checkpointing")), None)
     if live is None:
-        return [lines[0] + " Where their peak happens has not been measured yet (`memory_time.py` records it).", ""]
+        return [intro + " Where their peak happens has not been measured yet (`memory_time.py` records it).", ""]
+    items = []
     peak = live["methods"]["head_only"]["live_peak"]
     b = peak["batch_size"]
     shape = _shape(peak.get("peak_op"))
     where = (" a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
              "forward, before the head runs" if shape and len(shape) == 4 else "")
-    lines.append(f"The peak of live tensors (`{live['_file']}`) places it: for head only at batch {b} it is reached "
-                 f"at `{peak['peak_op']}`,{where}.")
+    item = f"Head only, batch {b} (`{live['_file']}`): the peak of live tensors is at `{peak['peak_op']}`,{where}."
     if gpu is not None:
         cuda = gpu["methods"]["head_only"]["cuda_peak"]
         gpu_batch = cuda.get("batch_size", gpu["settings"]["batch_size"])
         scaled = peak["step_increment"] * gpu_batch / b
-        lines.append(f"Scaled linearly from batch {b} to {gpu_batch}, that step increment is "
-                     f"{mib(scaled)} MiB; the GPU measured {mib(cuda['step_increment'])} MiB "
-                     f"(`{gpu['_file']}`, {cuda['step_increment'] / scaled:.3f}x).")
+        item += (f" Its step increment scaled linearly to batch {gpu_batch} is {mib(scaled)} MiB; the GPU measured "
+                 f"{mib(cuda['step_increment'])} MiB (`{gpu['_file']}`, {cuda['step_increment'] / scaled:.3f}x).")
+    items.append(item)
     at_paper_batch = next((r for r in paper if r["methods"].get(GOAL_METHOD, {}).get("live_peak", {})
                            .get("batch_size") == PAPER_BATCH), None)
     for r in [live] + ([at_paper_batch] if at_paper_batch else []):
         m = r["methods"].get(GOAL_METHOD, {})
-        if "live_peak" in m and "live_peak" + MICRO in m:
-            plain, micro = m["live_peak"], m["live_peak" + MICRO]
-            lines.append(f"At batch {plain['batch_size']} (`{r['_file']}`), with its towers in micro-batches of "
-                         f"{micro['tower_micro_batch_size']}, `{GOAL_METHOD}`'s peak increment goes from "
-                         f"{mib(plain['step_increment'])} to {mib(micro['step_increment'])} MiB, now at "
-                         f"`{micro['peak_op']}` (training memory {mib(plain['training_memory'])} -> "
-                         f"{mib(micro['training_memory'])} MiB).")
-            lora = r["methods"].get("lora", {}).get("live_peak")
-            if lora and r is at_paper_batch:
-                lines.append(f"LoRA's, at the same batch: {mib(lora['training_memory'])} MiB "
-                             f"({plain['training_memory'] / lora['training_memory']:.3f}x and "
-                             f"{micro['training_memory'] / lora['training_memory']:.3f}x for M2IST).")
-    return [" ".join(lines), ""]
+        if "live_peak" not in m or "live_peak" + MICRO not in m:
+            continue
+        plain, micro = m["live_peak"], m["live_peak" + MICRO]
+        item = (f"`{GOAL_METHOD}`, batch {plain['batch_size']} (`{r['_file']}`): training memory "
+                f"{mib(plain['training_memory'])} MiB (peak at `{plain['peak_op']}`); with its towers in micro-batches "
+                f"of {micro['tower_micro_batch_size']}, {mib(micro['training_memory'])} MiB (peak at "
+                f"`{micro['peak_op']}`).")
+        cuda = (gpu or {}).get("methods", {}).get(GOAL_METHOD, {}).get("cuda_peak", {})
+        if r is at_paper_batch and cuda.get("batch_size", gpu["settings"]["batch_size"] if gpu else None) == \
+                plain["batch_size"] and "training_memory" in cuda:
+            item += (f" The GPU's CUDA training memory for it at that batch: {mib(cuda['training_memory'])} MiB "
+                     f"(`{gpu['_file']}`, {cuda['training_memory'] / plain['training_memory']:.3f}x the live peak).")
+        lora = r["methods"].get("lora", {}).get("live_peak")
+        if lora and r is at_paper_batch:
+            item += (f" LoRA's live peak at that batch: {mib(lora['training_memory'])} MiB; M2IST is at "
+                     f"{plain['training_memory'] / lora['training_memory']:.3f}x of it, "
+                     f"{micro['training_memory'] / lora['training_memory']:.3f}x with micro-batches.")
+        items.append(item)
+    return [intro + " Measured where it happens:", "", *[f"- {item}" for item in items], ""]
 
 
 def goals_section(results: list[dict]) -> list[str]:

@@ -182,3 +182,19 @@ def test_summary_judges_memory_at_the_papers_batch_only():
     assert "0.400 met" in lora
     full_table = "\n".join(report.goals_section([_paper_run(0.2, 0.3)]))
     assert "0.300 **missed**" in full_table  # the batch-2 row stays in the full table
+
+
+def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
+    mib = 2**20
+    live = {"_file": "results/live.json", "settings": {},
+            "methods": {"head_only": {"live_peak": {"batch_size": 2, "step_increment": 100 * mib,
+                                                    "peak_op": "aten.add.Tensor -> (2, 256, 160, 160)"}}}}
+    gpu = {"_file": "results/gpu.json", "settings": {"batch_size": 64},
+           "methods": {"head_only": {"cuda_peak": {"step_increment": 3300 * mib}}}}
+    text = "\n".join(report.peak_findings([gpu, live]))
+    assert "inside the frozen towers' forward" in text
+    assert "scaled linearly to batch 64 is 3,200 MiB; the GPU measured 3,300 MiB" in text
+    assert "1.031x" in text
+    # a peak in the head (3-D tokens) is not attributed to the towers
+    live["methods"]["head_only"]["live_peak"]["peak_op"] = "aten.add.Tensor -> (2, 400, 256)"
+    assert "frozen towers' forward" not in "\n".join(report.peak_findings([gpu, live]))
