@@ -378,50 +378,68 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
     return loss.detach()
 
 
+class SavedForBackward:
+    """Context manager collecting the storages autograd keeps for backward while it is active, each counted once.
+
+    Those are the tensors packed by `saved_tensors_hooks`, plus the tensor inputs of `torch.utils.checkpoint.checkpoint`
+    calls: a checkpointed function keeps them for its recompute, where the hooks do not see them. Storages in
+    `exclude` (data pointers, e.g. of parameters and buffers) go to `excluded` instead of `storages`.
+    """
+
+    def __init__(self, exclude: set[int] = frozenset()) -> None:
+        self.exclude = exclude
+        self.storages: dict[int, int] = {}  # data pointer -> bytes
+        self.excluded: dict[int, int] = {}
+        self.unreadable = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        info = _storage(t)
+        if info is None:
+            self.unreadable += 1
+        elif info[0] in self.exclude:
+            self.excluded[info[0]] = info[1]
+        elif info[1] > 0:
+            self.storages[info[0]] = info[1]
+        return t
+
+    def _checkpoint(self, function, *args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                self._pack(value)
+        return self._real_checkpoint(function, *args, **kwargs)
+
+    def __enter__(self) -> SavedForBackward:
+        torch.utils.checkpoint.checkpoint = self._checkpoint  # seen by callers that look it up at call time
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        torch.utils.checkpoint.checkpoint = self._real_checkpoint
+
+
 def exact_account(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, autocast=None) -> dict:
     """Bytes of one training step, machine-independent up to the kernels' choice of what to save.
 
     - `weights`: every parameter and buffer of the model (frozen ones included), each storage once;
     - `trainable`: the trainable parameters; `grads`: their gradients after backward;
     - `optimizer`: every tensor in the AdamW state after the step (exp_avg, exp_avg_sq, step);
-    - `activations`: storages packed by `saved_tensors_hooks` during forward, plus the tensor inputs of
-      `torch.utils.checkpoint.checkpoint` calls (a checkpointed function keeps them for its recompute, where the
-      hooks do not see them), each counted once, EXCLUDING the storages of parameters and buffers (those are already
-      in `weights`; `params_saved` counts them separately);
+    - `activations`: what `SavedForBackward` collects during forward (saved tensors and checkpoint inputs), each
+      storage once, EXCLUDING the storages of parameters and buffers (those are already in `weights`;
+      `params_saved` counts them separately);
     - `total` = weights + grads + optimizer + activations.
     """
     model_ptrs = {info[0] for t in list(model.parameters()) + list(model.buffers())
                   if (info := _storage(t)) is not None}
-    activations: dict[int, int] = {}
-    params_saved: dict[int, int] = {}
-    unreadable = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        info = _storage(t)
-        if info is None:
-            unreadable[0] += 1
-        elif info[0] in model_ptrs:
-            params_saved[info[0]] = info[1]
-        elif info[1] > 0:
-            activations[info[0]] = info[1]
-        return t
-
-    real_checkpoint = torch.utils.checkpoint.checkpoint
-
-    def counting_checkpoint(function, *args, **kwargs):
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, torch.Tensor):
-                pack(value)
-        return real_checkpoint(function, *args, **kwargs)
-
     optimizer.zero_grad(set_to_none=True)
-    torch.utils.checkpoint.checkpoint = counting_checkpoint  # seen by callers that look it up at call time
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                (autocast() if autocast is not None else nullcontext()):
-            loss = model(**batch).loss
-    finally:
-        torch.utils.checkpoint.checkpoint = real_checkpoint
+    with SavedForBackward(exclude=model_ptrs) as saved, (autocast() if autocast is not None else nullcontext()):
+        loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -432,9 +450,9 @@ def exact_account(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dic
         "trainable": _unique_bytes(trainable),
         "grads": _unique_bytes([p.grad for p in trainable if p.grad is not None]),
         "optimizer": _unique_bytes(state_tensors),
-        "activations": sum(activations.values()),
-        "params_saved": sum(params_saved.values()),
-        "unreadable_saved": unreadable[0],
+        "activations": saved.nbytes,
+        "params_saved": sum(saved.excluded.values()),
+        "unreadable_saved": saved.unreadable,
         "unused_trainable_params": unused,
     }
     account["total"] = account["weights"] + account["grads"] + account["optimizer"] + account["activations"]

@@ -1,4 +1,6 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))  # `tiny_towers`
+sys.path.insert(0, str(TESTS.parent))  # the repository root, for `benchmarks`

@@ -4,16 +4,12 @@ and the report's accuracy goals."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.utils.checkpoint
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks`
 
 from benchmarks import common as C
 from benchmarks import memory_time, report
@@ -81,7 +77,6 @@ def test_live_tensor_peak_counts_each_new_storage_until_it_is_freed():
 
 
 def test_live_peak_finds_the_frozen_towers_and_micro_batches_lower_it():
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from peft import get_peft_model
     from tiny_towers import batch, build_pair, tiny_config
 

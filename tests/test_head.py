@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.common import SavedForBackward
 from peft_m2ist.head import GroundingHead, PointerBox, grid_cell_centres, sine_grid_encoding
 
 
@@ -91,31 +92,10 @@ def test_wrong_sizes_raise():
 
 
 def _saved_bytes(fn):
-    """`fn()` and the bytes autograd keeps for backward while it runs, each storage once: the tensors packed by
-    `saved_tensors_hooks` plus the inputs of checkpointed calls (kept for the recompute; the hooks do not see them)."""
-    import torch.utils.checkpoint
-
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    real = torch.utils.checkpoint.checkpoint
-
-    def counting_checkpoint(function, *args, **kwargs):
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, torch.Tensor):
-                pack(value)
-        return real(function, *args, **kwargs)
-
-    torch.utils.checkpoint.checkpoint = counting_checkpoint
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-    finally:
-        torch.utils.checkpoint.checkpoint = real
-    return out, sum(seen.values())
+    """`fn()` and the bytes autograd keeps for backward while it runs (`benchmarks.common.SavedForBackward`)."""
+    with SavedForBackward() as saved:
+        out = fn()
+    return out, saved.nbytes
 
 
 def test_gradient_checkpointing_gives_the_same_boxes_and_gradients_for_less_memory():
