@@ -5,8 +5,8 @@
     python examples/predict.py --adapter outputs/m2ist-shapes/best_adapter --val_samples 16 --output grid.png
 
 The predicted box is drawn in red, the ground truth (validation samples) in green. The towers are the ones the
-adapter was trained on, read from the `towers.json` that train_rec.py writes next to it; pass --vision_model /
---text_model for adapters saved otherwise.
+adapter was trained on, in the dtype it used, read from the `towers.json` that train_rec.py writes next to it;
+pass --vision_model / --text_model (and --tower_dtype) for adapters saved otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ from transformers.image_transforms import center_to_corners_format
 
 from peft_m2ist import VisionTextPair
 from peft_m2ist.data import RECCollator, load_shapes_benchmark
-from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, DEFAULT_VISION_TOWER, load_text_tower, load_vision_tower
+from peft_m2ist.pretrained import (
+    DEFAULT_TEXT_TOWER,
+    DEFAULT_VISION_TOWER,
+    TOWER_DTYPES,
+    load_text_tower,
+    load_vision_tower,
+)
 
 PRED, TRUTH = (230, 30, 30), (20, 170, 60)
 
@@ -35,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"Vision tower; default: the one in the adapter's towers.json, else {DEFAULT_VISION_TOWER}.")
     p.add_argument("--text_model", default=None,
                    help=f"Text tower; default: the one in the adapter's towers.json, else {DEFAULT_TEXT_TOWER}.")
+    p.add_argument("--tower_dtype", choices=sorted(TOWER_DTYPES), default=None,
+                   help="dtype of the frozen towers; default: the one in the adapter's towers.json, else float32.")
     p.add_argument("--image", nargs="*", default=[], help="Image file(s); one --phrase per image.")
     p.add_argument("--phrase", nargs="*", default=[], help="Referring expression(s).")
     p.add_argument("--val_samples", type=int, default=0, help="Predict on the first N validation samples instead.")
@@ -47,12 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trained_on = json.loads(towers_file.read_text()) if towers_file.is_file() else {}
     args.vision_model = args.vision_model or trained_on.get("vision", DEFAULT_VISION_TOWER)
     args.text_model = args.text_model or trained_on.get("text", DEFAULT_TEXT_TOWER)
+    args.tower_dtype = args.tower_dtype or trained_on.get("dtype", "float32")
     return args
 
 
 def load_model(args: argparse.Namespace):
     vision, image_processor = load_vision_tower(args.vision_model)
     text, tokenizer = load_text_tower(args.text_model)
+    vision.to(TOWER_DTYPES[args.tower_dtype])
+    text.to(TOWER_DTYPES[args.tower_dtype])
     model = PeftModel.from_pretrained(VisionTextPair(vision, text), args.adapter).eval()
     return model, image_processor, tokenizer
 

@@ -38,9 +38,13 @@ from peft_m2ist import M2ISTConfig, VisionTextPair
 from peft_m2ist.config import BOX_HEADS, INTERACTION_MODES, MIXTURE_MODES
 from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level, load_shapes_benchmark
 from peft_m2ist.metrics import load_rec_metric
-from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, DEFAULT_VISION_TOWER, load_text_tower, load_vision_tower
-
-TOWER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from peft_m2ist.pretrained import (
+    DEFAULT_TEXT_TOWER,
+    DEFAULT_VISION_TOWER,
+    TOWER_DTYPES,
+    load_text_tower,
+    load_vision_tower,
+)
 
 logger = get_logger(__name__)
 
@@ -258,7 +262,8 @@ TOWERS_FILE = "towers.json"
 
 def save_adapter(model, folder: Path, args: argparse.Namespace) -> None:
     model.save_pretrained(folder)
-    (folder / TOWERS_FILE).write_text(json.dumps({"vision": args.vision_model, "text": args.text_model}, indent=2))
+    towers = {"vision": args.vision_model, "text": args.text_model, "dtype": args.tower_dtype}
+    (folder / TOWERS_FILE).write_text(json.dumps(towers, indent=2))
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

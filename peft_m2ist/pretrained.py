@@ -49,6 +49,7 @@ __all__ = [
     "MOBILENET_V2_STRIDE16_TOWER",
     "OFFLINE_TEXT_TOWERS",
     "OFFLINE_VISION_TOWERS",
+    "TOWER_DTYPES",
     "TowerUnavailableError",
     "convert_mobilenet_v2_state_dict",
     "default_cache_dir",
@@ -64,6 +65,8 @@ __all__ = [
 
 DEFAULT_VISION_TOWER = "offline:mobilenet_v2"
 DEFAULT_TEXT_TOWER = "offline:minilm-l6"
+# dtypes the frozen towers can be kept in (the adapter stays float32): the scripts' `--tower_dtype` choices
+TOWER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MOBILENET_V2_STRIDE16_TOWER = "offline:mobilenet_v2-stride16"
 OFFLINE_VISION_TOWERS = (DEFAULT_VISION_TOWER, MOBILENET_V2_STRIDE16_TOWER)
 MOBILENET_V2_STRIDE16_BLOCKS = 12

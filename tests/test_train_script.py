@@ -90,7 +90,8 @@ def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
 
     # predict.py finds the towers in the adapter's towers.json and draws its boxes for validation samples
     vision, text = towers
-    assert json.loads((adapter / "towers.json").read_text()) == {"vision": str(vision), "text": str(text)}
+    assert json.loads((adapter / "towers.json").read_text()) == {"vision": str(vision), "text": str(text),
+                                                                 "dtype": "float32"}
     png = tmp_path / "grid.png"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "predict.py"), "--adapter", str(adapter), "--val_samples", "3",
@@ -113,3 +114,12 @@ def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
     assert 0.0 <= result["best"]["accuracy"] <= 1.0
     adapter = load_file(out / "final_adapter" / "adapter_model.safetensors")
     assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
+    # predict.py reloads the towers in the dtype recorded next to the adapter
+    assert json.loads((out / "best_adapter" / "towers.json").read_text())["dtype"] == "bfloat16"
+    png = tmp_path / "bf16.png"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "predict.py"), "--adapter", str(out / "best_adapter"),
+         "--val_samples", "1", "--output", str(png)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=True,
+    )
+    assert proc.stdout.count("box [x0, y0, x1, y1]") == 1 and png.is_file()
