@@ -337,13 +337,14 @@ class M2ISTModel(BaseTuner):
         step = config.tower_micro_batch_size or batch
         features: dict[str, torch.Tensor] = {}
         with frozen(vision_tower, text_tower):
+            if step >= batch:
+                return self._encode_chunk(config, vision_tower, text_tower, pixel_values, input_ids, attention_mask,
+                                          pixel_mask)
             for i in range(0, batch, step):
                 chunk = self._encode_chunk(
                     config, vision_tower, text_tower, pixel_values[i : i + step], input_ids[i : i + step],
                     attention_mask[i : i + step], None if pixel_mask is None else pixel_mask[i : i + step],
                 )
-                if step >= batch:
-                    return chunk
                 # each micro-batch's outputs go straight into whole-batch tensors, so no two copies coexist
                 for key, value in chunk.items():
                     if key not in features:
