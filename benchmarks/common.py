@@ -480,7 +480,9 @@ class LiveTensorPeak(TorchDispatchMode):
     live total at an op boundary, and `peak_op` the op that reached it with the shape of its first output. Storages
     that existed before (weights, optimiser state, the batch) are not counted. Kernel workspaces and allocator
     rounding are not seen: this is the tensor-level part of what `torch.cuda.max_memory_allocated` measures, on any
-    device, the same on every machine.
+    device and without a GPU; for given kernels it is the same on every run and machine. (torch's own
+    `torch.distributed._tools.mem_tracker.MemTracker` does more, but registers gradient hooks on every parameter
+    and fails on frozen ones, which every method here has.)
     """
 
     def __init__(self) -> None:

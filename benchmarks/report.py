@@ -136,7 +136,7 @@ def memory_time_section(r: dict) -> list[str]:
             f"**Peak of live tensors** (`LiveTensorPeak` in `benchmarks/common.py`: every storage an op allocates, "
             f"until its last reference goes, over one step after a warm-up step, at batch "
             f"{_peak_batch(methods, 'live_peak')}; training memory = the step's peak increment + the method's own "
-            f"weights and optimizer state, as for the CUDA peak; the same on every machine):",
+            f"weights and optimizer state, as for the CUDA peak; the same on every run of the same kernels):",
             ["where the peak is"], lambda p: [f"`{p.get('peak_op')}`"])
     if any("cuda_peak" in methods[m] for m in methods):
         lines += _peak_table(
@@ -648,8 +648,10 @@ def main() -> None:
               "- `benchmarks/memory_time.py`: builds every method on deep copies of the same towers in one process; "
               "exact account (`torch.autograd.graph.saved_tensors_hooks`, storages deduplicated by "
               "`untyped_storage().data_ptr()`, parameter/buffer storages excluded from activations and counted once "
-              "in weights; gradients and AdamW state read from the tensors after the step); on a GPU also "
-              "`torch.cuda.max_memory_allocated`; interleaved step timing (each M2IST variant also from tower "
+              "in weights; gradients and AdamW state read from the tensors after the step); the peak of live tensors "
+              "over a step (`LiveTensorPeak`, a `TorchDispatchMode`; on any device); on a GPU also "
+              "`torch.cuda.max_memory_allocated`; both peaks for M2IST also with its towers in micro-batches; "
+              "interleaved step timing (each M2IST variant also from tower "
               "features computed beforehand, as train_rec's feature cache does: reported apart, not like for like); "
               "inference latency.",
               "- `benchmarks/gpu_paper_scale.py`: the same at paper scale, batch 64, with a global time budget.",
