@@ -624,6 +624,9 @@ def machine_info(device: torch.device) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "cpu_count": os.cpu_count(),
         "load_average_1min_at_start": os.getloadavg()[0],  # > cpu_count: other processes shared the cores
+        # float32 precision torch allows: matmuls ("highest" = no TF32) and cuDNN convolutions (TF32 by default)
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
     }
     try:
         import peft

@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="gradient checkpointing in every method's grounding head (M2ISTConfig."
                         "head_gradient_checkpointing; the baselines' heads alike)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--tf32", action="store_true",
+                   help="TF32 for float32 matmuls too (`torch.set_float32_matmul_precision('high')`; CUDA only): by "
+                        "default torch runs float32 convolutions on TF32 tensor cores but matmuls in full float32")
     p.add_argument("--cached-features", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each M2IST step from precomputed tower features (`forward(tower_features=...)`, "
                         "what train_rec's feature cache does after its first pass; reported apart, not like for like)")
@@ -78,6 +81,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16)
 
+    if args.tf32:
+        if not cuda:
+            raise SystemExit("--tf32 is for CUDA runs")
+        torch.set_float32_matmul_precision("high")
+
     suffix = "" if args.head_dropout == 0.1 else f"_headdrop{args.head_dropout:g}"
     suffix += "_headckpt" if args.head_checkpointing else ""
     out_path = args.output or C.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"
@@ -95,7 +103,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "settings": {
             "batch_size": batch_size, "account_batches": account_batches, "extrapolate_to": args.extrapolate_to,
             "repeats": args.repeats, "warmup": args.warmup, "inference_repeats": args.inference_repeats,
-            "bottleneck": args.bottleneck, "lora_rank": args.lora_rank, "bf16": args.bf16,
+            "bottleneck": args.bottleneck, "lora_rank": args.lora_rank, "bf16": args.bf16, "tf32": args.tf32,
             "time_budget_s": args.time_budget, "head_dropout": args.head_dropout,
             "head_checkpointing": args.head_checkpointing,
             "image_size": scale.image_size, "text_tokens": scale.text_tokens, "vision_tokens": num_vision_tokens,

@@ -93,6 +93,7 @@ def memory_time_section(r: dict) -> list[str]:
         f"{s['bottleneck']}, LoRA r={s['lora_rank']}; {s['image_size']} px ({s['vision_tokens']} vision tokens), "
         f"{s['text_tokens']} text tokens; head dropout {s.get('head_dropout', 0.1)}; {s['optimizer']}"
         + ("; bf16 autocast" if s.get("bf16") else "")
+        + ("; TF32 float32 matmuls (`set_float32_matmul_precision('high')`)" if s.get("tf32") else "")
         + ("; gradient checkpointing in every method's grounding head" if s.get("head_checkpointing") else "") + ".",
         "",
     ]
@@ -240,7 +241,8 @@ def _where(r: dict) -> str:
     m, s = r["machine"], r["settings"]
     parts = [m["gpu"].removeprefix("NVIDIA ") if m.get("gpu") else f"CPU {m['torch_threads']} thread"
              + ("s" if m["torch_threads"] > 1 else "")]
-    parts += ["bf16"] * bool(s.get("bf16")) + ["head checkpointing"] * bool(s.get("head_checkpointing"))
+    parts += ["bf16"] * bool(s.get("bf16")) + ["TF32 matmuls"] * bool(s.get("tf32"))
+    parts += ["head checkpointing"] * bool(s.get("head_checkpointing"))
     return ", ".join(parts)
 
 

@@ -193,3 +193,11 @@ def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
     # a peak in the head (3-D tokens) is not attributed to the towers
     live["methods"]["head_only"]["live_peak"]["peak_op"] = "aten.add.Tensor -> (2, 400, 256)"
     assert "frozen towers' forward" not in "\n".join(report.peak_findings([gpu, live]))
+
+
+@pytest.mark.parametrize("flag", ["--bf16", "--tf32"])
+def test_gpu_precision_flags_are_refused_on_cpu(flag, tmp_path):
+    args = memory_time.parse_args(["--device", "cpu", flag, "--output", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="for CUDA runs"):
+        memory_time.run(args, log=lambda *_: None)
+    assert not (tmp_path / "x.json").exists()
