@@ -90,9 +90,10 @@ class M2ISTConfig(PeftConfig):
     tower_micro_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Run the frozen towers on at most this many samples at a time and concatenate what they return: "
-            "the same features, with the towers' transient activations (at large batches the largest tensors of a "
-            "training step) sized by this number instead of the batch. None runs the whole batch at once."
+            "help": "Run the frozen towers on at most this many samples at a time, writing what they return into "
+            "whole-batch tensors: the same features, with the towers' transient activations (at large batches the "
+            "largest tensors of a training step) sized by this number instead of the batch. None runs the whole "
+            "batch at once."
         },
     )
     vision_layers: list[str] | str | None = field(
