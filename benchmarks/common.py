@@ -496,15 +496,14 @@ class LiveTensorPeak(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
             self.current -= self.live.pop(key)[1]
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+        inputs = {info[0] for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and (info := _storage(t)) is not None}
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         for t in outputs:
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if ptr and ptr not in inputs and ptr not in self.live:
-                self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
-                self.current += storage.nbytes()
+            info = _storage(t)  # None for tensors without a plain storage (sparse, nested): not counted
+            if info is not None and info[0] and info[0] not in inputs and info[0] not in self.live:
+                self.live[info[0]] = (StorageWeakRef(t.untyped_storage()), info[1])
+                self.current += info[1]
         if self.current > self.peak:
             self.peak = self.current
             self.peak_op = f"{func} -> {tuple(outputs[0].shape)}" if outputs else str(func)
