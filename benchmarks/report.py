@@ -341,9 +341,9 @@ def peak_findings(paper: list[dict]) -> list[str]:
                 f"{mib(plain['training_memory'])} MiB (peak at `{plain['peak_op']}`); with its towers in micro-batches "
                 f"of {micro['tower_micro_batch_size']}, {mib(micro['training_memory'])} MiB (peak at "
                 f"`{micro['peak_op']}`).")
-        cuda = (gpu or {}).get("methods", {}).get(GOAL_METHOD, {}).get("cuda_peak", {})
-        if r is at_paper_batch and cuda.get("batch_size", gpu["settings"]["batch_size"] if gpu else None) == \
-                plain["batch_size"] and "training_memory" in cuda:
+        cuda = gpu["methods"].get(GOAL_METHOD, {}).get("cuda_peak", {}) if gpu else {}
+        if r is at_paper_batch and "training_memory" in cuda and \
+                cuda.get("batch_size", gpu["settings"]["batch_size"]) == plain["batch_size"]:
             item += (f" The GPU's CUDA training memory for it at that batch: {mib(cuda['training_memory'])} MiB "
                      f"(`{gpu['_file']}`, {cuda['training_memory'] / plain['training_memory']:.3f}x the live peak).")
         lora = r["methods"].get("lora", {}).get("live_peak")

@@ -108,8 +108,8 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
     image_size = config.image_size or default_image_size(vision_tower)
     param = next(vision_tower.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    pixel_values = torch.zeros(1, num_channels(vision_tower), image_size, image_size, device=device, dtype=dtype)
+    # float32, as an image processor returns them; `run_vision_tower` casts them to the tower's dtype
+    pixel_values = torch.zeros(1, num_channels(vision_tower), image_size, image_size, device=device)
     pixel_mask = torch.ones(1, image_size, image_size, device=device, dtype=torch.long)
     input_ids = torch.ones(1, config.max_text_tokens, dtype=torch.long, device=device)
     attention_mask = torch.ones_like(input_ids)

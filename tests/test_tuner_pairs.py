@@ -99,7 +99,7 @@ def test_towers_in_bf16_train_an_fp32_side_network(pair_name):
     """Frozen towers loaded in bf16 (half the weight memory) take fp32 images and feed an fp32 side network."""
     reference = get_peft_model(build_pair(pair_name), tiny_config())
     half = get_peft_model(build_pair(pair_name).to(torch.bfloat16), tiny_config())
-    half.load_state_dict(reference.state_dict(), strict=False)  # same side network and head
+    half.load_state_dict(reference.state_dict())  # same side network and head (tower weights rounded to bf16)
     towers = _tower_modules(half, half.peft_config["default"])
     assert {p.dtype for t in towers for p in t.parameters()} == {torch.bfloat16}
     trainable = {n: p for n, p in half.named_parameters() if p.requires_grad}
@@ -110,7 +110,7 @@ def test_towers_in_bf16_train_an_fp32_side_network(pair_name):
     out = half(**inputs)
     assert out.pred_boxes.dtype == torch.float32 and out.loss.dtype == torch.float32
     out.loss.backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values() if p.grad is not None)
+    assert all(p.grad.dtype == torch.float32 for p in trainable.values() if p.grad is not None)
     assert sum(p.grad is not None for p in trainable.values()) > len(trainable) // 2
     assert all(p.grad is None for t in towers for p in t.parameters())
 
