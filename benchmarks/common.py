@@ -152,9 +152,13 @@ def default_scale() -> Scale:
     )
 
 
-def build_scale(name: str, seed: int = 0) -> Scale:
+def build_scale(name: str, seed: int = 0, fuse_batch_norms: bool = True) -> Scale:
+    """The scale's frozen towers, in eval mode. With `fuse_batch_norms`, frozen batch norms (DETR's ResNet) become
+    `peft_m2ist.FusedFrozenBatchNorm2d`, the same math in one op, for every method alike."""
     torch.manual_seed(seed)
     scale = {"paper": paper_scale, "default": default_scale}[name]()
+    if fuse_batch_norms:
+        peft_m2ist.fuse_frozen_batch_norms(scale.vision)
     scale.vision.eval()
     scale.text.eval()
     for p in list(scale.vision.parameters()) + list(scale.text.parameters()):

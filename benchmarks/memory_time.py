@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks` and the library
 
+import peft_m2ist
 from benchmarks import common as C
 from peft_m2ist.towers import frozen, run_text_tower, run_vision_tower
 
@@ -56,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; timing rounds stop when the budget is spent (the JSON is written after each phase)")
     p.add_argument("--skip", nargs="*", default=[], choices=("account", "live_peak", "cuda_peak", "time", "inference"))
+    p.add_argument("--stock-batch-norm", action="store_true",
+                   help="keep the vision tower's frozen batch norms as they are (two ops each) instead of fusing them "
+                        "(`peft_m2ist.fuse_frozen_batch_norms`, the default, for every method alike)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None)
@@ -88,11 +92,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     suffix = "" if args.head_dropout == 0.1 else f"_headdrop{args.head_dropout:g}"
     suffix += "_headckpt" if args.head_checkpointing else ""
+    suffix += "_stockbn" if args.stock_batch_norm else ""
     out_path = args.output or C.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     log(f"building the {args.scale} pair ...")
-    scale = C.build_scale(args.scale, args.seed)
+    scale = C.build_scale(args.scale, args.seed, fuse_batch_norms=not args.stock_batch_norm)
+    fused = sum(isinstance(m, peft_m2ist.FusedFrozenBatchNorm2d) for m in scale.vision.modules())
     num_vision_tokens = C.count_vision_tokens(scale.vision, scale.image_size)
     result = {
         "kind": "memory_time",
@@ -106,6 +112,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "bottleneck": args.bottleneck, "lora_rank": args.lora_rank, "bf16": args.bf16, "tf32": args.tf32,
             "time_budget_s": args.time_budget, "head_dropout": args.head_dropout,
             "head_checkpointing": args.head_checkpointing,
+            "frozen_batch_norm": f"fused ({fused} modules)" if fused else "stock",
+            "head_feed_forward": "lean (peft_m2ist.head.LeanFeedForwardEncoderLayer)",
             "image_size": scale.image_size, "text_tokens": scale.text_tokens, "vision_tokens": num_vision_tokens,
             "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4), fp32 parameters",
             "activations_note": "storages packed by saved_tensors_hooks during forward, each counted once; storages "

@@ -94,7 +94,9 @@ def memory_time_section(r: dict) -> list[str]:
         f"{s['text_tokens']} text tokens; head dropout {s.get('head_dropout', 0.1)}; {s['optimizer']}"
         + ("; bf16 autocast" if s.get("bf16") else "")
         + ("; TF32 float32 matmuls (`set_float32_matmul_precision('high')`)" if s.get("tf32") else "")
-        + ("; gradient checkpointing in every method's grounding head" if s.get("head_checkpointing") else "") + ".",
+        + ("; gradient checkpointing in every method's grounding head" if s.get("head_checkpointing") else "")
+        + (f"; frozen batch norms {s['frozen_batch_norm']}" if "frozen_batch_norm" in s else "")
+        + "".join(f"; **{note}**" for note in _implementation_notes(r)) + ".",
         "",
     ]
     if all("account" in methods[m] for m in methods):
@@ -243,7 +245,18 @@ def _where(r: dict) -> str:
              + ("s" if m["torch_threads"] > 1 else "")]
     parts += ["bf16"] * bool(s.get("bf16")) + ["TF32 matmuls"] * bool(s.get("tf32"))
     parts += ["head checkpointing"] * bool(s.get("head_checkpointing"))
+    parts += _implementation_notes(r)
     return ", ".join(parts)
+
+
+def _implementation_notes(r: dict) -> list[str]:
+    """What differs from the current implementation in a run: files written before the lean head feed-forward or
+    the fused frozen batch norms (or with `--stock-batch-norm`) say so."""
+    s = r["settings"]
+    notes = ["stock head FFN"] * ("head_feed_forward" not in s)
+    if r["scale"] == "paper" and not str(s.get("frozen_batch_norm", "stock")).startswith("fused"):
+        notes.append("stock frozen BN")
+    return notes
 
 
 def paper_goal_checks(results: list[dict]) -> list[GoalCheck]:

@@ -5,6 +5,7 @@ Importing this package registers the `M2IST` peft type and the `REFERRING_EXPRES
 """
 
 from .config import M2ISTConfig
+from .frozen_batch_norm import FusedFrozenBatchNorm2d, fuse_frozen_batch_norms
 from .layer import M2ISTTapLayer
 from .model import M2ISTModel, ReferringExpressionOutput
 from .pair import VisionTextPair
@@ -18,10 +19,12 @@ __version__ = "0.1.0"
 __all__ = [
     "M2IST_PEFT_TYPE",
     "REC_TASK_TYPE",
+    "FusedFrozenBatchNorm2d",
     "M2ISTConfig",
     "M2ISTModel",
     "M2ISTTapLayer",
     "PeftModelForReferringExpressionComprehension",
     "ReferringExpressionOutput",
     "VisionTextPair",
+    "fuse_frozen_batch_norms",
 ]

@@ -164,7 +164,8 @@ def _paper_run(full_ratio_at_64: float, full_ratio_at_2: float) -> dict:
              "account": {"2": {"ratio_to_full": full_ratio_at_2, "ratio_to_lora": 0.9}},
              "account_extrapolated": {"ratio_to_full": full_ratio_at_64, "ratio_to_lora": 0.4}}
     return {"kind": "memory_time", "scale": "paper", "_file": "results/x.json",
-            "settings": {"account_batches": [1, 2], "extrapolate_to": 64, "batch_size": 2},
+            "settings": {"account_batches": [1, 2], "extrapolate_to": 64, "batch_size": 2,
+                         "frozen_batch_norm": "fused (53 modules)", "head_feed_forward": "lean"},
             "machine": {"gpu": None, "torch_threads": 1}, "methods": {v: entry for v in report.VARIANTS}}
 
 
@@ -177,6 +178,17 @@ def test_summary_judges_memory_at_the_papers_batch_only():
     assert "0.400 met" in lora
     full_table = "\n".join(report.goals_section([_paper_run(0.2, 0.3)]))
     assert "0.300 **missed**" in full_table  # the batch-2 row stays in the full table
+
+
+def test_runs_before_the_lean_head_and_fused_batch_norms_are_labelled():
+    old = _paper_run(0.2, 0.3)
+    del old["settings"]["frozen_batch_norm"], old["settings"]["head_feed_forward"]
+    (memory,) = [line for line in report.summary_section([old])
+                 if line.startswith("| training memory <= 25% of full FT |")]
+    assert "(CPU 1 thread, stock head FFN, stock frozen BN; exact account" in memory
+    stock_bn = _paper_run(0.2, 0.3)
+    stock_bn["settings"]["frozen_batch_norm"] = "stock"  # --stock-batch-norm
+    assert "(CPU 1 thread, stock frozen BN; exact account" in "\n".join(report.summary_section([stock_bn]))
 
 
 def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
