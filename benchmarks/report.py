@@ -254,7 +254,7 @@ def _implementation_notes(r: dict) -> list[str]:
     the fused frozen batch norms (or with `--stock-batch-norm`) say so."""
     s = r["settings"]
     notes = ["stock head FFN"] * ("head_feed_forward" not in s)
-    if r["scale"] == "paper" and not str(s.get("frozen_batch_norm", "stock")).startswith("fused"):
+    if r.get("scale", "paper") == "paper" and _frozen_batch_norm(r) == "stock":
         notes.append("stock frozen BN")
     return notes
 
@@ -318,34 +318,59 @@ def _shape(op: str | None) -> tuple[int, ...] | None:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _frozen_batch_norm(r: dict) -> str:
+    return "fused" if str(r["settings"].get("frozen_batch_norm", "stock")).startswith("fused") else "stock"
+
+
+def _comparable_gpu(live: dict, gpus: list[dict], peak_in_towers: bool) -> dict | None:
+    """The first GPU run measured with the same implementation as the live-peak run `live`. A peak inside the towers'
+    forward happens before the head runs, so only the towers' implementation has to match there."""
+    for gpu in gpus:
+        same = _frozen_batch_norm(gpu) == _frozen_batch_norm(live) if peak_in_towers else \
+            _implementation_notes(gpu) == _implementation_notes(live)
+        if same:
+            return gpu
+    return None
+
+
 def peak_findings(paper: list[dict]) -> list[str]:
     """Why the CUDA peak differs from the exact account, from the peak-of-live-tensors runs (computed, not typed)."""
     intro = ("CUDA peak vs exact account: the methods that keep the ResNet-50 frozen (LoRA, in-tower adapters, head "
              "only, M2IST) peak close to one another on the GPU, although the tensors they save for backward differ "
              "by gigabytes (exact account).")
-    live = next((r for r in paper if "live_peak" in r["methods"].get("head_only", {})
-                 and not r["settings"].get("head_checkpointing")), None)
-    gpu = next((r for r in paper if "cuda_peak" in r["methods"].get("head_only", {}) and not r["settings"].get("bf16")
-                and not r["settings"].get("head_checkpointing")), None)
-    if live is None:
+    lives = [r for r in paper if "live_peak" in r["methods"].get("head_only", {})
+             and not r["settings"].get("head_checkpointing")]
+    gpus = [r for r in paper if "cuda_peak" in r["methods"].get("head_only", {}) and not r["settings"].get("bf16")
+            and not r["settings"].get("head_checkpointing") and not r["settings"].get("tf32")]
+    if not lives:
         return [intro + " Where their peak happens has not been measured yet (`memory_time.py` records it).", ""]
     items = []
-    peak = live["methods"]["head_only"]["live_peak"]
-    b = peak["batch_size"]
-    shape = _shape(peak.get("peak_op"))
-    where = (" a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
-             "forward, before the head runs" if shape and len(shape) == 4 else "")
-    item = f"Head only, batch {b} (`{live['_file']}`): the peak of live tensors is at `{peak['peak_op']}`,{where}."
-    if gpu is not None:
-        cuda = gpu["methods"]["head_only"]["cuda_peak"]
-        gpu_batch = cuda.get("batch_size", gpu["settings"]["batch_size"])
-        scaled = peak["step_increment"] * gpu_batch / b
-        item += (f" Its step increment scaled linearly to batch {gpu_batch} is {mib(scaled)} MiB; the GPU measured "
-                 f"{mib(cuda['step_increment'])} MiB (`{gpu['_file']}`, {cuda['step_increment'] / scaled:.3f}x).")
-    items.append(item)
-    at_paper_batch = next((r for r in paper if r["methods"].get(GOAL_METHOD, {}).get("live_peak", {})
-                           .get("batch_size") == PAPER_BATCH), None)
-    for r in [live] + ([at_paper_batch] if at_paper_batch else []):
+    for live in lives:
+        peak = live["methods"]["head_only"]["live_peak"]
+        b = peak["batch_size"]
+        shape = _shape(peak.get("peak_op"))
+        in_towers = bool(shape) and len(shape) == 4
+        where = (" a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
+                 "forward, before the head runs" if in_towers else "")
+        notes = f"frozen batch norms {_frozen_batch_norm(live)}" + (
+            ", stock head FFN" if "head_feed_forward" not in live["settings"] else "")
+        item = (f"Head only, batch {b} (`{live['_file']}`, {notes}): the peak of live tensors is at "
+                f"`{peak['peak_op']}`,{where}.")
+        gpu = _comparable_gpu(live, gpus, in_towers)
+        if gpu is not None:
+            cuda = gpu["methods"]["head_only"]["cuda_peak"]
+            gpu_batch = cuda.get("batch_size", gpu["settings"]["batch_size"])
+            scaled = peak["step_increment"] * gpu_batch / b
+            item += (f" Its step increment scaled linearly to batch {gpu_batch} is {mib(scaled)} MiB; the GPU "
+                     f"measured {mib(cuda['step_increment'])} MiB (`{gpu['_file']}`, "
+                     f"{cuda['step_increment'] / scaled:.3f}x).")
+        elif b < PAPER_BATCH:
+            item += (f" Scaled linearly to batch {PAPER_BATCH}: {mib(peak['step_increment'] * PAPER_BATCH / b)} MiB; "
+                     "no GPU run with this implementation yet.")
+        items.append(item)
+    at_paper_batch = [r for r in paper if r["methods"].get(GOAL_METHOD, {}).get("live_peak", {})
+                      .get("batch_size") == PAPER_BATCH]
+    for r in lives + at_paper_batch:
         m = r["methods"].get(GOAL_METHOD, {})
         if "live_peak" not in m or "live_peak" + MICRO not in m:
             continue
@@ -354,13 +379,14 @@ def peak_findings(paper: list[dict]) -> list[str]:
                 f"{mib(plain['training_memory'])} MiB (peak at `{plain['peak_op']}`); with its towers in micro-batches "
                 f"of {micro['tower_micro_batch_size']}, {mib(micro['training_memory'])} MiB (peak at "
                 f"`{micro['peak_op']}`).")
+        shape = _shape(plain.get("peak_op"))
+        gpu = _comparable_gpu(r, gpus, bool(shape) and len(shape) == 4)
         cuda = gpu["methods"].get(GOAL_METHOD, {}).get("cuda_peak", {}) if gpu else {}
-        if r is at_paper_batch and "training_memory" in cuda and \
-                cuda.get("batch_size", gpu["settings"]["batch_size"]) == plain["batch_size"]:
+        if "training_memory" in cuda and cuda.get("batch_size", gpu["settings"]["batch_size"]) == plain["batch_size"]:
             item += (f" The GPU's CUDA training memory for it at that batch: {mib(cuda['training_memory'])} MiB "
                      f"(`{gpu['_file']}`, {cuda['training_memory'] / plain['training_memory']:.3f}x the live peak).")
         lora = r["methods"].get("lora", {}).get("live_peak")
-        if lora and r is at_paper_batch:
+        if lora and plain["batch_size"] == PAPER_BATCH:
             item += (f" LoRA's live peak at that batch: {mib(lora['training_memory'])} MiB; M2IST is at "
                      f"{plain['training_memory'] / lora['training_memory']:.3f}x of it, "
                      f"{micro['training_memory'] / lora['training_memory']:.3f}x with micro-batches.")

@@ -61,7 +61,7 @@ class ReLUDropout(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (out,) = ctx.saved_tensors
-        grad_in = grad_out.masked_fill(out <= 0, 0)
+        grad_in = torch.ops.aten.threshold_backward(grad_out, out, 0)  # grad where out > 0, else 0: one kernel
         if ctx.scale != 1.0:
             grad_in = grad_in.mul_(ctx.scale)
         return grad_in, None, None
