@@ -202,6 +202,17 @@ def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
     assert "inside the frozen towers' forward" in text
     assert "scaled linearly to batch 64 is 3,200 MiB; the GPU measured 3,300 MiB" in text
     assert "1.031x" in text
+    # a GPU run made with other frozen batch norms is not compared with
+    live["settings"] = {"frozen_batch_norm": "fused (53 modules)", "head_feed_forward": "lean"}
+    text = "\n".join(report.peak_findings([gpu, live]))
+    assert "the GPU measured" not in text
+    assert "Scaled linearly to batch 64: 3,200 MiB; no GPU run with this implementation yet." in text
+    # the head's implementation does not matter for a peak inside the towers, but does for one in the head
+    gpu["settings"]["frozen_batch_norm"] = "fused (53 modules)"
+    assert "the GPU measured 3,300 MiB" in "\n".join(report.peak_findings([gpu, live]))
+    live["methods"]["head_only"]["live_peak"]["peak_op"] = "aten.mul.Tensor -> (2, 421, 2048)"
+    assert "the GPU measured" not in "\n".join(report.peak_findings([gpu, live]))
+    live["settings"] = {}
     # a peak in the head (3-D tokens) is not attributed to the towers
     live["methods"]["head_only"]["live_peak"]["peak_op"] = "aten.add.Tensor -> (2, 400, 256)"
     assert "frozen towers' forward" not in "\n".join(report.peak_findings([gpu, live]))
