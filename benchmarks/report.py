@@ -364,13 +364,14 @@ def peak_findings(paper: list[dict]) -> list[str]:
             item += (f" Its step increment scaled linearly to batch {gpu_batch} is {mib(scaled)} MiB; the GPU "
                      f"measured {mib(cuda['step_increment'])} MiB (`{gpu['_file']}`, "
                      f"{cuda['step_increment'] / scaled:.3f}x).")
-        elif b < PAPER_BATCH:
-            item += (f" Scaled linearly to batch {PAPER_BATCH}: {mib(peak['step_increment'] * PAPER_BATCH / b)} MiB; "
+        else:
+            scaled = f" scaled linearly to batch {PAPER_BATCH}" if b != PAPER_BATCH else ""
+            item += (f" Its step increment{scaled}: {mib(peak['step_increment'] * PAPER_BATCH / b)} MiB; "
                      "no GPU run with this implementation yet.")
         items.append(item)
     at_paper_batch = [r for r in paper if r["methods"].get(GOAL_METHOD, {}).get("live_peak", {})
                       .get("batch_size") == PAPER_BATCH]
-    for r in lives + at_paper_batch:
+    for r in lives + [r for r in at_paper_batch if r not in lives]:
         m = r["methods"].get(GOAL_METHOD, {})
         if "live_peak" not in m or "live_peak" + MICRO not in m:
             continue

@@ -206,7 +206,7 @@ def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
     live["settings"] = {"frozen_batch_norm": "fused (53 modules)", "head_feed_forward": "lean"}
     text = "\n".join(report.peak_findings([gpu, live]))
     assert "the GPU measured" not in text
-    assert "Scaled linearly to batch 64: 3,200 MiB; no GPU run with this implementation yet." in text
+    assert "Its step increment scaled linearly to batch 64: 3,200 MiB; no GPU run with this implementation yet." in text
     # the head's implementation does not matter for a peak inside the towers, but does for one in the head
     gpu["settings"]["frozen_batch_norm"] = "fused (53 modules)"
     assert "the GPU measured 3,300 MiB" in "\n".join(report.peak_findings([gpu, live]))
