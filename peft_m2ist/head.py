@@ -53,7 +53,7 @@ class ReLUDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         out = F.dropout(F.relu(x), p, training)
-        ctx.scale = 1.0 / (1.0 - p) if training and p > 0 else 1.0
+        ctx.scale = 1.0 / (1.0 - p) if training and 0 < p < 1 else 1.0  # p = 1: all zero, nothing to scale
         ctx.save_for_backward(out)
         return out
 
@@ -76,9 +76,9 @@ class LeanFeedForwardEncoderLayer(nn.TransformerEncoderLayer):
     """
 
     def __init__(self, *args, **kwargs) -> None:
-        if kwargs.get("activation", "relu") != "relu":
-            raise ValueError("LeanFeedForwardEncoderLayer implements the ReLU feed-forward block only.")
         super().__init__(*args, **kwargs)
+        if self.activation_relu_or_gelu != 1:  # torch's own marker: 1 for ReLU ("relu", F.relu or nn.ReLU)
+            raise ValueError("LeanFeedForwardEncoderLayer implements the ReLU feed-forward block only.")
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:  # overrides torch's feed-forward block
         hidden = ReLUDropout.apply(self.linear1(x), self.dropout.p, self.training)

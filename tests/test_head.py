@@ -177,3 +177,6 @@ def test_lean_feed_forward_keeps_the_inference_fast_path_and_refuses_other_activ
     assert layer.activation_relu_or_gelu == stock.activation_relu_or_gelu
     with pytest.raises(ValueError, match="ReLU"):
         LeanFeedForwardEncoderLayer(16, 2, 32, 0.1, activation="gelu")
+    with pytest.raises(ValueError, match="ReLU"):
+        LeanFeedForwardEncoderLayer(16, 2, 32, 0.1, torch.nn.functional.gelu)  # positionally too
+    assert LeanFeedForwardEncoderLayer(16, 2, 32, 0.1, torch.nn.ReLU()).activation_relu_or_gelu == 1
