@@ -95,7 +95,7 @@ def memory_time_section(r: dict) -> list[str]:
         + ("; bf16 autocast" if s.get("bf16") else "")
         + ("; TF32 float32 matmuls (`set_float32_matmul_precision('high')`)" if s.get("tf32") else "")
         + ("; gradient checkpointing in every method's grounding head" if s.get("head_checkpointing") else "")
-        + (f"; frozen batch norms {s['frozen_batch_norm']}" if "frozen_batch_norm" in s else "")
+        + (f"; frozen batch norms {s['frozen_batch_norm']}" if _frozen_batch_norm(r) == "fused" else "")
         + "".join(f"; **{note}**" for note in _implementation_notes(r)) + ".",
         "",
     ]
@@ -318,6 +318,12 @@ def _shape(op: str | None) -> tuple[int, ...] | None:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _peak_in_towers(op: str | None) -> bool:
+    """A 4-D output (a feature map) at the peak: only the vision backbone makes those, before the head runs."""
+    shape = _shape(op)
+    return bool(shape) and len(shape) == 4
+
+
 def _frozen_batch_norm(r: dict) -> str:
     return "fused" if str(r["settings"].get("frozen_batch_norm", "stock")).startswith("fused") else "stock"
 
@@ -348,8 +354,7 @@ def peak_findings(paper: list[dict]) -> list[str]:
     for live in lives:
         peak = live["methods"]["head_only"]["live_peak"]
         b = peak["batch_size"]
-        shape = _shape(peak.get("peak_op"))
-        in_towers = bool(shape) and len(shape) == 4
+        in_towers = _peak_in_towers(peak.get("peak_op"))
         where = (" a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
                  "forward, before the head runs" if in_towers else "")
         notes = f"frozen batch norms {_frozen_batch_norm(live)}" + (
@@ -380,8 +385,7 @@ def peak_findings(paper: list[dict]) -> list[str]:
                 f"{mib(plain['training_memory'])} MiB (peak at `{plain['peak_op']}`); with its towers in micro-batches "
                 f"of {micro['tower_micro_batch_size']}, {mib(micro['training_memory'])} MiB (peak at "
                 f"`{micro['peak_op']}`).")
-        shape = _shape(plain.get("peak_op"))
-        gpu = _comparable_gpu(r, gpus, bool(shape) and len(shape) == 4)
+        gpu = _comparable_gpu(r, gpus, _peak_in_towers(plain.get("peak_op")))
         cuda = gpu["methods"].get(GOAL_METHOD, {}).get("cuda_peak", {}) if gpu else {}
         if "training_memory" in cuda and cuda.get("batch_size", gpu["settings"]["batch_size"]) == plain["batch_size"]:
             item += (f" The GPU's CUDA training memory for it at that batch: {mib(cuda['training_memory'])} MiB "
