@@ -58,7 +58,8 @@ def main(argv=None) -> dict:
         scale="paper", methods=a.methods, device=a.device, batch_size=batch, account_batches=[batch],
         extrapolate_to=64, repeats=a.steps, warmup=a.warmup, inference_repeats=a.steps, bottleneck=128,
         lora_rank=16, head_dropout=0.1, head_checkpointing=a.head_checkpointing, bf16=a.bf16, tf32=a.tf32,
-        time_budget=a.time_budget, skip=["live_peak"], threads=None, seed=0, cached_features=True, stock_batch_norm=False,
+        time_budget=a.time_budget, skip=["live_peak"], threads=None, seed=0, cached_features=True,
+        stock_batch_norm=False,
         output=a.output or C.RESULTS_DIR / f"gpu_paper_scale_{device.type}{suffix}.json",
     )
     result = memory_time.run(args)

@@ -1,10 +1,10 @@
 """A leaner frozen batch norm for DETR-family backbones (`*FrozenBatchNorm2d` in transformers and torchvision).
 
 Those modules compute `x * scale + bias` as two ops: while the second runs, the input, the product and the result
-are all alive, three full-size feature maps. In a frozen ResNet at 640 px that transient sets the training-memory peak of
-every method that keeps the backbone frozen (measured in `benchmarks/RESULTS.md`). `FusedFrozenBatchNorm2d` computes the
-same affine map in one `torch.addcmul`, so only the input and the result are alive. It keeps the same buffers (the
-state dict does not change) and saves nothing more for backward when gradients pass through it.
+are all alive, three full-size feature maps. In a frozen ResNet at 640 px that transient sets the training-memory
+peak of every method that keeps the backbone frozen (measured in `benchmarks/RESULTS.md`). `FusedFrozenBatchNorm2d`
+computes the same affine map in one `torch.addcmul`, so only the input and the result are alive. It keeps the same
+buffers (the state dict does not change) and saves nothing more for backward when gradients pass through it.
 """
 
 from __future__ import annotations
