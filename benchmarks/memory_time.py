@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-checkpointing", action="store_true",
                    help="gradient checkpointing in every method's grounding head (M2ISTConfig."
                         "head_gradient_checkpointing; the baselines' heads alike)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward (on the run's device)")
     p.add_argument("--tf32", action="store_true",
                    help="TF32 for float32 matmuls too (`torch.set_float32_matmul_precision('high')`; CUDA only): by "
                         "default torch runs float32 convolutions on TF32 tensor cores but matmuls in full float32")
@@ -79,11 +79,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     account_batches = args.account_batches or ([batch_size] if cuda else sorted({1, batch_size}))
     autocast = None
     if args.bf16:
-        if not cuda:
-            raise SystemExit("--bf16 is for CUDA runs")
 
         def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(device.type, dtype=torch.bfloat16)
 
     if args.tf32:
         if not cuda:
@@ -91,6 +89,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         torch.set_float32_matmul_precision("high")
 
     suffix = "" if args.head_dropout == 0.1 else f"_headdrop{args.head_dropout:g}"
+    suffix += "_bf16" if args.bf16 else ""
     suffix += "_headckpt" if args.head_checkpointing else ""
     suffix += "_stockbn" if args.stock_batch_norm else ""
     out_path = args.output or C.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"

@@ -329,12 +329,12 @@ def _frozen_batch_norm(r: dict) -> str:
 
 
 def _comparable_gpu(live: dict, gpus: list[dict], peak_in_towers: bool) -> dict | None:
-    """The first GPU run measured with the same implementation as the live-peak run `live`. A peak inside the towers'
-    forward happens before the head runs, so only the towers' implementation has to match there."""
+    """The first GPU run measured with the same implementation and precision as the live-peak run `live`. A peak
+    inside the towers' forward happens before the head runs, so only the towers' implementation has to match there."""
     for gpu in gpus:
         same = _frozen_batch_norm(gpu) == _frozen_batch_norm(live) if peak_in_towers else \
             _implementation_notes(gpu) == _implementation_notes(live)
-        if same:
+        if same and bool(gpu["settings"].get("bf16")) == bool(live["settings"].get("bf16")):
             return gpu
     return None
 
@@ -346,7 +346,7 @@ def peak_findings(paper: list[dict]) -> list[str]:
              "by gigabytes (exact account).")
     lives = [r for r in paper if "live_peak" in r["methods"].get("head_only", {})
              and not r["settings"].get("head_checkpointing")]
-    gpus = [r for r in paper if "cuda_peak" in r["methods"].get("head_only", {}) and not r["settings"].get("bf16")
+    gpus = [r for r in paper if "cuda_peak" in r["methods"].get("head_only", {})
             and not r["settings"].get("head_checkpointing") and not r["settings"].get("tf32")]
     if not lives:
         return [intro + " Where their peak happens has not been measured yet (`memory_time.py` records it).", ""]
@@ -357,7 +357,8 @@ def peak_findings(paper: list[dict]) -> list[str]:
         in_towers = _peak_in_towers(peak.get("peak_op"))
         where = (" a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
                  "forward, before the head runs" if in_towers else "")
-        notes = f"frozen batch norms {_frozen_batch_norm(live)}" + (
+        notes = ("bf16 autocast, " if live["settings"].get("bf16") else "") + \
+            f"frozen batch norms {_frozen_batch_norm(live)}" + (
             ", stock head FFN" if "head_feed_forward" not in live["settings"] else "")
         item = (f"Head only, batch {b} (`{live['_file']}`, {notes}): the peak of live tensors is at "
                 f"`{peak['peak_op']}`,{where}.")

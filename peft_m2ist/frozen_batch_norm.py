@@ -5,6 +5,10 @@ are all alive, three full-size feature maps. In a frozen ResNet at 640 px that t
 peak of every method that keeps the backbone frozen (measured in `benchmarks/RESULTS.md`). `FusedFrozenBatchNorm2d`
 computes the same affine map in one `torch.addcmul`, so only the input and the result are alive. It keeps the same
 buffers (the state dict does not change) and saves nothing more for backward when gradients pass through it.
+
+Its output keeps the input's dtype, as `nn.BatchNorm2d`'s does. The stock modules multiply by float32 buffers, so
+under bf16 autocast they turn every bf16 convolution output back into a float32 map, which the next convolution
+casts to bf16 again: feature maps twice the size, and a cast per convolution.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ _BUFFERS = ("weight", "bias", "running_mean", "running_var")
 class FusedFrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine weights on `(batch, channels, height, width)`, as one op.
 
-    Takes over the buffers of the frozen batch norm it replaces (shared, not copied).
+    Takes over the buffers of the frozen batch norm it replaces (shared, not copied). The scale and shift are
+    computed in the buffers' dtype and applied in the input's: the output has the input's dtype.
     """
 
     def __init__(self, frozen: nn.Module, eps: float = 1e-5) -> None:
@@ -36,7 +41,7 @@ class FusedFrozenBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -202,6 +202,13 @@ def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
     assert "inside the frozen towers' forward" in text
     assert "scaled linearly to batch 64 is 3,200 MiB; the GPU measured 3,300 MiB" in text
     assert "1.031x" in text
+    # a bf16 run is compared with a bf16 GPU run only
+    live["settings"]["bf16"] = True
+    assert "the GPU measured" not in "\n".join(report.peak_findings([gpu, live]))
+    assert "(`results/live.json`, bf16 autocast, frozen batch norms" in "\n".join(report.peak_findings([gpu, live]))
+    gpu["settings"]["bf16"] = True
+    assert "the GPU measured 3,300 MiB" in "\n".join(report.peak_findings([gpu, live]))
+    live["settings"], gpu["settings"] = {}, {"batch_size": 64}
     # a GPU run made with other frozen batch norms is not compared with
     live["settings"] = {"frozen_batch_norm": "fused (53 modules)", "head_feed_forward": "lean"}
     text = "\n".join(report.peak_findings([gpu, live]))
@@ -218,9 +225,21 @@ def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
     assert "frozen towers' forward" not in "\n".join(report.peak_findings([gpu, live]))
 
 
-@pytest.mark.parametrize("flag", ["--bf16", "--tf32"])
-def test_gpu_precision_flags_are_refused_on_cpu(flag, tmp_path):
-    args = memory_time.parse_args(["--device", "cpu", flag, "--output", str(tmp_path / "x.json")])
+def test_tf32_is_refused_on_cpu(tmp_path):
+    args = memory_time.parse_args(["--device", "cpu", "--tf32", "--output", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="for CUDA runs"):
         memory_time.run(args, log=lambda *_: None)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    accounts = {}
+    for flags in ([], ["--bf16"]):
+        args = memory_time.parse_args(["--scale", "default", "--methods", "head_only", "--account-batches", "1",
+                                       "--skip", "live_peak", "time", "inference", *flags])
+        args.output = tmp_path / f"run{len(flags)}.json"
+        memory_time.run(args, log=lambda *_: None)
+        result = json.loads(args.output.read_text())
+        assert result["settings"]["bf16"] is bool(flags)
+        accounts[bool(flags)] = result["methods"]["head_only"]["account"]["1"]["activations"]
+    assert accounts[True] != accounts[False], accounts  # autocast changed what is kept (bf16 inputs, weight casts)

@@ -110,3 +110,27 @@ def test_half_precision_towers_are_fused_too():
     pixels = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(_backbone_maps(fused, pixels), _backbone_maps(stock, pixels), rtol=0.05, atol=0.05)
+
+
+def test_fused_norms_keep_bf16_maps_under_autocast():
+    """Under bf16 autocast the stock norms promote each bf16 convolution output to a float32 map (their buffers are
+    float32); the fused ones keep it in bf16, as `nn.BatchNorm2d` does, with the same values up to bf16 rounding."""
+    stock = _detr_with_statistics()
+    fused = copy.deepcopy(stock)
+    fuse_frozen_batch_norms(fused)
+    pixels = torch.randn(2, 3, 64, 64)
+    stem_outputs, peaks = {}, {}
+    for name, model in (("stock", stock), ("fused", fused)):
+        stem_norm = next(m for m in model.modules() if type(m).__name__.endswith("FrozenBatchNorm2d"))
+        handle = stem_norm.register_forward_hook(lambda _m, _i, out, name=name: stem_outputs.__setitem__(name, out))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), LiveTensorPeak() as tracker:
+            maps = _backbone_maps(model, pixels)
+        handle.remove()
+        peaks[name] = tracker.peak
+        if name == "stock":
+            reference = maps
+    assert stem_outputs["stock"].dtype == torch.float32 and stem_outputs["fused"].dtype == torch.bfloat16
+    assert maps.dtype == torch.bfloat16
+    torch.testing.assert_close(maps.float(), reference.float(), rtol=0.05, atol=0.05)
+    widest_map = 2 * 8 * 32 * 32 * 4  # bytes of the stem's (batch, 8, 32, 32) map in float32
+    assert peaks["stock"] - peaks["fused"] >= widest_map, peaks
