@@ -243,3 +243,11 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
         assert result["settings"]["bf16"] is bool(flags)
         accounts[bool(flags)] = result["methods"]["head_only"]["account"]["1"]["activations"]
     assert accounts[True] != accounts[False], accounts  # autocast changed what is kept (bf16 inputs, weight casts)
+
+
+def test_head_only_share_of_lora_is_stated_as_the_floor():
+    methods = {"head_only": {"account_extrapolated": {"ratio_to_lora": 0.4853, "batch_size": 64}}}
+    text = report._head_only_floor(methods, extrapolated=True)
+    assert "Head only is itself at 0.485x LoRA at batch 64" in text
+    assert report._head_only_floor(methods, extrapolated=False) == ""
+    assert report._head_only_floor({"head_only": {}}, extrapolated=True) == ""
