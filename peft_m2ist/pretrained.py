@@ -302,7 +302,10 @@ def mobilenet_v2_imagenet_path(cache_dir: str | os.PathLike | None = None) -> Pa
         )
     tv_state_dict = torch.load(source, map_location="cpu", weights_only=True)
 
-    model = MobileNetV2ForImageClassification(_mobilenet_v2_config(num_labels=1000))
+    # The random initialisation is overwritten, but it would advance torch's global RNG: a seeded run that converts
+    # (the first on a machine) would then initialise its adapters differently from one that reads the cache.
+    with torch.random.fork_rng(devices=[]):
+        model = MobileNetV2ForImageClassification(_mobilenet_v2_config(num_labels=1000))
     convert_mobilenet_v2_state_dict(tv_state_dict, model)
     model.eval()
 

@@ -365,3 +365,15 @@ def test_dual_encoder_folder_gives_sub_models(tmp_path):
         t = text(**tok(["the left cup"], return_tensors="pt"))
     assert v.last_hidden_state.shape == (1, 17, 32)
     assert t.last_hidden_state.shape[-1] == 32
+
+
+@pytest.mark.slow
+def test_loading_the_offline_towers_leaves_the_global_rng_alone(tmp_path):
+    """A seeded run must initialise its adapters the same whether it converts the weights (the first run on a machine)
+    or reads them from the cache, and whichever tower it loads."""
+    torch.manual_seed(0)
+    expected = torch.get_rng_state()
+    for _ in ("convert", "read the cache"):
+        P.load_vision_tower(P.MOBILENET_V2_STRIDE16_TOWER, cache_dir=tmp_path)
+        P.load_text_tower(P.DEFAULT_TEXT_TOWER)
+        assert torch.equal(torch.get_rng_state(), expected)
