@@ -9,6 +9,8 @@ Every number in RESULTS.md comes from a JSON file written by a benchmark script;
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -591,10 +593,15 @@ def accuracy_goal_checks(runs: list[dict], splits: list[str]) -> list[tuple[str,
 
 
 def _per_seed(differences: list[float]) -> str:
-    """` (per seed -0.8 / -5.1 / -0.4)`, in points, when there is more than one seed; else ''."""
+    """` (per seed -0.8 / -5.1 / -0.4; standard error 1.5)`, in points, when there is more than one seed; else ''.
+
+    The standard error is that of the mean paired difference (sample standard deviation / sqrt(seeds)): how far the
+    mean may move with other seeds."""
     if len(differences) < 2:
         return ""
-    return " (per seed " + " / ".join(f"{100 * d:+.1f}" for d in differences) + ")"
+    error = statistics.stdev(differences) / math.sqrt(len(differences))
+    return (" (per seed " + " / ".join(f"{100 * d:+.1f}" for d in differences)
+            + f"; standard error {100 * error:.1f})")
 
 
 def _accuracy_goals(runs: list[dict], splits: list[str], seeds: list[int]) -> list[str]:

@@ -153,7 +153,8 @@ def test_accuracy_goals_compare_means_over_shared_seeds():
     assert "70.0 vs 71.0 (-1.0) **met**" in full and "(1 seed)" in full  # only seed 1 trained full
     assert "70.0 vs 60.0 (+10.0) **met**" in row("above LoRA")
     head = row("above head only")
-    assert "72.0 vs 71.0 (+1.0) **met** (per seed -2.0 / +4.0)" in head and "(2 seeds)" in head
+    # the paired differences -2 and +4 points: standard deviation 4.24, standard error 4.24 / sqrt(2) = 3.0
+    assert "72.0 vs 71.0 (+1.0) **met** (per seed -2.0 / +4.0; standard error 3.0)" in head and "(2 seeds)" in head
     runs[0]["methods"]["full"]["scores"]["val"]["accuracy"] = 0.75
     rows = report._accuracy_goals(runs, ["val"], [1, 2])
     assert any("70.0 vs 75.0 (-5.0) **missed**" in line for line in rows)
