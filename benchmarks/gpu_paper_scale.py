@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU, 2 on CPU")
     p.add_argument("--steps", type=int, default=5, help="timed interleaved rounds (training and inference)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward (CUDA only)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward")
     p.add_argument("--tf32", action="store_true", help="TF32 for float32 matmuls too, as for convolutions (CUDA only)")
     p.add_argument("--head-checkpointing", action="store_true",
                    help="gradient checkpointing in every method's grounding head")

@@ -79,7 +79,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
     account_batches = args.account_batches or ([batch_size] if cuda else sorted({1, batch_size}))
     autocast = None
     if args.bf16:
-
         def autocast():
             return torch.autocast(device.type, dtype=torch.bfloat16)
 
