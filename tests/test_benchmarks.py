@@ -209,7 +209,7 @@ def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
     assert "(`results/live.json`, bf16 autocast, frozen batch norms" in "\n".join(report.peak_findings([gpu, live]))
     gpu["settings"]["bf16"] = True
     assert "the GPU measured 3,300 MiB" in "\n".join(report.peak_findings([gpu, live]))
-    live["settings"], gpu["settings"] = {}, {"batch_size": 64}
+    gpu["settings"] = {"batch_size": 64}
     # a GPU run made with other frozen batch norms is not compared with
     live["settings"] = {"frozen_batch_norm": "fused (53 modules)", "head_feed_forward": "lean"}
     text = "\n".join(report.peak_findings([gpu, live]))
