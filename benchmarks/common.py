@@ -177,7 +177,7 @@ class BaselineREC(nn.Module):
     def __init__(self, pair: nn.Module, num_vision_tokens: int, freeze_towers: bool, head_dim: int = 256,
                  head_layers: int = 6, head_heads: int = 8, head_ffn_dim: int = 2048, head_dropout: float = 0.1,
                  max_text_tokens: int = 20, vision_grid: tuple[int, int] | None = None,
-                 head_gradient_checkpointing: bool = False) -> None:
+                 head_gradient_checkpointing: bool = False, head_recompute_feed_forward: bool = True) -> None:
         super().__init__()
         self.pair = pair
         self.freeze_towers = freeze_towers
@@ -186,7 +186,8 @@ class BaselineREC(nn.Module):
         self.text_proj = nn.Linear(text_dim, head_dim)
         self.head = GroundingHead(head_dim, head_layers, head_heads, head_ffn_dim, head_dropout, max_text_tokens,
                                   num_vision_tokens, vision_grid=vision_grid,
-                                  gradient_checkpointing=head_gradient_checkpointing)  # M2IST's head, same defaults
+                                  gradient_checkpointing=head_gradient_checkpointing,
+                                  recompute_feed_forward=head_recompute_feed_forward)  # M2IST's head, same defaults
         self.adapters = nn.ModuleList()  # filled by `add_bottleneck_adapters`
 
     def forward(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None, labels=None):
@@ -261,11 +262,13 @@ def vision_token_layout(vision: nn.Module, image_size: int) -> tuple[int, tuple[
 
 def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, lora_rank: int = 16,
                  num_vision_tokens: int | None = None, head_dropout: float = 0.1, head_layers: int = 6,
-                 head_ffn_dim: int = 2048, head_gradient_checkpointing: bool = False) -> nn.Module:
+                 head_ffn_dim: int = 2048, head_gradient_checkpointing: bool = False,
+                 head_recompute_feed_forward: bool = True) -> nn.Module:
     """A fresh model of method `name` on deep copies of the scale's towers (identical weights for every method).
 
     Every method gets the same grounding head (`head_layers`, `head_ffn_dim`, `head_dropout`; TransVG's 6 x 2048 by
-    default, the training example uses 2 x 512), with `head_gradient_checkpointing` on or off for all of them.
+    default, the training example uses 2 x 512), with `head_gradient_checkpointing` and `head_recompute_feed_forward`
+    (`M2ISTConfig`'s names) set alike for all of them.
     """
     pair = peft_m2ist.VisionTextPair(copy.deepcopy(scale.vision), copy.deepcopy(scale.text))
     torch.manual_seed(seed + 1)
@@ -278,6 +281,7 @@ def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, 
                                         head_dropout=head_dropout, head_layers=head_layers,
                                         head_ffn_dim=head_ffn_dim,
                                         head_gradient_checkpointing=head_gradient_checkpointing,
+                                        head_recompute_feed_forward=head_recompute_feed_forward,
                                         **copy.deepcopy(scale.m2ist_taps))
         model = get_peft_model(pair, config)
         model.method_note = f"peft_m2ist M2ISTConfig(interaction={interaction!r}, mixture={mixture!r}, " \
@@ -287,7 +291,8 @@ def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, 
     model = BaselineREC(pair, num_vision_tokens or counted, freeze_towers=name == "head_only",
                         head_layers=head_layers, head_ffn_dim=head_ffn_dim, head_dropout=head_dropout,
                         max_text_tokens=scale.text_tokens, vision_grid=grid,
-                        head_gradient_checkpointing=head_gradient_checkpointing)
+                        head_gradient_checkpointing=head_gradient_checkpointing,
+                        head_recompute_feed_forward=head_recompute_feed_forward)
     for p in model.pair.parameters():
         p.requires_grad_(False)
     if name == "full":

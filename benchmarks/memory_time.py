@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-checkpointing", action="store_true",
                    help="gradient checkpointing in every method's grounding head (M2ISTConfig."
                         "head_gradient_checkpointing; the baselines' heads alike)")
+    p.add_argument("--store-head-feed-forward", action="store_true",
+                   help="every method's grounding head stores its feed-forward hidden tensors for backward instead of "
+                        "recomputing them (M2ISTConfig.head_recompute_feed_forward=False; the baselines' heads alike)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward (on the run's device)")
     p.add_argument("--tf32", action="store_true",
                    help="TF32 for float32 matmuls too (`torch.set_float32_matmul_precision('high')`; CUDA only): by "
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     suffix = "" if args.head_dropout == 0.1 else f"_headdrop{args.head_dropout:g}"
     suffix += "_bf16" if args.bf16 else ""
     suffix += "_headckpt" if args.head_checkpointing else ""
+    suffix += "_storedffn" if args.store_head_feed_forward else ""
     suffix += "_stockbn" if args.stock_batch_norm else ""
     out_path = args.output or C.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +115,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "time_budget_s": args.time_budget, "head_dropout": args.head_dropout,
             "head_checkpointing": args.head_checkpointing,
             "frozen_batch_norm": f"fused ({fused} modules)" if fused else "stock",
-            "head_feed_forward": "lean (peft_m2ist.head.LeanFeedForwardEncoderLayer)",
+            "head_feed_forward": ("hidden stored" if args.store_head_feed_forward else "hidden recomputed")
+            + " (peft_m2ist.feed_forward.LeanFeedForwardEncoderLayer)",
             "image_size": scale.image_size, "text_tokens": scale.text_tokens, "vision_tokens": num_vision_tokens,
             "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4), fp32 parameters",
             "activations_note": "storages packed by saved_tensors_hooks during forward, each counted once; storages "
@@ -128,7 +133,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     for name in args.methods:
         model = C.build_method(name, scale, args.seed, args.bottleneck, args.lora_rank, num_vision_tokens,
                                args.head_dropout,
-                               head_gradient_checkpointing=args.head_checkpointing).to(device)
+                               head_gradient_checkpointing=args.head_checkpointing,
+                               head_recompute_feed_forward=not args.store_head_feed_forward).to(device)
         models[name], optims[name] = model, C.make_optimizer(model)
         result["methods"][name] = {"note": model.method_note, "params": C.parameter_counts(model)}
         log(f"  {name}: {result['methods'][name]['params']['trainable']:,} trainable parameters")

@@ -263,10 +263,15 @@ def _where(r: dict) -> str:
 
 
 def _implementation_notes(r: dict) -> list[str]:
-    """What differs from the current implementation in a run: files written before the lean head feed-forward or
-    the fused frozen batch norms (or with `--stock-batch-norm`) say so."""
+    """What differs from the current implementation in a run: files written before the lean head feed-forward, with
+    the head's feed-forward hidden tensors stored (before they were recomputed, or `--store-head-feed-forward`) or
+    with stock frozen batch norms (before they were fused, or `--stock-batch-norm`) say so. Under head checkpointing
+    the feed-forward block is recomputed with the rest of the layer, so its own setting does not apply."""
     s = r["settings"]
-    notes = ["stock head FFN"] * ("head_feed_forward" not in s)
+    ffn = s.get("head_feed_forward")
+    notes = ["stock head FFN"] * (ffn is None)
+    if ffn is not None and not ffn.startswith("hidden recomputed") and not s.get("head_checkpointing"):
+        notes.append("head FFN hidden stored")
     if r.get("scale", "paper") == "paper" and _frozen_batch_norm(r) == "stock":
         notes.append("stock frozen BN")
     return notes
@@ -370,9 +375,9 @@ def peak_findings(paper: list[dict]) -> list[str]:
         in_towers = _peak_in_towers(peak.get("peak_op"))
         where = (" a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
                  "forward, before the head runs" if in_towers else "")
-        notes = ("bf16 autocast, " if live["settings"].get("bf16") else "") + \
-            f"frozen batch norms {_frozen_batch_norm(live)}" + (
-            ", stock head FFN" if "head_feed_forward" not in live["settings"] else "")
+        notes = ", ".join(["bf16 autocast"] * bool(live["settings"].get("bf16"))
+                          + [f"frozen batch norms {_frozen_batch_norm(live)}"]
+                          + [n for n in _implementation_notes(live) if n != "stock frozen BN"])
         item = (f"Head only, batch {b} (`{live['_file']}`, {notes}): the peak of live tensors is at "
                 f"`{peak['peak_op']}`,{where}.")
         gpu = _comparable_gpu(live, gpus, in_towers)

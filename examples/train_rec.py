@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head_attention_dropout", type=float, default=0.0)
     g.add_argument("--box_head", choices=BOX_HEADS, default="pointer",
                    help="'pointer': [REG] points at vision tokens (default); 'mlp': TransVG's regression MLP.")
+    g.add_argument("--head_recompute_feed_forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="Recompute the head's feed-forward hidden tensors in backward instead of storing them "
+                   "(--no-head_recompute_feed_forward stores them).")
     g.add_argument("--head_gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="Recompute the head's layers in backward instead of storing their activations.")
     g.add_argument("--max_text_tokens", type=int, default=20)
@@ -156,6 +159,7 @@ def build_model(args: argparse.Namespace):
             interaction=args.interaction, mixture=args.mixture, head_dim=args.head_dim, head_layers=args.head_layers,
             head_heads=args.head_heads, head_ffn_dim=args.head_ffn_dim, head_dropout=args.head_dropout,
             head_attention_dropout=args.head_attention_dropout, box_head=args.box_head,
+            head_recompute_feed_forward=args.head_recompute_feed_forward,
             head_gradient_checkpointing=args.head_gradient_checkpointing,
             tower_micro_batch_size=args.tower_micro_batch_size, max_text_tokens=args.max_text_tokens, image_size=args.image_size,
         )

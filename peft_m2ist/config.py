@@ -72,6 +72,8 @@ class M2ISTConfig(PeftConfig):
         head_attention_dropout (`float`): Dropout on the head's attention probabilities (0: nothing stored for it).
         box_head (`str`): How the head reads the box: `"pointer"` ([REG] points at vision tokens; default) or `"mlp"`
             (TransVG's regression MLP on [REG]).
+        head_recompute_feed_forward (`bool`): Recompute the head's feed-forward hidden tensors in backward instead of
+            storing them (same gradients, one more `linear1` matmul per head layer and step; default on).
         head_gradient_checkpointing (`bool`): Recompute the head's layers in backward instead of storing their
             activations (same gradients, about one more head forward per step).
         max_text_tokens (`int`): Text length the head's position embedding is built for.
@@ -167,6 +169,14 @@ class M2ISTConfig(PeftConfig):
             "text-to-object binding much faster) or 'mlp' (TransVG's 3-layer regression MLP on [REG], the paper's)."
         },
     )
+    head_recompute_feed_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "Recompute each head layer's (batch, tokens, head_ffn_dim) feed-forward hidden tensor in backward "
+            "instead of storing it, dropout mask replayed: the same gradients for one more linear1 matmul per layer "
+            "and step; about halves the head's activation memory, the largest part of M2IST's. False stores it."
+        },
+    )
     head_gradient_checkpointing: bool = field(
         default=False,
         metadata={
@@ -238,10 +248,9 @@ class M2ISTConfig(PeftConfig):
             raise ValueError(f"`mixture` must be one of {MIXTURE_MODES}, got {self.mixture!r}.")
         if self.box_head not in BOX_HEADS:
             raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {self.box_head!r}.")
-        if not isinstance(self.head_gradient_checkpointing, bool):
-            raise ValueError(
-                f"`head_gradient_checkpointing` must be True or False, got {self.head_gradient_checkpointing!r}."
-            )
+        for name in ("head_recompute_feed_forward", "head_gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.head_dim % self.head_heads:
             raise ValueError(f"`head_dim` ({self.head_dim}) must be divisible by `head_heads` ({self.head_heads}).")
         if self.interaction == "cross_attention" and self.bottleneck_dim % self.interaction_heads:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils import checkpoint as activation_checkpoint
 
 from .config import BOX_HEADS
+from .feed_forward import LeanFeedForwardEncoderLayer
 
 
 def sine_grid_encoding(grid: tuple[int, int], dim: int) -> torch.Tensor:
@@ -38,51 +38,6 @@ def sine_grid_encoding(grid: tuple[int, int], dim: int) -> torch.Tensor:
     padded = torch.zeros(h * w, dim)
     padded[:, : encoding.shape[1]] = encoding
     return padded.unsqueeze(0)
-
-
-class ReLUDropout(torch.autograd.Function):
-    """`dropout(relu(x), p)` that keeps only its output for backward.
-
-    Stock autograd keeps the ReLU's output and the dropout mask (a float mask on CPU, a bool one on CUDA) besides the
-    dropout's output, which the next Linear keeps as its input. All three are `(batch, tokens, ffn_dim)`, the widest
-    activations of a transformer layer. The output alone is enough: it is positive exactly where the ReLU was active
-    and the unit was kept, and there the derivative is the dropout scale `1 / (1 - p)`. Forward runs the stock ops,
-    so outputs and random masks are the same; gradients agree up to float rounding.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-        out = F.dropout(F.relu(x), p, training)
-        ctx.scale = 1.0 / (1.0 - p) if training and 0 < p < 1 else 1.0  # p = 1: all zero, nothing to scale
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (out,) = ctx.saved_tensors
-        grad_in = torch.ops.aten.threshold_backward(grad_out, out, 0)  # grad where out > 0, else 0: one kernel
-        if ctx.scale != 1.0:
-            grad_in = grad_in.mul_(ctx.scale)
-        return grad_in, None, None
-
-
-class LeanFeedForwardEncoderLayer(nn.TransformerEncoderLayer):
-    """`nn.TransformerEncoderLayer` (ReLU) whose feed-forward block keeps one `(batch, tokens, ffn_dim)` tensor for
-    backward instead of three (`ReLUDropout`): same parameters, state dict, outputs and inference fast path.
-
-    The feed-forward block holds most of a layer's saved activations (`ffn_dim` is 8x `dim` in TransVG's head),
-    so this roughly halves the head's activation memory in training, for every method that uses the head.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.activation_relu_or_gelu != 1:  # torch's own marker: 1 for ReLU ("relu", F.relu or nn.ReLU)
-            raise ValueError("LeanFeedForwardEncoderLayer implements the ReLU feed-forward block only.")
-
-    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:  # overrides torch's feed-forward block
-        hidden = ReLUDropout.apply(self.linear1(x), self.dropout.p, self.training)
-        return self.dropout2(self.linear2(hidden))
 
 
 class BoxMLP(nn.Sequential):
@@ -150,9 +105,11 @@ class GroundingHead(nn.Module):
     `dropout` applies to the residual and feed-forward paths; `attention_dropout` (default 0) to the attention
     probabilities, which with a non-zero value have to be stored for backward.
 
-    With `gradient_checkpointing` each transformer layer keeps only its input for backward and runs its forward
-    again there (`torch.utils.checkpoint`, dropout masks replayed): the same outputs and gradients for about one more
-    forward pass of the head per step, and the head's activation memory drops to one `(batch, tokens, dim)` tensor per
+    Training memory, two options with the same outputs and gradients (dropout masks replayed):
+    `recompute_feed_forward` makes each layer's feed-forward block recompute its `(batch, tokens, ffn_dim)` hidden
+    tensor in backward (one more `linear1` matmul per layer; `LeanFeedForwardEncoderLayer`), about halving the head's
+    activation memory. With `gradient_checkpointing` each layer keeps only its input and runs its whole forward again
+    in backward (`torch.utils.checkpoint`, about one more head forward per step): one `(batch, tokens, dim)` tensor per
     layer plus the layer being recomputed.
     """
 
@@ -169,6 +126,7 @@ class GroundingHead(nn.Module):
         vision_grid: tuple[int, int] | None = None,
         box_head: str = "pointer",
         gradient_checkpointing: bool = False,
+        recompute_feed_forward: bool = True,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
@@ -187,7 +145,9 @@ class GroundingHead(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + max_text_tokens + num_vision_tokens, dim))
         nn.init.trunc_normal_(self.reg_token, std=0.02)
         nn.init.trunc_normal_(self.position_embedding, std=0.02)
-        layer = LeanFeedForwardEncoderLayer(dim, num_heads, ffn_dim, dropout, batch_first=True)
+        # a checkpointed layer recomputes everything anyway: recomputing its feed-forward block too would do it twice
+        layer = LeanFeedForwardEncoderLayer(dim, num_heads, ffn_dim, dropout, batch_first=True,
+                                            recompute_hidden=recompute_feed_forward and not gradient_checkpointing)
         # `dropout` covers the residual and feed-forward paths; dropout on the attention probabilities is separate
         # because it forces the attention kernel to keep a (tokens x tokens) probability map per head for backward.
         layer.self_attn.dropout = attention_dropout

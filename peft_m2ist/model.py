@@ -183,7 +183,8 @@ class M2ISTModel(BaseTuner):
                                  attention_dropout=config.head_attention_dropout,
                                  vision_grid=tuple(plan.vision.grid) if plan.vision.grid else None,
                                  box_head=config.box_head,
-                                 gradient_checkpointing=config.head_gradient_checkpointing)
+                                 gradient_checkpointing=config.head_gradient_checkpointing,
+                                 recompute_feed_forward=config.head_recompute_feed_forward)
         param = next(get_tower(model, config.vision_tower, "vision_tower").parameters(), None)
         if param is not None and not low_cpu_mem_usage:
             side.to(param.device)

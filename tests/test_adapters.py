@@ -91,3 +91,10 @@ def test_gradient_checkpointing_is_not_enabled_on_the_towers():
     model = get_peft_model(build_pair("vit+bert"), tiny_config())
     towers = (model.base_model.model.vision_model, model.base_model.model.text_model)
     assert not any(getattr(t, "is_gradient_checkpointing", False) for t in towers)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_the_head_recomputes_its_feed_forward_as_configured(recompute):
+    model = get_peft_model(build_pair("vit+bert"), tiny_config(head_recompute_feed_forward=recompute))
+    layers = model.base_model.m2ist_head["default"].encoder.layers
+    assert [layer.recompute_hidden for layer in layers] == [recompute] * len(layers)

@@ -96,6 +96,7 @@ def test_unknown_tower_type_names_the_fields_to_set():
         (dict(text_layers=[]), "text_layers"),
         (dict(image_size=-3), "image_size"),
         (dict(head_gradient_checkpointing="yes"), "head_gradient_checkpointing"),
+        (dict(head_recompute_feed_forward=1), "head_recompute_feed_forward"),
         (dict(tower_micro_batch_size=0), "tower_micro_batch_size"),
         (dict(tower_micro_batch_size=True), "tower_micro_batch_size"),
     ],
