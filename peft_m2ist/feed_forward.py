@@ -5,10 +5,10 @@ hidden tensor `(batch, tokens, ffn_dim)` is the widest activation of the layer (
 head), and stock autograd keeps three of them per layer. Two levels of saving, both with the stock forward ops (same
 outputs, same random masks) and the same gradients up to float rounding:
 
-- `ReLUDropout`: one hidden tensor instead of three (always on).
+- `ReLUDropout`: one hidden tensor instead of three (`recompute_hidden=False`).
 - `RecomputedReLUFeedForward`: no hidden tensor at all; backward recomputes it from the block's input, replaying the
   dropout mask (`LeanFeedForwardEncoderLayer(recompute_hidden=True)`, `M2ISTConfig.head_recompute_feed_forward`).
-  That costs one `linear1` matmul more per layer and step, a third of the block's forward.
+  That costs one `linear1` matmul and one dropout draw more per layer and step.
 """
 
 from __future__ import annotations
@@ -122,10 +122,10 @@ class LeanFeedForwardEncoderLayer(nn.TransformerEncoderLayer):
     """`nn.TransformerEncoderLayer` (ReLU) whose feed-forward block keeps little for backward: same parameters, state
     dict, outputs and inference fast path.
 
-    By default the block keeps one `(batch, tokens, ffn_dim)` tensor instead of three (`ReLUDropout`), which roughly
-    halves a layer's saved activations. With `recompute_hidden` it keeps none (`RecomputedReLUFeedForward`): the
-    layer then saves about `7 x (batch, tokens, dim)` instead of `15 x` with TransVG's `ffn_dim = 8 x dim`, for one more
-    `linear1` matmul in backward.
+    Without `recompute_hidden` the block keeps one `(batch, tokens, ffn_dim)` tensor instead of three (`ReLUDropout`),
+    which roughly halves a layer's saved activations. With it the block keeps none (`RecomputedReLUFeedForward`), for
+    one more `linear1` matmul and dropout draw in backward: with TransVG's `ffn_dim = 8 x dim` that is another
+    `8 x (batch, tokens, dim)` less per layer, about 40% of what the head keeps at paper scale.
     """
 
     def __init__(self, *args, recompute_hidden: bool = False, **kwargs) -> None:
