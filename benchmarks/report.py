@@ -441,6 +441,12 @@ def goals_section(results: list[dict]) -> list[str]:
                  "side network for M2IST, the towers' activations for LoRA and the adapters. The other rows store "
                  "the head's activations.", ""]
                 if any(r["settings"].get("head_checkpointing") for r in paper) else []),
+              *(["Rows marked \"head FFN hidden stored\" come from runs whose grounding heads (every method's) keep "
+                 "each layer's `(batch, tokens, ffn_dim)` feed-forward hidden tensor for backward: written with "
+                 "`--store-head-feed-forward` (`M2ISTConfig.head_recompute_feed_forward=False`) or before the "
+                 "head recomputed it by default. The other rows recompute it in backward (one more `linear1` "
+                 "matmul and dropout draw per layer).", ""]
+                if any("head FFN hidden stored" in _implementation_notes(r) for r in paper) else []),
               *peak_findings(paper)]
     reference = json.loads((HERE / "reference_paper.json").read_text())["methods"]
     for r in paper:

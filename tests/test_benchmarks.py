@@ -187,6 +187,7 @@ def test_runs_before_the_lean_head_recomputed_ffn_and_fused_batch_norms_are_labe
     (memory,) = [line for line in report.summary_section([old])
                  if line.startswith("| training memory <= 25% of full FT |")]
     assert "(CPU 1 thread, stock head FFN, stock frozen BN; exact account" in memory
+    assert 'Rows marked "head FFN hidden stored"' not in "\n".join(report.goals_section([_paper_run(0.2, 0.3)]))
     stock_bn = _paper_run(0.2, 0.3)
     stock_bn["settings"]["frozen_batch_norm"] = "stock"  # --stock-batch-norm
     assert "(CPU 1 thread, stock frozen BN; exact account" in "\n".join(report.summary_section([stock_bn]))
@@ -194,6 +195,7 @@ def test_runs_before_the_lean_head_recomputed_ffn_and_fused_batch_norms_are_labe
         run = _paper_run(0.2, 0.3)
         run["settings"]["head_feed_forward"] = stored
         assert "(CPU 1 thread, head FFN hidden stored; exact account" in "\n".join(report.summary_section([run]))
+        assert 'Rows marked "head FFN hidden stored"' in "\n".join(report.goals_section([run]))
         run["settings"]["head_checkpointing"] = True  # recomputed with the whole layer: no note
         assert "(CPU 1 thread, head checkpointing; exact account" in "\n".join(report.summary_section([run]))
 
