@@ -101,7 +101,7 @@ class RecomputedReLUFeedForward(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight1, bias1, weight2 = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        weight1, bias1, weight2 = (t.to(dtype) for t in (weight1, bias1, weight2))
+        weight1, bias1, weight2 = (None if t is None else t.to(dtype) for t in (weight1, bias1, weight2))
         with torch.autocast(x.device.type, enabled=False), (ctx.rng.replay() if ctx.rng else contextlib.nullcontext()):
             hidden = F.dropout(F.relu(F.linear(x, weight1, bias1)), ctx.p, ctx.training)
         grad_out = grad_out.to(dtype)

@@ -105,6 +105,14 @@ def test_recomputed_feed_forward_matches_the_stock_layer_and_keeps_no_hidden_ten
     assert a["saved"] - b["saved"] == (3 if dropout else 1) * FFN_TENSOR, (a["saved"], b["saved"])
 
 
+def test_recomputed_feed_forward_works_without_biases():
+    torch.manual_seed(0)
+    stock = torch.nn.TransformerEncoderLayer(DIM, 2, FFN, 0.3, batch_first=True, bias=False).train()
+    recomputed = LeanFeedForwardEncoderLayer(DIM, 2, FFN, 0.3, batch_first=True, bias=False, recompute_hidden=True)
+    recomputed.load_state_dict(stock.state_dict())
+    _assert_same_step(_step(stock), _step(recomputed.train()))
+
+
 def test_recomputing_leaves_the_random_stream_where_the_stock_layer_leaves_it():
     stock, recomputed = _layers(0.3, "stock", "recomputed")
     assert torch.equal(_step(recomputed)["rng"], _step(stock)["rng"])  # the replay runs on a forked generator
