@@ -1,5 +1,8 @@
 """The head's transformer layer: its feed-forward block keeps less for backward, with the stock outputs and
-gradients (`peft_m2ist.feed_forward`)."""
+gradients (`peft_m2ist.feed_forward`).
+
+The recomputation tests also run on CUDA where there is one (the dropout mask is drawn and replayed by another
+generator there): `python -m pytest -q tests/test_feed_forward.py` on a GPU machine."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from peft_m2ist.feed_forward import LeanFeedForwardEncoderLayer
 DIM, FFN, BATCH, TOKENS = 16, 128, 3, 7
 PADDING = torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 7])
 FFN_TENSOR = BATCH * TOKENS * FFN * 4  # bytes of one (batch, tokens, ffn_dim) float32 tensor
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def _saved_bytes(fn, exclude: frozenset[int] = frozenset()):
@@ -22,20 +26,26 @@ def _saved_bytes(fn, exclude: frozenset[int] = frozenset()):
     return out, saved.nbytes
 
 
+def _rng_state(device: str) -> torch.Tensor:
+    """The state of the generator dropout draws from on `device`."""
+    return torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+
+
 def _step(layer: torch.nn.Module, autocast: bool = False) -> dict:
     """One forward + backward of `layer` on fixed inputs, dropout seeded: outputs, grads, saved bytes (the
     parameters left out, as in the benchmarks' account), RNG after."""
-    x = torch.randn(BATCH, TOKENS, DIM, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    torch.manual_seed(1)  # the same dropout masks in every layer
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    device = next(layer.parameters()).device.type
+    x = torch.randn(BATCH, TOKENS, DIM, generator=torch.Generator().manual_seed(2)).to(device).requires_grad_()
+    torch.manual_seed(1)  # the same dropout masks in every layer (seeds CUDA too)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         params = frozenset(p.data_ptr() for p in layer.parameters())
-        out, saved = _saved_bytes(lambda: layer(x, src_key_padding_mask=PADDING), params)
-    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return {"out": out, "saved": saved, "x_grad": x.grad, "rng": torch.get_rng_state(),
+        out, saved = _saved_bytes(lambda: layer(x, src_key_padding_mask=PADDING.to(device)), params)
+    (out.float() * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+    return {"out": out, "saved": saved, "x_grad": x.grad, "rng": _rng_state(device),
             "grads": {n: p.grad for n, p in layer.named_parameters()}}
 
 
-def _layers(dropout: float, *kinds: str) -> list[torch.nn.Module]:
+def _layers(dropout: float, *kinds: str, device: str = "cpu") -> list[torch.nn.Module]:
     """Layers with the same weights, in training mode: "stock" (`nn.TransformerEncoderLayer`), "lean", "recomputed"."""
     torch.manual_seed(0)
     stock = torch.nn.TransformerEncoderLayer(DIM, 2, FFN, dropout, batch_first=True)
@@ -44,10 +54,12 @@ def _layers(dropout: float, *kinds: str) -> list[torch.nn.Module]:
     for layer in built.values():
         layer.load_state_dict(stock.state_dict())
         layer.train()
-    return [built[k] for k in kinds]
+    return [built[k].to(device) for k in kinds]
 
 
 def _assert_same_step(a: dict, b: dict, **tol) -> None:
+    if not tol and a["out"].is_cuda:  # CUDA's matmuls may sum in another order than autograd's own
+        tol = {"rtol": 1e-4, "atol": 1e-5}
     torch.testing.assert_close(b["out"], a["out"], rtol=0, atol=0)
     torch.testing.assert_close(b["x_grad"], a["x_grad"], **tol)
     assert a["grads"].keys() == b["grads"].keys()
@@ -95,14 +107,17 @@ def test_lean_feed_forward_keeps_the_inference_fast_path_and_refuses_other_activ
     assert LeanFeedForwardEncoderLayer(16, 2, 32, 0.1, torch.nn.ReLU()).activation_relu_or_gelu == 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_recomputed_feed_forward_matches_the_stock_layer_and_keeps_no_hidden_tensor(dropout):
-    stock, recomputed = _layers(dropout, "stock", "recomputed")
+def test_recomputed_feed_forward_matches_the_stock_layer_and_keeps_no_hidden_tensor(dropout, device):
+    stock, recomputed = _layers(dropout, "stock", "recomputed", device=device)
     a, b = _step(stock), _step(recomputed)
     _assert_same_step(a, b)  # the dropout masks are replayed in backward, so the gradients are the stock ones
-    # stock keeps the ReLU output, the float dropout mask and the dropout output (with dropout 0 the ReLU output
-    # only); the recomputing block keeps none of them, only its input, which linear1 keeps anyway
-    assert a["saved"] - b["saved"] == (3 if dropout else 1) * FFN_TENSOR, (a["saved"], b["saved"])
+    # stock keeps the ReLU output, the dropout mask (float on CPU, bool on CUDA) and the dropout output (with
+    # dropout 0 the ReLU output only); the recomputing block keeps none of them, only its input, which linear1
+    # keeps anyway
+    mask = FFN_TENSOR if device == "cpu" else FFN_TENSOR // 4
+    assert a["saved"] - b["saved"] == (2 * FFN_TENSOR + mask if dropout else FFN_TENSOR), (a["saved"], b["saved"])
 
 
 def test_recomputed_feed_forward_works_without_biases():
@@ -113,28 +128,32 @@ def test_recomputed_feed_forward_works_without_biases():
     _assert_same_step(_step(stock), _step(recomputed.train()))
 
 
-def test_recomputing_leaves_the_random_stream_where_the_stock_layer_leaves_it():
-    stock, recomputed = _layers(0.3, "stock", "recomputed")
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputing_leaves_the_random_stream_where_the_stock_layer_leaves_it(device):
+    stock, recomputed = _layers(0.3, "stock", "recomputed", device=device)
     assert torch.equal(_step(recomputed)["rng"], _step(stock)["rng"])  # the replay runs on a forked generator
 
 
-def test_recomputed_feed_forward_replays_the_masks_of_interleaved_layers():
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputed_feed_forward_replays_the_masks_of_interleaved_layers(device):
     """Two layers' forwards draw masks one after the other; each layer's backward must replay its own."""
-    stored = torch.nn.Sequential(*_layers(0.3, "lean", "lean"))
-    recomputed = torch.nn.Sequential(*_layers(0.3, "recomputed", "recomputed"))
+    stored = torch.nn.Sequential(*_layers(0.3, "lean", "lean", device=device))
+    recomputed = torch.nn.Sequential(*_layers(0.3, "recomputed", "recomputed", device=device))
     recomputed.load_state_dict(stored.state_dict())
     runs = []
     for model in (stored, recomputed):
-        x = torch.randn(BATCH, TOKENS, DIM, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        x = torch.randn(BATCH, TOKENS, DIM, generator=torch.Generator().manual_seed(2)).to(device).requires_grad_()
         torch.manual_seed(1)
         model(x).square().sum().backward()
         runs.append([x.grad] + [p.grad for p in model.parameters()])
+    tol = {} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-5}
     for got, want in zip(runs[1], runs[0]):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, **tol)
 
 
-def test_recomputed_feed_forward_under_bf16_autocast_matches_the_stored_one():
-    stored, recomputed = _layers(0.3, "lean", "recomputed")
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputed_feed_forward_under_bf16_autocast_matches_the_stored_one(device):
+    stored, recomputed = _layers(0.3, "lean", "recomputed", device=device)
     a, b = _step(stored, autocast=True), _step(recomputed, autocast=True)
     assert b["out"].dtype == a["out"].dtype
     assert all(g.dtype == torch.float32 for g in b["grads"].values())  # float32 parameters get float32 gradients
