@@ -89,11 +89,10 @@ class RecomputedReLUFeedForward(torch.autograd.Function):
         ctx.scale = _dropout_scale(p, training)
         ctx.p, ctx.training = p, training
         ctx.rng = _RNGSnapshot(x.device) if training and p > 0 else None
-        pre = F.linear(x, weight1, bias1)
-        hidden = F.dropout(F.relu(pre), p, training)
-        ctx.compute_dtype = pre.dtype  # the autocast dtype where autocast is on
+        hidden = _relu_dropout_in_forward(x, weight1, bias1, p, training)
+        ctx.compute_dtype = hidden.dtype  # the autocast dtype where autocast is on
         # x as linear1 computed with it (the copy stock autograd would keep); the weights as they are: they stay alive
-        ctx.save_for_backward(x.to(pre.dtype), weight1, bias1, weight2)
+        ctx.save_for_backward(x.to(hidden.dtype), weight1, bias1, weight2)
         return F.linear(hidden, weight2, bias2)
 
     @staticmethod
@@ -103,7 +102,7 @@ class RecomputedReLUFeedForward(torch.autograd.Function):
         dtype = ctx.compute_dtype
         weight1, bias1, weight2 = (None if t is None else t.to(dtype) for t in (weight1, bias1, weight2))
         with torch.autocast(x.device.type, enabled=False), (ctx.rng.replay() if ctx.rng else contextlib.nullcontext()):
-            hidden = F.dropout(F.relu(F.linear(x, weight1, bias1)), ctx.p, ctx.training)
+            hidden = _relu_dropout_in_forward(x, weight1, bias1, ctx.p, ctx.training)
         grad_out = grad_out.to(dtype)
         needs_x, needs_w1, needs_b1, needs_w2, needs_b2 = ctx.needs_input_grad[:5]
         grad_rows, hidden_rows = grad_out.reshape(-1, grad_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
@@ -116,6 +115,14 @@ class RecomputedReLUFeedForward(torch.autograd.Function):
         grad_b1 = pre_rows.sum(0) if needs_b1 else None
         grad_x = grad_pre.matmul(weight1) if needs_x else None
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def _relu_dropout_in_forward(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor | None, p: float,
+                             training: bool) -> torch.Tensor:
+    """`dropout(relu(linear1(x)))` outside autograd, with the stock ops and random draws. The ReLU runs in place on
+    `linear1`'s output, which nothing else holds: while dropout runs, its input, its mask and its output are the only
+    `(..., ffn_dim)` tensors alive."""
+    return F.dropout(F.relu_(F.linear(x, weight1, bias1)), p, training)
 
 
 class LeanFeedForwardEncoderLayer(nn.TransformerEncoderLayer):

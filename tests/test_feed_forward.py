@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import SavedForBackward
-from peft_m2ist.feed_forward import LeanFeedForwardEncoderLayer
+from benchmarks.common import LiveTensorPeak, SavedForBackward
+from peft_m2ist.feed_forward import LeanFeedForwardEncoderLayer, RecomputedReLUFeedForward
 
 DIM, FFN, BATCH, TOKENS = 16, 128, 3, 7
 PADDING = torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 7])
@@ -172,3 +172,13 @@ def test_recomputing_applies_only_with_gradients_and_keeps_the_inference_fast_pa
         torch.manual_seed(1)
         out = recomputed(x)
     assert not out.requires_grad
+
+
+def test_recomputing_forward_holds_no_more_than_dropout_needs():
+    """While the block's dropout runs, only its input, its mask (float on CPU) and its output are alive."""
+    torch.manual_seed(0)
+    linear1, linear2 = torch.nn.Linear(DIM, FFN), torch.nn.Linear(FFN, DIM)
+    x = torch.randn(BATCH, TOKENS, DIM, requires_grad=True)
+    with LiveTensorPeak() as tracker:
+        RecomputedReLUFeedForward.apply(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, 0.3, True)
+    assert tracker.peak <= 3 * FFN_TENSOR + BATCH * TOKENS * DIM * 4, (tracker.peak, tracker.peak_op)
