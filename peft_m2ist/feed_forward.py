@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 
 class ReLUDropout(torch.autograd.Function):
@@ -57,21 +58,20 @@ def _relu_dropout_backward(grad_out: torch.Tensor, out: torch.Tensor, scale: flo
 
 
 class _RNGSnapshot:
-    """The random state dropout draws from on `device` (and the CPU's), to replay the same mask later."""
+    """The random state dropout draws from for `x`: the CPU's and, for `x` on an accelerator, its device's (taken and
+    restored with `torch.utils.checkpoint`'s own helpers), to replay the same mask later."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, x: torch.Tensor) -> None:
+        self.device_type = x.device.type
         self.cpu_state = torch.get_rng_state()
-        self.device_state = None if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
+        self.devices, self.device_states = get_device_states(x)
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Run the block with the generators at the snapshot; their current state is restored afterwards."""
-        accelerators = [] if self.device_state is None else [self.device]
-        with torch.random.fork_rng(devices=accelerators, device_type=self.device.type):
+        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
             torch.set_rng_state(self.cpu_state)
-            if self.device_state is not None:
-                torch.get_device_module(self.device).set_rng_state(self.device_state, self.device)
+            set_device_states(self.devices, self.device_states, device_type=self.device_type)
             yield
 
 
@@ -86,9 +86,8 @@ class RecomputedReLUFeedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
                 bias2: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-        ctx.scale = _dropout_scale(p, training)
         ctx.p, ctx.training = p, training
-        ctx.rng = _RNGSnapshot(x.device) if training and p > 0 else None
+        ctx.rng = _RNGSnapshot(x) if training and p > 0 else None
         hidden = _relu_dropout_in_forward(x, weight1, bias1, p, training)
         ctx.compute_dtype = hidden.dtype  # the autocast dtype where autocast is on
         # x as linear1 computed with it (the copy stock autograd would keep); the weights as they are: they stay alive
@@ -108,7 +107,7 @@ class RecomputedReLUFeedForward(torch.autograd.Function):
         grad_rows, hidden_rows = grad_out.reshape(-1, grad_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
         grad_w2 = grad_rows.t().mm(hidden_rows) if needs_w2 else None
         grad_b2 = grad_rows.sum(0) if needs_b2 else None
-        grad_pre = _relu_dropout_backward(grad_out.matmul(weight2), hidden, ctx.scale)
+        grad_pre = _relu_dropout_backward(grad_out.matmul(weight2), hidden, _dropout_scale(ctx.p, ctx.training))
         del hidden, hidden_rows
         pre_rows = grad_pre.reshape(-1, grad_pre.shape[-1])
         grad_w1 = pre_rows.t().mm(x.reshape(-1, x.shape[-1])) if needs_w1 else None
