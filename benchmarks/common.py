@@ -152,12 +152,20 @@ def default_scale() -> Scale:
     )
 
 
-def build_scale(name: str, seed: int = 0, fuse_batch_norms: bool = True) -> Scale:
-    """The scale's frozen towers, in eval mode. With `fuse_batch_norms`, frozen batch norms (DETR's ResNet) become
-    `peft_m2ist.FusedFrozenBatchNorm2d`, the same math in one op, for every method alike."""
+FROZEN_BATCH_NORMS = ("folded", "fused", "stock")
+
+
+def build_scale(name: str, seed: int = 0, frozen_batch_norm: str = "folded") -> Scale:
+    """The scale's frozen towers, in eval mode. Frozen batch norms (DETR's ResNet), for every method alike: "folded"
+    into the convolutions before them (`peft_m2ist.fold_frozen_batch_norms`, exact for convolutions that train too),
+    "fused" into one op (`peft_m2ist.fuse_frozen_batch_norms`) or "stock"."""
+    if frozen_batch_norm not in FROZEN_BATCH_NORMS:
+        raise ValueError(f"`frozen_batch_norm` must be one of {FROZEN_BATCH_NORMS}, got {frozen_batch_norm!r}.")
     torch.manual_seed(seed)
     scale = {"paper": paper_scale, "default": default_scale}[name]()
-    if fuse_batch_norms:
+    if frozen_batch_norm == "folded":
+        peft_m2ist.fold_frozen_batch_norms(scale.vision)
+    elif frozen_batch_norm == "fused":
         peft_m2ist.fuse_frozen_batch_norms(scale.vision)
     scale.vision.eval()
     scale.text.eval()

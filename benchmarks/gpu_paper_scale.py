@@ -15,6 +15,7 @@ adapters, head-only and the four M2IST variants, all in one process:
     python benchmarks/gpu_paper_scale.py --tf32          # float32 matmuls on TF32 tensor cores, like the convolutions
     python benchmarks/gpu_paper_scale.py --head-checkpointing   # every method's head recomputed in backward
     python benchmarks/gpu_paper_scale.py --store-head-feed-forward  # heads store their feed-forward hidden tensors
+    python benchmarks/gpu_paper_scale.py --unfolded-batch-norm      # frozen batch norms fused, not folded into convs
     python benchmarks/gpu_paper_scale.py --batch-size 2 --steps 2   # CPU smoke test
 
 Timing rounds stop when the global `--time-budget` (seconds, counted from the start, model building included) is
@@ -47,6 +48,9 @@ def main(argv=None) -> dict:
                    help="gradient checkpointing in every method's grounding head")
     p.add_argument("--store-head-feed-forward", action="store_true",
                    help="every method's head stores its feed-forward hidden tensors instead of recomputing them")
+    p.add_argument("--unfolded-batch-norm", action="store_true",
+                   help="the vision tower's frozen batch norms are fused (one op each) but not folded into the "
+                        "convolutions before them (every method alike)")
     p.add_argument("--time-budget", type=float, default=240.0, help="global budget in seconds")
     p.add_argument("--methods", nargs="+", default=list(C.ALL_METHODS), choices=C.ALL_METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -58,12 +62,13 @@ def main(argv=None) -> dict:
     batch = a.batch_size or (64 if device.type == "cuda" else 2)
     suffix = ("_bf16" if a.bf16 else "") + ("_tf32" if a.tf32 else "") + ("_headckpt" if a.head_checkpointing else "")
     suffix += "_storedffn" if a.store_head_feed_forward else ""
+    suffix += "_unfoldedbn" if a.unfolded_batch_norm else ""
     args = argparse.Namespace(
         scale="paper", methods=a.methods, device=a.device, batch_size=batch, account_batches=[batch],
         extrapolate_to=64, repeats=a.steps, warmup=a.warmup, inference_repeats=a.steps, bottleneck=128,
         lora_rank=16, head_dropout=0.1, head_checkpointing=a.head_checkpointing, bf16=a.bf16, tf32=a.tf32,
         time_budget=a.time_budget, skip=["live_peak"], threads=None, seed=0, cached_features=True,
-        stock_batch_norm=False, store_head_feed_forward=a.store_head_feed_forward,
+        stock_batch_norm=False, unfolded_batch_norm=a.unfolded_batch_norm, store_head_feed_forward=a.store_head_feed_forward,
         output=a.output or C.RESULTS_DIR / f"gpu_paper_scale_{device.type}{suffix}.json",
     )
     result = memory_time.run(args)

@@ -60,9 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; timing rounds stop when the budget is spent (the JSON is written after each phase)")
     p.add_argument("--skip", nargs="*", default=[], choices=("account", "live_peak", "cuda_peak", "time", "inference"))
-    p.add_argument("--stock-batch-norm", action="store_true",
-                   help="keep the vision tower's frozen batch norms as they are (two ops each) instead of fusing them "
-                        "(`peft_m2ist.fuse_frozen_batch_norms`, the default, for every method alike)")
+    norms = p.add_mutually_exclusive_group()
+    norms.add_argument("--stock-batch-norm", action="store_true",
+                       help="keep the vision tower's frozen batch norms as they are (two ops each) instead of folding "
+                            "them into the convolutions before them (`peft_m2ist.fold_frozen_batch_norms`, the "
+                            "default, for every method alike)")
+    norms.add_argument("--unfolded-batch-norm", action="store_true",
+                       help="fuse the vision tower's frozen batch norms into one op each "
+                            "(`peft_m2ist.fuse_frozen_batch_norms`) but do not fold them into the convolutions")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None)
@@ -95,12 +100,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
     suffix += "_headckpt" if args.head_checkpointing else ""
     suffix += "_storedffn" if args.store_head_feed_forward else ""
     suffix += "_stockbn" if args.stock_batch_norm else ""
+    suffix += "_unfoldedbn" if args.unfolded_batch_norm else ""
     out_path = args.output or C.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     log(f"building the {args.scale} pair ...")
-    scale = C.build_scale(args.scale, args.seed, fuse_batch_norms=not args.stock_batch_norm)
-    fused = sum(isinstance(m, peft_m2ist.FusedFrozenBatchNorm2d) for m in scale.vision.modules())
+    norms = "stock" if args.stock_batch_norm else "fused" if args.unfolded_batch_norm else "folded"
+    scale = C.build_scale(args.scale, args.seed, frozen_batch_norm=norms)
+    folded = sum(isinstance(m, peft_m2ist.FrozenBatchNormFoldedConv2d) for m in scale.vision.modules())
+    fused = sum(type(m) is peft_m2ist.FusedFrozenBatchNorm2d for m in scale.vision.modules())
     num_vision_tokens = C.count_vision_tokens(scale.vision, scale.image_size)
     result = {
         "kind": "memory_time",
@@ -114,7 +122,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "bottleneck": args.bottleneck, "lora_rank": args.lora_rank, "bf16": args.bf16, "tf32": args.tf32,
             "time_budget_s": args.time_budget, "head_dropout": args.head_dropout,
             "head_checkpointing": args.head_checkpointing,
-            "frozen_batch_norm": f"fused ({fused} modules)" if fused else "stock",
+            "frozen_batch_norm": (f"folded into the convolutions before them ({folded} modules)" if folded
+                                  else f"fused ({fused} modules)" if fused else "stock"),
             "head_feed_forward": ("hidden stored" if args.store_head_feed_forward else "hidden recomputed")
             + " (peft_m2ist.feed_forward.LeanFeedForwardEncoderLayer)",
             "image_size": scale.image_size, "text_tokens": scale.text_tokens, "vision_tokens": num_vision_tokens,

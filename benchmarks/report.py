@@ -97,7 +97,7 @@ def memory_time_section(r: dict) -> list[str]:
         + ("; bf16 autocast" if s.get("bf16") else "")
         + ("; TF32 float32 matmuls (`set_float32_matmul_precision('high')`)" if s.get("tf32") else "")
         + ("; gradient checkpointing in every method's grounding head" if s.get("head_checkpointing") else "")
-        + (f"; frozen batch norms {s['frozen_batch_norm']}" if _frozen_batch_norm(r) == "fused" else "")
+        + (f"; frozen batch norms {s['frozen_batch_norm']}" if _frozen_batch_norm(r) != "stock" else "")
         + "".join(f"; **{note}**" for note in _implementation_notes(r)) + ".",
         "",
     ]
@@ -265,15 +265,16 @@ def _where(r: dict) -> str:
 def _implementation_notes(r: dict) -> list[str]:
     """What differs from the current implementation in a run: files written before the lean head feed-forward, with
     the head's feed-forward hidden tensors stored (before they were recomputed, or `--store-head-feed-forward`) or
-    with stock frozen batch norms (before they were fused, or `--stock-batch-norm`) say so. Under head checkpointing
+    with stock frozen batch norms (before they were fused, or `--stock-batch-norm`) or with fused ones not folded into the
+    convolutions (before they were folded, or `--unfolded-batch-norm`) say so. Under head checkpointing
     the feed-forward block is recomputed with the rest of the layer, so its own setting does not apply."""
     s = r["settings"]
     ffn = s.get("head_feed_forward")
     notes = ["stock head FFN"] * (ffn is None)
     if ffn is not None and not ffn.startswith("hidden recomputed") and not s.get("head_checkpointing"):
         notes.append("head FFN hidden stored")
-    if r.get("scale", "paper") == "paper" and _frozen_batch_norm(r) == "stock":
-        notes.append("stock frozen BN")
+    if r.get("scale", "paper") == "paper":
+        notes += {"stock": ["stock frozen BN"], "fused": ["frozen BN not folded"], "folded": []}[_frozen_batch_norm(r)]
     return notes
 
 
@@ -343,7 +344,9 @@ def _peak_in_towers(op: str | None) -> bool:
 
 
 def _frozen_batch_norm(r: dict) -> str:
-    return "fused" if str(r["settings"].get("frozen_batch_norm", "stock")).startswith("fused") else "stock"
+    """"folded" (into the convolutions), "fused" (one op each) or "stock", from a run's settings (older files: stock)."""
+    setting = str(r["settings"].get("frozen_batch_norm", "stock"))
+    return next((kind for kind in ("folded", "fused") if setting.startswith(kind)), "stock")
 
 
 def _comparable_gpu(live: dict, gpus: list[dict], peak_in_towers: bool) -> dict | None:
@@ -377,7 +380,7 @@ def peak_findings(paper: list[dict]) -> list[str]:
                  "forward, before the head runs" if in_towers else "")
         notes = ", ".join(["bf16 autocast"] * bool(live["settings"].get("bf16"))
                           + [f"frozen batch norms {_frozen_batch_norm(live)}"]
-                          + [n for n in _implementation_notes(live) if n != "stock frozen BN"])
+                          + [n for n in _implementation_notes(live) if "frozen BN" not in n])
         item = (f"Head only, batch {b} (`{live['_file']}`, {notes}): the peak of live tensors is at "
                 f"`{peak['peak_op']}`,{where}.")
         gpu = _comparable_gpu(live, gpus, in_towers)
@@ -447,6 +450,13 @@ def goals_section(results: list[dict]) -> list[str]:
                  "head recomputed it by default. The other rows recompute it in backward (one more `linear1` "
                  "matmul and dropout draw per layer).", ""]
                 if any("head FFN hidden stored" in _implementation_notes(r) for r in paper) else []),
+              *(["Rows marked \"frozen BN not folded\" or \"stock frozen BN\" come from runs whose vision tower (every "
+                 "method's) computes its frozen batch norms as separate ops after the convolutions: fused into one "
+                 "op (`--unfolded-batch-norm`, or written before the norms were folded) or as transformers has "
+                 "them (`--stock-batch-norm`, or written before they were fused). The other rows fold them into the "
+                 "convolutions before them (`peft_m2ist.fold_frozen_batch_norms`; the ReLUs after them run in "
+                 "place): the same outputs and gradients, without the norms' feature maps.", ""]
+                if any("frozen BN" in note for r in paper for note in _implementation_notes(r)) else []),
               *peak_findings(paper)]
     reference = json.loads((HERE / "reference_paper.json").read_text())["methods"]
     for r in paper:

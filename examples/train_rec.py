@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from peft_m2ist import M2ISTConfig, VisionTextPair
+from peft_m2ist import M2ISTConfig, VisionTextPair, fold_frozen_batch_norms
 from peft_m2ist.config import BOX_HEADS, INTERACTION_MODES, MIXTURE_MODES
 from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level, load_shapes_benchmark
 from peft_m2ist.metrics import load_rec_metric
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tower_dtype", choices=sorted(TOWER_DTYPES), default="float32",
                    help="Keep the frozen towers in this dtype: bfloat16/float16 halve their weights (and the feature "
                    "cache); the side network and head stay float32.")
+    g.add_argument("--fold_frozen_batch_norms", action=argparse.BooleanOptionalAction, default=True,
+                   help="Fold the vision tower's frozen batch norms (DETR-family ResNets) into the convolutions before "
+                   "them (peft_m2ist.fold_frozen_batch_norms): same features, less time and memory in its forward.")
     g.add_argument("--tower_micro_batch_size", type=int, default=None,
                    help="Run the frozen towers on at most this many samples at a time (same features, lower peak).")
     g = p.add_argument_group("data")
@@ -143,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------- model and data
 def build_model(args: argparse.Namespace):
     vision, image_processor = load_vision_tower(args.vision_model)
+    if args.fold_frozen_batch_norms and (folded := fold_frozen_batch_norms(vision)):
+        logger.info(f"folded {folded} frozen batch norms of the vision tower into its convolutions")
     if any(isinstance(m, torch.nn.Conv2d) for m in vision.modules()):
         vision.to(memory_format=torch.channels_last)  # same values; ~4x faster convolutions on CPU
     text, tokenizer = load_text_tower(args.text_model)

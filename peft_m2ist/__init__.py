@@ -5,7 +5,13 @@ Importing this package registers the `M2IST` peft type and the `REFERRING_EXPRES
 """
 
 from .config import M2ISTConfig
-from .frozen_batch_norm import FusedFrozenBatchNorm2d, fuse_frozen_batch_norms
+from .frozen_batch_norm import (
+    FoldedFrozenBatchNorm2d,
+    FrozenBatchNormFoldedConv2d,
+    FusedFrozenBatchNorm2d,
+    fold_frozen_batch_norms,
+    fuse_frozen_batch_norms,
+)
 from .layer import M2ISTTapLayer
 from .model import M2ISTModel, ReferringExpressionOutput
 from .pair import VisionTextPair
@@ -19,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "M2IST_PEFT_TYPE",
     "REC_TASK_TYPE",
+    "FoldedFrozenBatchNorm2d",
+    "FrozenBatchNormFoldedConv2d",
     "FusedFrozenBatchNorm2d",
     "M2ISTConfig",
     "M2ISTModel",
@@ -26,5 +34,6 @@ __all__ = [
     "PeftModelForReferringExpressionComprehension",
     "ReferringExpressionOutput",
     "VisionTextPair",
+    "fold_frozen_batch_norms",
     "fuse_frozen_batch_norms",
 ]

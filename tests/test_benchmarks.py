@@ -166,7 +166,8 @@ def _paper_run(full_ratio_at_64: float, full_ratio_at_2: float) -> dict:
              "account_extrapolated": {"ratio_to_full": full_ratio_at_64, "ratio_to_lora": 0.4}}
     return {"kind": "memory_time", "scale": "paper", "_file": "results/x.json",
             "settings": {"account_batches": [1, 2], "extrapolate_to": 64, "batch_size": 2,
-                         "frozen_batch_norm": "fused (53 modules)", "head_feed_forward": "hidden recomputed (...)"},
+                         "frozen_batch_norm": "folded into the convolutions before them (53 modules)",
+                         "head_feed_forward": "hidden recomputed (...)"},
             "machine": {"gpu": None, "torch_threads": 1}, "methods": {v: entry for v in report.VARIANTS}}
 
 
@@ -181,7 +182,7 @@ def test_summary_judges_memory_at_the_papers_batch_only():
     assert "0.300 **missed**" in full_table  # the batch-2 row stays in the full table
 
 
-def test_runs_before_the_lean_head_recomputed_ffn_and_fused_batch_norms_are_labelled():
+def test_runs_before_the_lean_head_recomputed_ffn_and_folded_batch_norms_are_labelled():
     old = _paper_run(0.2, 0.3)
     del old["settings"]["frozen_batch_norm"], old["settings"]["head_feed_forward"]
     (memory,) = [line for line in report.summary_section([old])
@@ -191,6 +192,11 @@ def test_runs_before_the_lean_head_recomputed_ffn_and_fused_batch_norms_are_labe
     stock_bn = _paper_run(0.2, 0.3)
     stock_bn["settings"]["frozen_batch_norm"] = "stock"  # --stock-batch-norm
     assert "(CPU 1 thread, stock frozen BN; exact account" in "\n".join(report.summary_section([stock_bn]))
+    assert 'Rows marked "frozen BN not folded" or "stock frozen BN"' in "\n".join(report.goals_section([stock_bn]))
+    assert "frozen BN" not in "\n".join(report.goals_section([_paper_run(0.2, 0.3)]))  # folded: no note
+    fused_bn = _paper_run(0.2, 0.3)
+    fused_bn["settings"]["frozen_batch_norm"] = "fused (53 modules)"  # --unfolded-batch-norm, or before folding
+    assert "(CPU 1 thread, frozen BN not folded; exact account" in "\n".join(report.summary_section([fused_bn]))
     for stored in ("lean (peft_m2ist.head.LeanFeedForwardEncoderLayer)", "hidden stored (...)"):  # old, flag
         run = _paper_run(0.2, 0.3)
         run["settings"]["head_feed_forward"] = stored

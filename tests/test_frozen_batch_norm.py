@@ -1,4 +1,5 @@
-"""`fuse_frozen_batch_norms`: DETR's frozen batch norms as one op, same outputs, state dict and gradients."""
+"""`fuse_frozen_batch_norms` and `fold_frozen_batch_norms`: DETR's frozen batch norms as one op, or folded into the
+convolution before them; same outputs, state dict and gradients, less at the forward's peak."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import torch
 from torch import nn
 
 from benchmarks.common import LiveTensorPeak, SavedForBackward
-from peft_m2ist import FusedFrozenBatchNorm2d, fuse_frozen_batch_norms
+from peft_m2ist import (
+    FoldedFrozenBatchNorm2d,
+    FrozenBatchNormFoldedConv2d,
+    FusedFrozenBatchNorm2d,
+    fold_frozen_batch_norms,
+    fuse_frozen_batch_norms,
+)
 from tests.tiny_towers import detr_resnet
 
 
@@ -134,3 +141,147 @@ def test_fused_norms_keep_bf16_maps_under_autocast():
     torch.testing.assert_close(maps.float(), reference.float(), rtol=0.05, atol=0.05)
     widest_map = 2 * 8 * 32 * 32 * 4  # bytes of the stem's (batch, 8, 32, 32) map in float32
     assert peaks["stock"] - peaks["fused"] >= widest_map, peaks
+
+
+# ------------------------------------------------------------------------------------------------ folding
+def _conv_layers_with_frozen_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(getattr(m, "normalization", None)).__name__ == "DetrFrozenBatchNorm2d"]
+
+
+def test_folded_convs_give_the_same_outputs_and_state_dict():
+    stock = _detr_with_statistics()
+    folded = copy.deepcopy(stock)
+    layers = _conv_layers_with_frozen_norms(folded)
+    assert layers and fold_frozen_batch_norms(folded) == len(layers) == len(_frozen_norms(stock))
+    for layer in layers:
+        assert isinstance(layer.convolution, FrozenBatchNormFoldedConv2d)
+        assert isinstance(layer.normalization, FoldedFrozenBatchNorm2d)
+        assert layer.convolution.folded_norm is layer.normalization
+    in_place = [m for m in folded.modules() if isinstance(m, nn.ReLU) and m.inplace]
+    residual_blocks = [m for m in folded.modules() if type(m).__name__ == "ResNetBasicLayer"]
+    assert residual_blocks and all(block.activation in in_place for block in residual_blocks)
+    assert folded.state_dict().keys() == stock.state_dict().keys()
+    for name, value in stock.state_dict().items():
+        torch.testing.assert_close(folded.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(_backbone_maps(folded, pixels), _backbone_maps(stock, pixels))
+    assert fold_frozen_batch_norms(folded) == 0  # already folded
+
+
+def test_folded_convs_follow_loaded_weights_and_statistics():
+    """The fold is computed from the current buffers: a state dict loaded afterwards takes effect."""
+    folded = _detr_with_statistics()
+    fold_frozen_batch_norms(folded)
+    other = _detr_with_statistics()
+    for norm in _frozen_norms(other):
+        norm.running_mean.add_(1.0)
+        norm.weight.mul_(2.0)
+    folded.load_state_dict(other.state_dict(), strict=True)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps, reference = _backbone_maps(folded, pixels), _backbone_maps(other, pixels)
+    torch.testing.assert_close(maps, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    copied = copy.deepcopy(folded)  # the copy folds its own norms, not the original's
+    layers = [m for m in copied.modules() if isinstance(getattr(m, "convolution", None), FrozenBatchNormFoldedConv2d)]
+    assert layers and all(m.convolution.folded_norm is m.normalization for m in layers)
+
+
+def test_folding_lowers_the_frozen_forward_peak_below_fusing():
+    """In a conv layer the fused norm writes a second map beside the convolution's, and the ReLU a third while the
+    norm's is alive; folded, the convolution's output is the only map (the ReLU runs in place on it)."""
+    fused = _detr_with_statistics()
+    fuse_frozen_batch_norms(fused)
+    folded = copy.deepcopy(fused)
+    fold_frozen_batch_norms(folded)
+    pixels = torch.randn(2, 3, 64, 64)
+    stem_peaks, backbone_peaks = {}, {}
+    for name, model in (("fused", fused), ("folded", folded)):
+        stem = next(m for n, m in model.named_modules() if n.endswith("embedder.embedder"))  # conv, norm, ReLU
+        with torch.no_grad(), LiveTensorPeak() as tracker:
+            stem(pixels)
+        stem_peaks[name] = tracker.peak
+        with torch.no_grad(), LiveTensorPeak() as tracker:
+            _backbone_maps(model, pixels)
+        backbone_peaks[name] = tracker.peak
+    stem_map = 2 * 8 * 32 * 32 * 4  # bytes of the stem's (batch, 8, 32, 32) float32 output
+    small = stem_map // 10  # besides the maps: per-channel scale and shift, and the folded (8, 3, 7, 7) weight
+    assert 2 * stem_map <= stem_peaks["fused"] < 2 * stem_map + small, stem_peaks
+    assert stem_map <= stem_peaks["folded"] < stem_map + small, stem_peaks
+    assert backbone_peaks["folded"] < backbone_peaks["fused"], backbone_peaks
+
+
+def test_gradients_through_folded_convs_match():
+    """Convolutions that train (full fine-tuning) get the same gradients through the fold and the in-place ReLUs."""
+    stock = _detr_with_statistics()
+    folded = copy.deepcopy(stock)
+    fold_frozen_batch_norms(folded)
+    pixels = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (stock, folded):
+        model.requires_grad_(True)
+        _backbone_maps(model, pixels).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("convolution" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_folded_convs_under_bf16_autocast():
+    stock = _detr_with_statistics()
+    folded = copy.deepcopy(stock)
+    fold_frozen_batch_norms(folded)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        maps, reference = _backbone_maps(folded, pixels), _backbone_maps(stock, pixels)
+    assert maps.dtype == torch.bfloat16
+    torch.testing.assert_close(maps.float(), reference.float(), rtol=0.05, atol=0.05)
+
+
+class ConvLayerUsingTheConvOutputTwice(nn.Module):
+    """Laid out like a transformers conv layer, but the convolution's output is used after the norm too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convolution = nn.Conv2d(3, 4, 3, padding=1)
+        self.normalization = _frozen_norms(_detr_with_statistics())[0].__class__(4)
+        self.normalization.running_var.fill_(4.0)
+        self.activation = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.convolution(x)
+        return self.activation(self.normalization(conv)) + conv
+
+
+def test_layers_that_compute_something_else_are_not_folded():
+    layer = ConvLayerUsingTheConvOutputTwice()
+    expected = layer(torch.ones(1, 3, 5, 5))
+    assert fold_frozen_batch_norms(layer) == 0
+    assert type(layer.convolution) is nn.Conv2d and not layer.activation.inplace
+    assert isinstance(layer.normalization, FusedFrozenBatchNorm2d)  # fused, which is exact here
+    torch.testing.assert_close(layer(torch.ones(1, 3, 5, 5)), expected)
+
+
+def test_m2ist_on_a_folded_tower_matches_the_stock_tower():
+    """Side-tuning a DETR tower whose norms are folded: same loss and adapter gradients as on the stock tower."""
+    from peft import get_peft_model
+
+    from tests.tiny_towers import batch, build_pair, tiny_config
+
+    results = []
+    for fold in (False, True):
+        pair = build_pair("detr_resnet+clip_text")
+        for norm in _frozen_norms(pair):
+            norm.running_var.copy_(torch.rand(norm.running_var.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+        if fold:
+            assert fold_frozen_batch_norms(pair) == len(_frozen_norms(build_pair("detr_resnet+clip_text")))
+        torch.manual_seed(0)
+        model = get_peft_model(pair, tiny_config())
+        loss = model(**batch()).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_stock, grads_stock), (loss_folded, grads_folded) = results
+    torch.testing.assert_close(loss_folded, loss_stock, rtol=1e-4, atol=1e-5)
+    assert grads_folded.keys() == grads_stock.keys() and grads_stock
+    for name in grads_stock:
+        torch.testing.assert_close(grads_folded[name], grads_stock[name], rtol=1e-3, atol=1e-5, msg=name)

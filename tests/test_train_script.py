@@ -123,3 +123,30 @@ def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=True,
     )
     assert proc.stdout.count("box [x0, y0, x1, y1]") == 1 and png.is_file()
+
+
+def test_build_model_folds_a_detr_towers_frozen_batch_norms(towers, tmp_path):
+    """`--fold_frozen_batch_norms` (the default) folds a DETR tower's frozen batch norms; the `--no-` form keeps them."""
+    import importlib.util
+
+    from accelerate import PartialState
+
+    from peft_m2ist import FrozenBatchNormFoldedConv2d
+    from tests.tiny_towers import detr_resnet
+
+    torch.manual_seed(0)
+    detr_resnet().save_pretrained(tmp_path / "detr")
+    tf.DetrImageProcessor().save_pretrained(tmp_path / "detr")
+    spec = importlib.util.spec_from_file_location("train_rec", SCRIPT)
+    train_rec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_rec)
+    PartialState(cpu=True)
+    folded = {}
+    for flag in ("--fold_frozen_batch_norms", "--no-fold_frozen_batch_norms"):
+        args = train_rec.parse_args([
+            "--vision_model", str(tmp_path / "detr"), "--text_model", str(towers[1]), "--image_size", "64",
+            "--bottleneck_dim", "8", "--head_dim", "16", "--head_layers", "1", "--head_heads", "2",
+            "--head_ffn_dim", "32", flag])
+        model, _, _ = train_rec.build_model(args)
+        folded[flag] = sum(isinstance(m, FrozenBatchNormFoldedConv2d) for m in model.modules())
+    assert folded == {"--fold_frozen_batch_norms": 12, "--no-fold_frozen_batch_norms": 0}
