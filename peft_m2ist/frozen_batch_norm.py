@@ -71,10 +71,11 @@ class FrozenBatchNormFoldedConv2d(nn.Conv2d):
     """`nn.Conv2d` followed by a frozen batch norm, as one convolution: `conv(x, weight * scale, bias * scale + shift)`.
 
     Shares the original convolution's parameters (same state-dict entries). The fold is computed at every call from the
-    current weights and buffers: a few weight-sized products against the feature map the norm no longer writes. It
-    therefore stays exact when the convolution trains (gradients reach `weight` through the product), after
-    `load_state_dict`, and after the model moves to another device or dtype. Input and output are
-    `(batch, channels, height, width)`.
+    current weights and buffers, a weight-sized product against the feature map the norm no longer writes, so it
+    follows `load_state_dict` and moves to another device or dtype with the model. A convolution whose weight gets a
+    gradient (it trains, e.g. in full fine-tuning) is not folded at that call: autograd would keep the scaled copy of
+    its weight for backward. It convolves and applies the norm in one op, as `FusedFrozenBatchNorm2d` does. Input and
+    output are `(batch, channels, height, width)`.
     """
 
     def __init__(self, conv: nn.Conv2d, norm: FoldedFrozenBatchNorm2d) -> None:
@@ -86,6 +87,8 @@ class FrozenBatchNormFoldedConv2d(nn.Conv2d):
         object.__setattr__(self, "folded_norm", norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            return FusedFrozenBatchNorm2d.forward(self.folded_norm, super().forward(x))
         scale, shift = self.folded_norm.scale_and_shift()
         weight = self.weight * scale.view(-1, 1, 1, 1).to(self.weight.dtype)
         bias = shift if self.bias is None else torch.addcmul(shift, self.bias, scale)
@@ -195,8 +198,8 @@ def fold_frozen_batch_norms(model: nn.Module, inplace_activations: bool = True) 
     convolution's output, and so does the ReLU after the residual add of transformers' ResNet blocks, whose input the
     block itself made; autograd allows both (a convolution keeps its input for backward, not its output).
 
-    The state dict does not change, outputs agree up to float rounding, and gradients are exact, also for convolutions
-    that train. Each change is checked on a probe input of its layer, and undone if the layer then computes something
+    The state dict does not change, outputs agree up to float rounding, and gradients are exact; a convolution that
+    trains applies its norm after it instead (see `FrozenBatchNormFoldedConv2d`). Each change is checked on a probe input of its layer, and undone if the layer then computes something
     else. `nn.BatchNorm2d` is not folded: in training mode it normalises with batch statistics.
 
     Example:

@@ -211,20 +211,26 @@ def test_folding_lowers_the_frozen_forward_peak_below_fusing():
     assert backbone_peaks["folded"] < backbone_peaks["fused"], backbone_peaks
 
 
-def test_gradients_through_folded_convs_match():
-    """Convolutions that train (full fine-tuning) get the same gradients through the fold and the in-place ReLUs."""
-    stock = _detr_with_statistics()
-    folded = copy.deepcopy(stock)
+def test_gradients_through_folded_convs_match_and_save_no_weight_copies():
+    """Convolutions that train (full fine-tuning) get the same gradients through folded layers and the in-place ReLUs,
+    and keep no scaled copy of their weights for backward: they apply the norm after the convolution instead."""
+    fused = _detr_with_statistics()
+    fuse_frozen_batch_norms(fused)
+    folded = copy.deepcopy(fused)
     fold_frozen_batch_norms(folded)
     pixels = torch.randn(2, 3, 64, 64)
-    grads = []
-    for model in (stock, folded):
+    results = []
+    for model in (fused, folded):
         model.requires_grad_(True)
-        _backbone_maps(model, pixels).square().mean().backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and any("convolution" in n for n in grads[0])
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
+        with SavedForBackward(exclude={t.data_ptr() for t in [*model.parameters(), *model.buffers()]}) as saved:
+            out = _backbone_maps(model, pixels)
+        out.square().mean().backward()
+        results.append((saved.nbytes, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (saved_fused, grads_fused), (saved_folded, grads_folded) = results
+    assert saved_folded <= saved_fused, (saved_fused, saved_folded)
+    assert grads_fused.keys() == grads_folded.keys() and any("convolution" in n for n in grads_fused)
+    for name in grads_fused:
+        torch.testing.assert_close(grads_folded[name], grads_fused[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_folded_convs_under_bf16_autocast():
