@@ -16,6 +16,7 @@ adapters, head-only and the four M2IST variants, all in one process:
     python benchmarks/gpu_paper_scale.py --head-checkpointing   # every method's head recomputed in backward
     python benchmarks/gpu_paper_scale.py --store-head-feed-forward  # heads store their feed-forward hidden tensors
     python benchmarks/gpu_paper_scale.py --unfolded-batch-norm      # frozen batch norms fused, not folded into convs
+    python benchmarks/gpu_paper_scale.py --channels-last            # every method's vision convolutions channels-last
     python benchmarks/gpu_paper_scale.py --batch-size 2 --steps 2   # CPU smoke test
 
 Timing rounds stop when the global `--time-budget` (seconds, counted from the start, model building included) is
@@ -48,6 +49,8 @@ def main(argv=None) -> dict:
                    help="gradient checkpointing in every method's grounding head")
     p.add_argument("--store-head-feed-forward", action="store_true",
                    help="every method's head stores its feed-forward hidden tensors instead of recomputing them")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the vision tower's convolutions in channels-last memory format (every method alike)")
     p.add_argument("--unfolded-batch-norm", action="store_true",
                    help="the vision tower's frozen batch norms are fused (one op each) but not folded into the "
                         "convolutions before them (every method alike)")
@@ -63,12 +66,14 @@ def main(argv=None) -> dict:
     suffix = ("_bf16" if a.bf16 else "") + ("_tf32" if a.tf32 else "") + ("_headckpt" if a.head_checkpointing else "")
     suffix += "_storedffn" if a.store_head_feed_forward else ""
     suffix += "_unfoldedbn" if a.unfolded_batch_norm else ""
+    suffix += "_channelslast" if a.channels_last else ""
     args = argparse.Namespace(
         scale="paper", methods=a.methods, device=a.device, batch_size=batch, account_batches=[batch],
         extrapolate_to=64, repeats=a.steps, warmup=a.warmup, inference_repeats=a.steps, bottleneck=128,
         lora_rank=16, head_dropout=0.1, head_checkpointing=a.head_checkpointing, bf16=a.bf16, tf32=a.tf32,
         time_budget=a.time_budget, skip=["live_peak"], threads=None, seed=0, cached_features=True,
-        stock_batch_norm=False, unfolded_batch_norm=a.unfolded_batch_norm, store_head_feed_forward=a.store_head_feed_forward,
+        stock_batch_norm=False, unfolded_batch_norm=a.unfolded_batch_norm,
+        channels_last=a.channels_last, store_head_feed_forward=a.store_head_feed_forward,
         output=a.output or C.RESULTS_DIR / f"gpu_paper_scale_{device.type}{suffix}.json",
     )
     result = memory_time.run(args)

@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tf32", action="store_true",
                    help="TF32 for float32 matmuls too (`torch.set_float32_matmul_precision('high')`; CUDA only): by "
                         "default torch runs float32 convolutions on TF32 tensor cores but matmuls in full float32")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the vision tower's weights in channels-last memory format, so its convolutions run "
+                        "channels-last (every method alike; what examples/train_rec.py does for convolutional towers)")
     p.add_argument("--cached-features", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each M2IST step from precomputed tower features (`forward(tower_features=...)`, "
                         "what train_rec's feature cache does after its first pass; reported apart, not like for like)")
@@ -101,12 +104,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
     suffix += "_storedffn" if args.store_head_feed_forward else ""
     suffix += "_stockbn" if args.stock_batch_norm else ""
     suffix += "_unfoldedbn" if args.unfolded_batch_norm else ""
+    suffix += "_channelslast" if args.channels_last else ""
     out_path = args.output or C.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     log(f"building the {args.scale} pair ...")
     norms = "stock" if args.stock_batch_norm else "fused" if args.unfolded_batch_norm else "folded"
     scale = C.build_scale(args.scale, args.seed, frozen_batch_norm=norms)
+    if args.channels_last:
+        scale.vision.to(memory_format=torch.channels_last)
     folded = sum(isinstance(m, peft_m2ist.FrozenBatchNormFoldedConv2d) for m in scale.vision.modules())
     fused = sum(type(m) is peft_m2ist.FusedFrozenBatchNorm2d for m in scale.vision.modules())
     num_vision_tokens = C.count_vision_tokens(scale.vision, scale.image_size)
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "batch_size": batch_size, "account_batches": account_batches, "extrapolate_to": args.extrapolate_to,
             "repeats": args.repeats, "warmup": args.warmup, "inference_repeats": args.inference_repeats,
             "bottleneck": args.bottleneck, "lora_rank": args.lora_rank, "bf16": args.bf16, "tf32": args.tf32,
+            "channels_last": args.channels_last,
             "time_budget_s": args.time_budget, "head_dropout": args.head_dropout,
             "head_checkpointing": args.head_checkpointing,
             "frozen_batch_norm": (f"folded into the convolutions before them ({folded} modules)" if folded

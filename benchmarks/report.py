@@ -96,6 +96,7 @@ def memory_time_section(r: dict) -> list[str]:
         f"{s['text_tokens']} text tokens; head dropout {s.get('head_dropout', 0.1)}; {s['optimizer']}"
         + ("; bf16 autocast" if s.get("bf16") else "")
         + ("; TF32 float32 matmuls (`set_float32_matmul_precision('high')`)" if s.get("tf32") else "")
+        + ("; vision tower channels-last (every method)" if s.get("channels_last") else "")
         + ("; gradient checkpointing in every method's grounding head" if s.get("head_checkpointing") else "")
         + (f"; frozen batch norms {s['frozen_batch_norm']}" if _frozen_batch_norm(r) != "stock" else "")
         + "".join(f"; **{note}**" for note in _implementation_notes(r)) + ".",
@@ -257,6 +258,7 @@ def _where(r: dict) -> str:
     parts = [m["gpu"].removeprefix("NVIDIA ") if m.get("gpu") else f"CPU {m['torch_threads']} thread"
              + ("s" if m["torch_threads"] > 1 else "")]
     parts += ["bf16"] * bool(s.get("bf16")) + ["TF32 matmuls"] * bool(s.get("tf32"))
+    parts += ["channels-last convs"] * bool(s.get("channels_last"))
     parts += ["head checkpointing"] * bool(s.get("head_checkpointing"))
     parts += _implementation_notes(r)
     return ", ".join(parts)

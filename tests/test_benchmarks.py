@@ -119,9 +119,10 @@ def test_memory_time_records_live_peaks_and_m2ist_micro_batches_apart(tmp_path):
 def test_memory_time_times_m2ist_from_cached_tower_features_apart(tmp_path):
     out = tmp_path / "memory_time.json"
     args = memory_time.parse_args(["--scale", "default", "--methods", "full", "m2ist_shared_sum", "--repeats", "1",
-                                   "--warmup", "0", "--skip", "account", "live_peak", "inference", "--output",
-                                   str(out)])
+                                   "--warmup", "0", "--skip", "account", "live_peak", "inference", "--channels-last",
+                                   "--output", str(out)])
     memory_time.run(args, log=lambda *_: None)
+    assert json.loads(out.read_text())["settings"]["channels_last"] is True
     methods = json.loads(out.read_text())["methods"]
     assert set(methods) == {"full", "m2ist_shared_sum"}  # the cached variant is not a method of its own
     assert "step_time_cached_features" not in methods["full"]
@@ -131,6 +132,7 @@ def test_memory_time_times_m2ist_from_cached_tower_features_apart(tmp_path):
     result = {**json.loads(out.read_text()), "_file": out.name}
     table = "\n".join(report.memory_time_section(result))
     assert "from cached tower features*" in table and "Not like for like" in table
+    assert "; vision tower channels-last (every method)" in table
 
 
 def _accuracy_run(seed: int, scores: dict[str, float]) -> dict:
