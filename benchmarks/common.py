@@ -401,13 +401,18 @@ class SavedForBackward:
     Those are the tensors packed by `saved_tensors_hooks`, plus the tensor inputs of `torch.utils.checkpoint.checkpoint`
     calls: a checkpointed function keeps them for its recompute, where the hooks do not see them. Storages in
     `exclude` (data pointers, e.g. of parameters and buffers) go to `excluded` instead of `storages`.
+
+    Only storages still alive when the context exits count: a tensor saved by a part of the graph that the forward
+    then drops (an output nothing uses) is not kept for backward, and the allocator may hand its address to a later
+    tensor, which must not be mistaken for it.
     """
 
     def __init__(self, exclude: set[int] = frozenset()) -> None:
         self.exclude = exclude
-        self.storages: dict[int, int] = {}  # data pointer -> bytes
+        self.storages: dict[int, int] = {}  # data pointer -> bytes, of the storages alive at exit
         self.excluded: dict[int, int] = {}
         self.unreadable = 0
+        self._packed: dict[int, tuple[StorageWeakRef, int]] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._real_checkpoint = torch.utils.checkpoint.checkpoint
 
@@ -422,7 +427,9 @@ class SavedForBackward:
         elif info[0] in self.exclude:
             self.excluded[info[0]] = info[1]
         elif info[1] > 0:
-            self.storages[info[0]] = info[1]
+            known = self._packed.get(info[0])
+            if known is None or known[0].expired():  # a new storage, possibly at a freed one's address
+                self._packed[info[0]] = (StorageWeakRef(t.untyped_storage()), info[1])
         return t
 
     def _checkpoint(self, function, *args, **kwargs):
@@ -439,6 +446,7 @@ class SavedForBackward:
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
         torch.utils.checkpoint.checkpoint = self._real_checkpoint
+        self.storages = {ptr: size for ptr, (ref, size) in self._packed.items() if not ref.expired()}
 
 
 def exact_account(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, autocast=None) -> dict:

@@ -56,6 +56,18 @@ def test_exact_account_counts_grads_adamw_state_and_checkpoint_inputs():
     assert plain["params_saved"] > 0
 
 
+def test_saved_for_backward_counts_only_storages_alive_at_the_end_of_forward():
+    """A tensor saved by a part of the graph the forward then drops is not kept for backward."""
+    x = torch.randn(4096, requires_grad=True)
+    with C.SavedForBackward() as saved:
+        dropped_input = torch.randn(4096)
+        dropped = x * dropped_input  # saves `dropped_input` (16 KiB) ...
+        kept = x.exp()  # saves its result (16 KiB)
+        del dropped, dropped_input  # ... and the graph that held it is gone
+    assert saved.nbytes == 4096 * 4
+    kept.sum().backward()
+
+
 def test_exact_account_restores_torch_checkpoint():
     real = torch.utils.checkpoint.checkpoint
     model = _TwoLinears(checkpointed=True)
