@@ -378,13 +378,13 @@ def peak_findings(paper: list[dict]) -> list[str]:
         peak = live["methods"]["head_only"]["live_peak"]
         b = peak["batch_size"]
         in_towers = _peak_in_towers(peak.get("peak_op"))
-        where = (" a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
+        where = (", a 4-D feature map, which only the vision backbone produces: the peak is inside the frozen towers' "
                  "forward, before the head runs" if in_towers else "")
         notes = ", ".join(["bf16 autocast"] * bool(live["settings"].get("bf16"))
                           + [f"frozen batch norms {_frozen_batch_norm(live)}"]
                           + [n for n in _implementation_notes(live) if "frozen BN" not in n])
         item = (f"Head only, batch {b} (`{live['_file']}`, {notes}): the peak of live tensors is at "
-                f"`{peak['peak_op']}`,{where}.")
+                f"`{peak['peak_op']}`{where}.")
         gpu = _comparable_gpu(live, gpus, in_towers)
         if gpu is not None:
             cuda = gpu["methods"]["head_only"]["cuda_peak"]

@@ -251,7 +251,8 @@ def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
     live["settings"] = {}
     # a peak in the head (3-D tokens) is not attributed to the towers
     live["methods"]["head_only"]["live_peak"]["peak_op"] = "aten.add.Tensor -> (2, 400, 256)"
-    assert "frozen towers' forward" not in "\n".join(report.peak_findings([gpu, live]))
+    text = "\n".join(report.peak_findings([gpu, live]))
+    assert "frozen towers' forward" not in text and "`aten.add.Tensor -> (2, 400, 256)`. " in text
 
 
 def test_tf32_is_refused_on_cpu(tmp_path):
