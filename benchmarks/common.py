@@ -157,8 +157,9 @@ FROZEN_BATCH_NORMS = ("folded", "fused", "stock")
 
 def build_scale(name: str, seed: int = 0, frozen_batch_norm: str = "folded") -> Scale:
     """The scale's frozen towers, in eval mode. Frozen batch norms (DETR's ResNet), for every method alike: "folded"
-    into the convolutions before them (`peft_m2ist.fold_frozen_batch_norms`, exact for convolutions that train too),
-    "fused" into one op (`peft_m2ist.fuse_frozen_batch_norms`) or "stock"."""
+    into the convolutions before them (`peft_m2ist.fold_frozen_batch_norms`; convolutions that train, as in full
+    fine-tuning, apply the fused norm after them instead), "fused" into one op (`peft_m2ist.fuse_frozen_batch_norms`)
+    or "stock"."""
     if frozen_batch_norm not in FROZEN_BATCH_NORMS:
         raise ValueError(f"`frozen_batch_norm` must be one of {FROZEN_BATCH_NORMS}, got {frozen_batch_norm!r}.")
     torch.manual_seed(seed)

@@ -265,11 +265,12 @@ def _where(r: dict) -> str:
 
 
 def _implementation_notes(r: dict) -> list[str]:
-    """What differs from the current implementation in a run: files written before the lean head feed-forward, with
-    the head's feed-forward hidden tensors stored (before they were recomputed, or `--store-head-feed-forward`) or
-    with stock frozen batch norms (before they were fused, or `--stock-batch-norm`) or with fused ones not folded into the
-    convolutions (before they were folded, or `--unfolded-batch-norm`) say so. Under head checkpointing
-    the feed-forward block is recomputed with the rest of the layer, so its own setting does not apply."""
+    """What differs from the current implementation in a run, as short labels: files written before the lean head
+    feed-forward; the head's feed-forward hidden tensors stored (before they were recomputed, or
+    `--store-head-feed-forward`); stock frozen batch norms (before they were fused, or `--stock-batch-norm`); fused
+    ones not folded into the convolutions (before they were folded, or `--unfolded-batch-norm`). Under head
+    checkpointing the feed-forward block is recomputed with the rest of the layer, so its own setting does not
+    apply."""
     s = r["settings"]
     ffn = s.get("head_feed_forward")
     notes = ["stock head FFN"] * (ffn is None)

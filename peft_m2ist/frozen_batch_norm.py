@@ -199,8 +199,9 @@ def fold_frozen_batch_norms(model: nn.Module, inplace_activations: bool = True) 
     block itself made; autograd allows both (a convolution keeps its input for backward, not its output).
 
     The state dict does not change, outputs agree up to float rounding, and gradients are exact; a convolution that
-    trains applies its norm after it instead (see `FrozenBatchNormFoldedConv2d`). Each change is checked on a probe input of its layer, and undone if the layer then computes something
-    else. `nn.BatchNorm2d` is not folded: in training mode it normalises with batch statistics.
+    trains applies its norm after it instead (see `FrozenBatchNormFoldedConv2d`). Each change is checked on a probe
+    input of its layer, and undone if the layer then computes something else. `nn.BatchNorm2d` is not folded: in
+    training mode it normalises with batch statistics.
 
     Example:
 
