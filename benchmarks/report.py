@@ -308,6 +308,14 @@ def paper_goal_checks(results: list[dict]) -> list[GoalCheck]:
             if all("cuda_peak" in ms.get(v, {}) for v in VARIANTS):
                 add(goal, f"CUDA peak, batch {r['settings']['batch_size']}",
                     [ms[v]["cuda_peak"].get(key) for v in VARIANTS], lambda x, lim=limit: x <= lim)
+            for entry, how in (("live_peak", "live-tensor peak"),
+                               ("live_peak" + MICRO, "live-tensor peak, towers in micro-batches of {}")):
+                peaks = [ms.get(v, {}).get(entry, {}) for v in VARIANTS]
+                values = [p.get(key) if p.get("batch_size") == PAPER_BATCH else None for p in peaks]
+                if any(x is not None for x in values):
+                    size = next(p.get("tower_micro_batch_size") for p, x in zip(peaks, values) if x is not None)
+                    add(goal, f"{how.format(size)}, batch {PAPER_BATCH}", values,
+                        lambda x, lim=limit: x <= lim)
         if r is paper[0]:
             add(f"adapter-only params within 5% of {PAPER_ADAPTER_PARAMS / 1e6:.2f}M", "",
                 [ms[v]["params"].get("adapter_only") if v in ms else None for v in VARIANTS],

@@ -196,6 +196,22 @@ def test_summary_judges_memory_at_the_papers_batch_only():
     assert "0.300 **missed**" in full_table  # the batch-2 row stays in the full table
 
 
+def test_summary_lists_live_peaks_at_the_papers_batch():
+    run = _paper_run(0.2, 0.3)
+    goal = {"params": {"adapter_only": 2_961_408}, "account_extrapolated": {"ratio_to_full": 0.1, "ratio_to_lora": 0.4},
+            "live_peak": {"batch_size": 64, "ratio_to_full": None, "ratio_to_lora": 0.7},
+            "live_peak_tower_micro_batches": {"batch_size": 64, "tower_micro_batch_size": 16, "ratio_to_lora": 0.45}}
+    run["methods"] = {report.GOAL_METHOD: goal}  # a peaks run measures only some methods
+    (lora,) = [line for line in report.summary_section([run])
+               if line.startswith("| training memory <= 50% of LoRA |")]
+    assert "0.700 **missed** (CPU 1 thread; live-tensor peak, batch 64)" in lora
+    assert "0.450 met (CPU 1 thread; live-tensor peak, towers in micro-batches of 16, batch 64)" in lora
+    assert not [line for line in report.summary_section([run])  # full fine-tuning's peak was not measured there
+                if line.startswith("| training memory <= 25% of full FT |") and "live-tensor" in line]
+    run["methods"][report.GOAL_METHOD]["live_peak"]["batch_size"] = 2
+    assert "live-tensor peak, batch" not in "\n".join(report.summary_section([run]))  # only at the paper's batch
+
+
 def test_runs_before_the_lean_head_recomputed_ffn_and_folded_batch_norms_are_labelled():
     old = _paper_run(0.2, 0.3)
     del old["settings"]["frozen_batch_norm"], old["settings"]["head_feed_forward"]
