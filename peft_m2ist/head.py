@@ -108,9 +108,9 @@ class GroundingHead(nn.Module):
     Training memory, two options with the same outputs and gradients (dropout masks replayed):
     `recompute_feed_forward` makes each layer's feed-forward block recompute its `(batch, tokens, ffn_dim)` hidden
     tensor in backward (one more `linear1` matmul and dropout draw per layer; `LeanFeedForwardEncoderLayer`), about
-    40% less activation memory for TransVG's head. With `gradient_checkpointing` each layer keeps only its input and runs its whole forward again
-    in backward (`torch.utils.checkpoint`, about one more head forward per step): one `(batch, tokens, dim)` tensor per
-    layer plus the layer being recomputed.
+    40% less activation memory for TransVG's head. With `gradient_checkpointing` each layer keeps only its input and
+    runs its whole forward again in backward (`torch.utils.checkpoint`, about one more head forward per step): one
+    `(batch, tokens, dim)` tensor per layer plus the layer being recomputed.
     """
 
     def __init__(
