@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
@@ -74,23 +75,35 @@ def test_fused_norms_lower_the_frozen_forward_peak():
     assert peaks["stock"] - peaks["fused"] >= widest_map, peaks
 
 
-def test_gradients_through_fused_norms_match_and_save_nothing_more():
-    stock = _detr_with_statistics()
-    fused = copy.deepcopy(stock)
-    fuse_frozen_batch_norms(fused)
+def _saved_bytes_and_gradients(model: nn.Module, pixels: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
+    """Train every parameter of `model` through one backbone pass: bytes saved for backward, parameter gradients."""
+    model.requires_grad_(True)
+    with SavedForBackward(exclude={t.data_ptr() for t in [*model.parameters(), *model.buffers()]}) as saved:
+        out = _backbone_maps(model, pixels)
+    out.square().mean().backward()
+    return saved.nbytes, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    ("prepare_reference", "prepare_candidate"),
+    [(lambda model: None, fuse_frozen_batch_norms), (fuse_frozen_batch_norms, fold_frozen_batch_norms)],
+    ids=["fused vs stock", "folded vs fused"],
+)
+def test_gradients_match_and_nothing_more_is_saved(prepare_reference, prepare_candidate):
+    """Convolutions that train (full fine-tuning) get the same gradients through fused norms, and through folded layers
+    and their in-place ReLUs, and keep no more for backward: in particular a folded convolution that trains keeps no
+    scaled copy of its weight (it applies the norm after the convolution instead)."""
+    reference = _detr_with_statistics()
+    prepare_reference(reference)
+    candidate = copy.deepcopy(reference)
+    prepare_candidate(candidate)
     pixels = torch.randn(2, 3, 64, 64)
-    results = []
-    for model in (stock, fused):
-        model.requires_grad_(True)
-        with SavedForBackward(exclude={t.data_ptr() for t in [*model.parameters(), *model.buffers()]}) as saved:
-            out = _backbone_maps(model, pixels)
-        out.square().mean().backward()
-        results.append((saved.nbytes, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (saved_stock, grads_stock), (saved_fused, grads_fused) = results
-    assert saved_fused <= saved_stock, (saved_stock, saved_fused)
-    assert grads_fused.keys() == grads_stock.keys() and grads_stock
-    for name in grads_stock:
-        torch.testing.assert_close(grads_fused[name], grads_stock[name], rtol=1e-4, atol=1e-5, msg=name)
+    saved_reference, grads_reference = _saved_bytes_and_gradients(reference, pixels)
+    saved_candidate, grads_candidate = _saved_bytes_and_gradients(candidate, pixels)
+    assert saved_candidate <= saved_reference, (saved_reference, saved_candidate)
+    assert grads_candidate.keys() == grads_reference.keys() and any("convolution" in n for n in grads_reference)
+    for name in grads_reference:
+        torch.testing.assert_close(grads_candidate[name], grads_reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 class LooseFrozenBatchNorm2d(nn.Module):
@@ -210,28 +223,6 @@ def test_folding_lowers_the_frozen_forward_peak_below_fusing():
     assert 2 * stem_map <= stem_peaks["fused"] < 2 * stem_map + small, stem_peaks
     assert stem_map <= stem_peaks["folded"] < stem_map + small, stem_peaks
     assert backbone_peaks["folded"] < backbone_peaks["fused"], backbone_peaks
-
-
-def test_gradients_through_folded_convs_match_and_save_no_weight_copies():
-    """Convolutions that train (full fine-tuning) get the same gradients through folded layers and the in-place ReLUs,
-    and keep no scaled copy of their weights for backward: they apply the norm after the convolution instead."""
-    fused = _detr_with_statistics()
-    fuse_frozen_batch_norms(fused)
-    folded = copy.deepcopy(fused)
-    fold_frozen_batch_norms(folded)
-    pixels = torch.randn(2, 3, 64, 64)
-    results = []
-    for model in (fused, folded):
-        model.requires_grad_(True)
-        with SavedForBackward(exclude={t.data_ptr() for t in [*model.parameters(), *model.buffers()]}) as saved:
-            out = _backbone_maps(model, pixels)
-        out.square().mean().backward()
-        results.append((saved.nbytes, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (saved_fused, grads_fused), (saved_folded, grads_folded) = results
-    assert saved_folded <= saved_fused, (saved_fused, saved_folded)
-    assert grads_fused.keys() == grads_folded.keys() and any("convolution" in n for n in grads_fused)
-    for name in grads_fused:
-        torch.testing.assert_close(grads_folded[name], grads_fused[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_folded_convs_under_bf16_autocast():
