@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 _BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
@@ -73,9 +74,9 @@ class FrozenBatchNormFoldedConv2d(nn.Conv2d):
     Shares the original convolution's parameters (same state-dict entries). The fold is computed at every call from the
     current weights and buffers, a weight-sized product against the feature map the norm no longer writes, so it
     follows `load_state_dict` and moves to another device or dtype with the model. A convolution whose weight gets a
-    gradient (it trains, e.g. in full fine-tuning) is not folded at that call: autograd would keep the scaled copy of
-    its weight for backward. It convolves and applies the norm in one op, as `FusedFrozenBatchNorm2d` does. Input and
-    output are `(batch, channels, height, width)`.
+    gradient, or whose bias does (it trains, e.g. in full fine-tuning), is not folded at that call: autograd would keep
+    the scaled copy of its weight for backward. It convolves and applies the norm in one op, as
+    `FusedFrozenBatchNorm2d` does. Input and output are `(batch, channels, height, width)`.
     """
 
     def __init__(self, conv: nn.Conv2d, norm: FoldedFrozenBatchNorm2d) -> None:
@@ -87,12 +88,14 @@ class FrozenBatchNormFoldedConv2d(nn.Conv2d):
         object.__setattr__(self, "folded_norm", norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.requires_grad and torch.is_grad_enabled():
-            return FusedFrozenBatchNorm2d.forward(self.folded_norm, super().forward(x))
-        scale, shift = self.folded_norm.scale_and_shift()
-        weight = self.weight * scale.view(-1, 1, 1, 1).to(self.weight.dtype)
-        bias = shift if self.bias is None else torch.addcmul(shift, self.bias, scale)
-        return self._conv_forward(x, weight, bias.to(self.weight.dtype))
+        norm = self.folded_norm
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (self.weight, self.bias)):
+            return FusedFrozenBatchNorm2d.forward(norm, super().forward(x))
+        # torch's own conv + batch-norm fusion formula (it returns detached parameters: only for convolutions that
+        # get no gradient, as here)
+        weight, bias = fuse_conv_bn_weights(self.weight, self.bias, norm.running_mean, norm.running_var, norm.eps,
+                                            norm.weight, norm.bias)
+        return self._conv_forward(x, weight, bias)
 
 
 # transformers' residual blocks whose last activation runs on a tensor the block made (and already added to in place)

@@ -236,15 +236,23 @@ def test_folded_convs_under_bf16_autocast():
     torch.testing.assert_close(maps.float(), reference.float(), rtol=0.05, atol=0.05)
 
 
-class ConvLayerUsingTheConvOutputTwice(nn.Module):
-    """Laid out like a transformers conv layer, but the convolution's output is used after the norm too."""
+class ConvLayer(nn.Module):
+    """A transformers-style conv layer with a convolution bias."""
 
     def __init__(self) -> None:
         super().__init__()
         self.convolution = nn.Conv2d(3, 4, 3, padding=1)
         self.normalization = DetrFrozenBatchNorm2d(4)
         self.normalization.running_var.fill_(4.0)
+        self.normalization.running_mean.fill_(0.5)
         self.activation = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.normalization(self.convolution(x)))
+
+
+class ConvLayerUsingTheConvOutputTwice(ConvLayer):
+    """Laid out like a transformers conv layer, but the convolution's output is used after the norm too."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.convolution(x)
@@ -283,3 +291,16 @@ def test_m2ist_on_a_folded_tower_matches_the_stock_tower():
     assert grads_folded.keys() == grads_stock.keys() and grads_stock
     for name in grads_stock:
         torch.testing.assert_close(grads_folded[name], grads_stock[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_training_bias_of_a_frozen_weight_convolution_still_gets_its_gradient():
+    torch.manual_seed(0)
+    stock = ConvLayer()
+    folded = copy.deepcopy(stock)
+    assert fold_frozen_batch_norms(folded) == 1
+    pixels = torch.randn(2, 3, 5, 5)
+    for layer in (stock, folded):
+        layer.convolution.weight.requires_grad_(False)
+        layer(pixels).square().sum().backward()
+    assert folded.convolution.bias.grad is not None
+    torch.testing.assert_close(folded.convolution.bias.grad, stock.convolution.bias.grad)
