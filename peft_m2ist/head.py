@@ -65,11 +65,14 @@ class PointerBox(nn.Module):
 
     Pointer weights `softmax(q(reg) . k(token) / sqrt(dim))` over the real vision tokens; centre = weighted mean of the
     token centres + `tanh` offset of at most one cell; width and height from a sigmoid. Token centres are the grid's
-    cell centres for grid towers, or learned (starting at the image centre) for towers without a grid.
+    cell centres for grid towers, or learned (starting at the image centre) for towers without a grid. With a grid,
+    the first `prefix_tokens` vision tokens (a ViT's [CLS]: no place in the image) are not pointed at.
     """
 
-    def __init__(self, dim: int, num_vision_tokens: int, vision_grid: tuple[int, int] | None) -> None:
+    def __init__(self, dim: int, num_vision_tokens: int, vision_grid: tuple[int, int] | None,
+                 prefix_tokens: int = 0) -> None:
         super().__init__()
+        self.prefix_tokens = prefix_tokens if vision_grid is not None else 0
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, 4))
@@ -83,6 +86,7 @@ class PointerBox(nn.Module):
             self.register_buffer("max_offset", torch.tensor([0.5, 0.5]), persistent=False)
 
     def forward(self, reg: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
+        vision, vision_mask = vision[:, self.prefix_tokens :], vision_mask[:, self.prefix_tokens :]
         logits = torch.einsum("bd,bnd->bn", self.query(reg), self.key(vision)) * self.scale
         logits = logits.masked_fill(~vision_mask.bool(), torch.finfo(logits.dtype).min)
         weights = logits.softmax(dim=-1)
@@ -100,7 +104,9 @@ class GroundingHead(nn.Module):
     (the two towers' streams can differ in scale by orders of magnitude); a learned position embedding covers
     the `1 + max_text_tokens + num_vision_tokens` slots; a post-norm transformer encoder mixes them; the box, `cxcywh`
     normalised to [0, 1], comes from `PointerBox` (`box_head="pointer"`) or from a 3-layer MLP and a sigmoid on the
-    [REG] output (`box_head="mlp"`, TransVG's).
+    [REG] output (`box_head="mlp"`, TransVG's). With a `vision_grid` `(h, w)` (a feature map's, or a patch tower's
+    patches after `vision_prefix_tokens` leading tokens such as [CLS]) the vision tokens get a fixed sine encoding of
+    their cell and the pointer uses the cell centres; without one, the pointer learns a centre per token.
 
     `dropout` applies to the residual and feed-forward paths; `attention_dropout` (default 0) to the attention
     probabilities, which with a non-zero value have to be stored for backward.
@@ -127,19 +133,22 @@ class GroundingHead(nn.Module):
         box_head: str = "pointer",
         gradient_checkpointing: bool = False,
         recompute_feed_forward: bool = True,
+        vision_prefix_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         if box_head not in BOX_HEADS:
             raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {box_head!r}.")
-        if vision_grid is not None and vision_grid[0] * vision_grid[1] != num_vision_tokens:
+        if vision_grid is not None and vision_grid[0] * vision_grid[1] != num_vision_tokens - vision_prefix_tokens:
             vision_grid = None
+        if vision_grid is None:
+            vision_prefix_tokens = 0
         self.max_text_tokens = max_text_tokens
         self.num_vision_tokens = num_vision_tokens
         self.input_norm = nn.LayerNorm(dim)
         grid_encoding = None
-        if vision_grid is not None:
-            grid_encoding = sine_grid_encoding(vision_grid, dim)
+        if vision_grid is not None:  # prefix tokens have no place in the image: no grid encoding
+            grid_encoding = nn.functional.pad(sine_grid_encoding(vision_grid, dim), (0, 0, vision_prefix_tokens, 0))
         self.register_buffer("vision_grid_encoding", grid_encoding, persistent=False)
         self.reg_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + max_text_tokens + num_vision_tokens, dim))
@@ -154,7 +163,7 @@ class GroundingHead(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.box_head = box_head
         if box_head == "pointer":
-            self.pointer = PointerBox(dim, num_vision_tokens, vision_grid)
+            self.pointer = PointerBox(dim, num_vision_tokens, vision_grid, vision_prefix_tokens)
         else:
             self.box_mlp = BoxMLP(dim)
 

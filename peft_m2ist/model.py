@@ -167,7 +167,7 @@ class M2ISTModel(BaseTuner):
             raise ValueError(f"Adapter names must be non-empty and contain no '.', got {adapter_name!r}.")
         config: M2ISTConfig = self.peft_config[adapter_name]
         try:
-            plan = plan_adapter(model, config)
+            plan = self._plan_as_saved(plan_adapter(model, config), config)
             self._check_plan_matches_config(plan, config)
         except ValueError as err:
             if not config.tower_shapes:
@@ -182,6 +182,7 @@ class M2ISTModel(BaseTuner):
                                  config.head_dropout, config.max_text_tokens, plan.vision.num_tokens,
                                  attention_dropout=config.head_attention_dropout,
                                  vision_grid=tuple(plan.vision.grid) if plan.vision.grid else None,
+                                 vision_prefix_tokens=plan.vision.prefix_tokens,
                                  box_head=config.box_head,
                                  gradient_checkpointing=config.head_gradient_checkpointing,
                                  recompute_feed_forward=config.head_recompute_feed_forward)
@@ -194,17 +195,29 @@ class M2ISTModel(BaseTuner):
         self._set_side_requires_grad()
 
     @staticmethod
+    def _plan_as_saved(plan: AdapterPlan, config: M2ISTConfig) -> AdapterPlan:
+        """Build a saved adapter the way it was built: one whose patch tower was read as a plain token sequence
+        (saved before patch grids existed, or with `patch_grid: false`) keeps its head without the patch grid."""
+        saved = (config.tower_shapes or {}).get("vision")
+        if saved and plan.vision.patch_grid and saved.get("grid") is None and not saved.get("patch_grid", False):
+            plan.vision = plan.vision.without_patch_grid()
+        return plan
+
+    @staticmethod
     def _check_plan_matches_config(plan: AdapterPlan, config: M2ISTConfig) -> None:
         """An adapter saved for other tower shapes must not be loaded onto this pair."""
         saved = config.tower_shapes
         if not saved:
             return
         current = {"vision": plan.vision.to_dict(), "text": plan.text.to_dict()}
+        defaults = {"prefix_tokens": 0, "patch_grid": False}  # keys that adapters saved by older versions lack
         for tower in ("vision", "text"):
-            for key in ("stream_dim", "num_tokens", "grid", "ffn_dims", "attention_dims", "has_embedding"):
-                if saved.get(tower, {}).get(key) != current[tower][key]:
+            for key in ("stream_dim", "num_tokens", "grid", "ffn_dims", "attention_dims", "has_embedding",
+                        *defaults):
+                saved_value = saved.get(tower, {}).get(key, defaults.get(key))
+                if saved_value != current[tower][key]:
                     raise ValueError(
-                        f"it was built for a {tower} tower with {key}={saved[tower].get(key)!r}, but the given "
+                        f"it was built for a {tower} tower with {key}={saved_value!r}, but the given "
                         f"pair has {key}={current[tower][key]!r}."
                     )
 
@@ -380,8 +393,10 @@ class M2ISTModel(BaseTuner):
 
     @staticmethod
     def _unpack(features: dict[str, torch.Tensor], config: M2ISTConfig):
-        grid = (config.tower_shapes or {}).get("vision", {}).get("grid")
-        vision = TowerOutput(Tokens(features["vision"], tuple(grid) if grid else None), features.get("vision_mask"))
+        shapes = (config.tower_shapes or {}).get("vision", {})
+        grid = tuple(shapes["grid"]) if shapes.get("grid") else None
+        vision = TowerOutput(Tokens(features["vision"], grid, shapes.get("prefix_tokens", 0) if grid else 0),
+                             features.get("vision_mask"), patches=bool(shapes.get("patch_grid")))
         text = TowerOutput(Tokens(features["text"]), features["text_mask"])
         records = {k[4:]: v for k, v in features.items() if k.startswith("tap:")}
         return vision, text, records

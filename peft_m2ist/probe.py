@@ -69,7 +69,7 @@ def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final, pref
             if name not in records:
                 raise ValueError(f"The tap '{name}' (`{prefix}_{kind}layers`) did not run during a forward pass.")
             tokens = to_tokens(records[name])
-            if tokens.num_tokens != num_tokens and (tokens.grid is None or grid is None):
+            if tokens.num_tokens != num_tokens and (tokens.grid is None or grid is None or final.tokens.prefix):
                 raise ValueError(
                     f"The tap '{name}' (`{prefix}_{kind}layers`) yields {tokens.num_tokens} tokens but the tower's "
                     f"output has {num_tokens}; tap modules whose outputs line up with the final tokens."
@@ -78,12 +78,14 @@ def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final, pref
     has_embedding = False
     if taps.embeddings and taps.embeddings in records:
         emb = to_tokens(records[taps.embeddings])
-        same_count = emb.num_tokens == num_tokens or (emb.grid is not None and grid is not None)
+        same_count = emb.num_tokens == num_tokens or (
+            emb.grid is not None and grid is not None and final.tokens.prefix == 0
+        )
         has_embedding = same_count and emb.dim == final.tokens.dim
     if not has_embedding:
         taps.embeddings = None
     return StreamShapes(final.tokens.dim, num_tokens, list(grid) if grid else None, ffn_dims, attention_dims,
-                        has_embedding)
+                        has_embedding, final.tokens.prefix, final.patches)
 
 
 def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -14,7 +14,12 @@ from .towers import TowerOutput, match_grid, to_tokens
 
 @dataclass
 class StreamShapes:
-    """Shapes of one tower as seen by the side network (recorded in `M2ISTConfig.tower_shapes`)."""
+    """Shapes of one tower as seen by the side network (recorded in `M2ISTConfig.tower_shapes`).
+
+    `grid` is the `(height, width)` grid of the last `height * width` output tokens, if they tile the image;
+    `prefix_tokens` counts the output tokens before it (a ViT's [CLS]); `patch_grid` is True when the grid is a
+    patch tower's patch layout rather than a feature map's.
+    """
 
     stream_dim: int
     num_tokens: int
@@ -22,6 +27,14 @@ class StreamShapes:
     ffn_dims: list[int]
     attention_dims: list[int]
     has_embedding: bool
+    prefix_tokens: int = 0
+    patch_grid: bool = False
+
+    def without_patch_grid(self) -> StreamShapes:
+        """The same shapes with a patch tower's tokens read as a plain sequence (no grid, no prefix)."""
+        if not self.patch_grid:
+            return self
+        return replace(self, grid=None, prefix_tokens=0, patch_grid=False)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -206,10 +206,15 @@ def output_tensor(output: object) -> torch.Tensor:
 
 @dataclass
 class Tokens:
-    """A token sequence `(batch, tokens, dim)`, with its spatial grid `(height, width)` when it came from a map."""
+    """A token sequence `(batch, tokens, dim)` and, when its tokens tile the image, their grid `(height, width)`.
+
+    The grid covers the last `height * width` tokens in row-major order; the first `prefix` tokens lie outside it
+    (a ViT's [CLS], distillation or register tokens). Feature maps have a grid and no prefix.
+    """
 
     tensor: torch.Tensor
     grid: tuple[int, int] | None = None
+    prefix: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -238,6 +243,11 @@ def match_grid(tokens: Tokens, num_tokens: int, grid: tuple[int, int] | None) ->
         raise ValueError(
             f"A tap yields {tokens.num_tokens} tokens but the tower's output has {num_tokens}; only feature maps "
             "with a spatial grid can be resampled. Tap modules whose outputs have the final token count."
+        )
+    if grid[0] * grid[1] != num_tokens:
+        raise ValueError(
+            f"A feature-map tap cannot be pooled onto a tower output of {num_tokens} tokens whose grid {grid} "
+            "leaves tokens outside it ([CLS] and the like). Tap modules whose outputs have the final token count."
         )
     b, _, d = tokens.tensor.shape
     h, w = tokens.grid
@@ -270,10 +280,14 @@ def _forward_accepts(module_type: type, name: str) -> bool:
 
 @dataclass
 class TowerOutput:
-    """A tower's final tokens `(batch, tokens, dim)`, their grid if any, and a token mask `(batch, tokens)` if any."""
+    """A tower's final tokens `(batch, tokens, dim)`, their grid if any, and a token mask `(batch, tokens)` if any.
+
+    `patches` is True when the grid is a patch tower's patch layout (`patch_grid`) rather than a feature map's.
+    """
 
     tokens: Tokens
     mask: torch.Tensor | None = None
+    patches: bool = False
 
 
 def _run_detr_encoder(detr: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> TowerOutput:
@@ -298,8 +312,45 @@ def floating_dtype(module: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
+MAX_PREFIX_TOKENS = 16
+"""The most leading non-patch tokens ([CLS], distillation, registers) a patch tower's output may have."""
+
+
+def patch_grid(tower: nn.Module, image_size: tuple[int, int], num_tokens: int) -> tuple[tuple[int, int], int] | None:
+    """The patch grid `(height, width)` and prefix length of a patch tower's `(batch, tokens, dim)` output, if any.
+
+    A tower whose config has a `patch_size` (ViT, CLIP, SigLIP, DINOv2, ...) cuts an `H x W` image into
+    `(H // patch) x (W // patch)` patches; its output is those patch tokens, row-major, after up to
+    `MAX_PREFIX_TOKENS` others ([CLS], registers). Returns `None` when the token count does not fit that layout (a
+    tower that pools or merges patches, or one without a `patch_size`).
+    """
+    patch = getattr(getattr(tower, "config", None), "patch_size", None)
+    if isinstance(patch, (list, tuple)):
+        patch = tuple(int(p) for p in patch[:2]) if len(patch) >= 2 else (int(patch[0]),) * 2
+    elif isinstance(patch, int) and patch > 0:
+        patch = (patch, patch)
+    else:
+        return None
+    grid = (image_size[0] // patch[0], image_size[1] // patch[1])
+    prefix = num_tokens - grid[0] * grid[1]
+    if min(grid) < 1 or not 0 <= prefix <= MAX_PREFIX_TOKENS:
+        return None
+    return grid, prefix
+
+
+def grid_token_mask(pixel_mask: torch.Tensor, grid: tuple[int, int], prefix: int = 0) -> torch.Tensor:
+    """`(batch, H, W)` pixel mask -> `(batch, prefix + h * w)` token mask (nearest cell sample; prefix tokens are 1)."""
+    mask = nn.functional.interpolate(pixel_mask[:, None].float(), size=grid, mode="nearest").flatten(1).long()
+    if prefix:
+        mask = torch.cat([mask.new_ones(mask.shape[0], prefix), mask], dim=1)
+    return mask
+
+
 def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> TowerOutput:
-    """Run the vision tower; returns its final tokens and a token mask derived from `pixel_mask` for feature maps.
+    """Run the vision tower; returns its final tokens and, for tokens on a grid, a token mask from `pixel_mask`.
+
+    Feature maps are flattened onto their grid; a patch tower's tokens get their patch grid (`patch_grid`). The
+    tower itself sees every pixel (ViTs take no pixel mask), but the token mask keeps the head off padded patches.
 
     `pixel_values` are cast to the tower's dtype first, so a tower loaded in bf16 or fp16 (frozen weights in half
     the memory) takes the fp32 images an image processor returns.
@@ -313,11 +364,13 @@ def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, pixel_mask: t
     if pixel_mask is not None and _forward_accepts(type(tower), "pixel_mask"):
         kwargs["pixel_mask"] = pixel_mask
     tokens = to_tokens(output_tensor(tower(**kwargs)))
+    found = None if tokens.grid is not None else patch_grid(tower, tuple(pixel_values.shape[-2:]), tokens.num_tokens)
+    if found is not None:
+        tokens = Tokens(tokens.tensor, *found)
     mask = None
     if pixel_mask is not None and tokens.grid is not None:
-        mask = nn.functional.interpolate(pixel_mask[:, None].float(), size=tokens.grid, mode="nearest")
-        mask = mask.flatten(1).long()
-    return TowerOutput(tokens, mask)
+        mask = grid_token_mask(pixel_mask, tokens.grid, tokens.prefix)
+    return TowerOutput(tokens, mask, patches=found is not None)
 
 
 def run_text_tower(tower: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:

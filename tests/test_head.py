@@ -65,6 +65,22 @@ def test_pointer_ignores_padded_vision_tokens():
                                atol=1e-5)
 
 
+def test_pointer_never_points_at_prefix_tokens():
+    pointer = PointerBox(8, 7, (2, 3), prefix_tokens=1)
+    reg, vision = torch.randn(2, 8), torch.randn(2, 7, 8)
+    before = pointer(reg, vision, torch.ones(2, 7))
+    vision[:, 0] = torch.randn(2, 8) * 100  # a [CLS] token that would win any pointer contest
+    torch.testing.assert_close(pointer(reg, vision, torch.ones(2, 7)), before, rtol=0, atol=1e-6)
+
+
+def test_grid_that_does_not_fit_after_the_prefix_is_dropped():
+    head = _head(num_vision_tokens=7, vision_grid=(2, 3), vision_prefix_tokens=1)
+    assert head.pointer.token_centres.shape == (6, 2) and head.vision_grid_encoding.shape == (1, 7, 16)
+    unfit = _head(num_vision_tokens=7, vision_grid=(2, 3))  # 7 tokens, 6 cells, no prefix declared
+    assert unfit.vision_grid_encoding is None and unfit.pointer.prefix_tokens == 0
+    assert isinstance(unfit.pointer.token_centres, torch.nn.Parameter)
+
+
 def test_unknown_box_head_is_refused():
     with pytest.raises(ValueError, match="box_head"):
         _head(box_head="argmax")
