@@ -23,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import yaml
 from accelerate import Accelerator
@@ -212,17 +213,55 @@ class CachedTowerFeatures(Dataset):
                 "phrase_type": self.phrase_types[index]}
 
 
+CACHE_MEMORY_FRACTION = 0.8
+"""The most of the machine's available RAM that the feature caches of its processes may take together."""
+
+
+def allocate_feature_cache(first: dict[str, torch.Tensor], num_samples: int, processes_here: int, desc: str,
+                           available: int | None = None) -> dict[str, torch.Tensor]:
+    """Empty whole-split CPU tensors for `num_samples` samples shaped like the batch `first`, if they fit in RAM.
+
+    Raises `MemoryError` before allocating when the caches of the `processes_here` processes on this machine would
+    take more than `CACHE_MEMORY_FRACTION` of the available RAM (`available` bytes, default: psutil's figure).
+    """
+    per_sample = sum(v[0].numel() * v.element_size() for v in first.values())
+    needed = per_sample * num_samples * processes_here
+    available = psutil.virtual_memory().available if available is None else available
+    if needed > CACHE_MEMORY_FRACTION * available:
+        raise MemoryError(
+            f"{desc}: the tower-feature cache needs {needed / 2**30:.1f} GiB ({per_sample / 2**20:.2f} MiB per sample "
+            f"x {num_samples} samples x {processes_here} process(es) on this machine), but {available / 2**30:.1f} "
+            "GiB of RAM is available. Train with --no-cache_features (the towers then run at every step), with "
+            "--tower_dtype bfloat16 (half the size), on fewer samples (--train_samples) or with fewer tapped layers "
+            "(--num_tapped_layers)."
+        )
+    return {k: v.new_empty((num_samples, *v.shape[1:]), device="cpu") for k, v in first.items()}
+
+
 def cache_tower_features(model, loader: DataLoader, accelerator: Accelerator, desc: str) -> CachedTowerFeatures:
-    """Run the towers once over `loader` (every process caches the whole split; the loader is sharded later)."""
-    features: dict[str, list[torch.Tensor]] = {}
+    """Run the towers once over `loader` (every process caches the whole split; the loader is sharded later).
+
+    The outputs go straight into whole-split tensors, allocated after the first batch once `allocate_feature_cache`
+    has checked that they fit in RAM.
+    """
+    features: dict[str, torch.Tensor] = {}
     labels, phrase_types = [], []
+    filled = 0
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
         phrase_types += batch.pop("phrase_type")
         labels.append(batch.pop("labels"))
         inputs = {k: v.to(accelerator.device) for k, v in batch.items()}
-        for key, value in model.encode_towers(**inputs).items():
-            features.setdefault(key, []).append(value.cpu())
-    return CachedTowerFeatures({k: torch.cat(v) for k, v in features.items()}, torch.cat(labels), phrase_types)
+        outputs = model.encode_towers(**inputs)
+        if not features:
+            features = allocate_feature_cache(outputs, len(loader.dataset), processes_here, desc)
+            size = sum(v.numel() * v.element_size() for v in features.values())
+            logger.info(f"{desc}: {size / 2**30:.2f} GiB for {len(loader.dataset)} samples", main_process_only=True)
+        size = len(labels[-1])
+        for key, value in outputs.items():
+            features[key][filled : filled + size] = value
+        filled += size
+    return CachedTowerFeatures({k: v[:filled] for k, v in features.items()}, torch.cat(labels), phrase_types)
 
 
 def cached_loaders(model, train_loader, val_loader, accelerator, args):

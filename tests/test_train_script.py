@@ -1,4 +1,4 @@
-"""examples/train_rec.py end to end on tiny local towers: resume after a crash, and 2-process evaluation."""
+"""examples/train_rec.py on tiny local towers: resume after a crash, 2-process evaluation, the feature cache."""
 
 from __future__ import annotations
 
@@ -125,22 +125,28 @@ def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
     assert proc.stdout.count("box [x0, y0, x1, y1]") == 1 and png.is_file()
 
 
-def test_build_model_folds_a_detr_towers_frozen_batch_norms(towers, tmp_path):
-    """`--fold_frozen_batch_norms` (the default) folds a DETR tower's frozen batch norms; the `--no-` form keeps them."""
+@pytest.fixture(scope="module")
+def train_rec():
+    """examples/train_rec.py as a module, with accelerate's state set up for one CPU process."""
     import importlib.util
 
     from accelerate import PartialState
 
+    spec = importlib.util.spec_from_file_location("train_rec", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    PartialState(cpu=True)
+    return module
+
+
+def test_build_model_folds_a_detr_towers_frozen_batch_norms(towers, tmp_path, train_rec):
+    """`--fold_frozen_batch_norms` (the default) folds a DETR tower's frozen batch norms; the `--no-` form keeps them."""
     from peft_m2ist import FrozenBatchNormFoldedConv2d
     from tests.tiny_towers import detr_resnet
 
     torch.manual_seed(0)
     detr_resnet().save_pretrained(tmp_path / "detr")
     tf.DetrImageProcessor().save_pretrained(tmp_path / "detr")
-    spec = importlib.util.spec_from_file_location("train_rec", SCRIPT)
-    train_rec = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_rec)
-    PartialState(cpu=True)
     folded = {}
     for flag in ("--fold_frozen_batch_norms", "--no-fold_frozen_batch_norms"):
         args = train_rec.parse_args([
@@ -150,3 +156,33 @@ def test_build_model_folds_a_detr_towers_frozen_batch_norms(towers, tmp_path):
         model, _, _ = train_rec.build_model(args)
         folded[flag] = sum(isinstance(m, FrozenBatchNormFoldedConv2d) for m in model.modules())
     assert folded == {"--fold_frozen_batch_norms": 12, "--no-fold_frozen_batch_norms": 0}
+
+
+def test_feature_cache_holds_each_samples_tower_outputs_in_order(train_rec):
+    from accelerate import Accelerator
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader
+
+    from tests.tiny_towers import batch, build_pair, tiny_config
+
+    model = get_peft_model(build_pair("vit+bert"), tiny_config()).eval()
+    inputs = batch(size=5, labels=False)
+    inputs["pixel_mask"][1, :, 16:] = 0
+    rows = [{**{k: v[i] for k, v in inputs.items()}, "labels": torch.full((4,), i / 10), "phrase_type": f"type{i}"}
+            for i in range(5)]
+    cache = train_rec.cache_tower_features(model, DataLoader(rows, batch_size=2), Accelerator(cpu=True), "test")
+    expected = model.encode_towers(**inputs)
+    assert len(cache) == 5 and set(cache.features) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(cache.features[key], value, rtol=0, atol=1e-6)
+    assert cache[3]["phrase_type"] == "type3" and cache[3]["labels"][0] == pytest.approx(0.3)
+
+
+def test_a_feature_cache_that_does_not_fit_in_ram_is_refused_before_allocating(train_rec):
+    first = {"vision": torch.zeros(2, 65, 384), "vision_mask": torch.ones(2, 65, dtype=torch.long)}
+    per_sample = 65 * 384 * 4 + 65 * 8
+    cache = train_rec.allocate_feature_cache(first, 10, 1, "caching", available=10 * per_sample * 2)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in cache.items()} == {
+        "vision": ((10, 65, 384), torch.float32), "vision_mask": ((10, 65), torch.long)}
+    with pytest.raises(MemoryError, match=r"caching: the tower-feature cache needs .* 2 process\(es\).*--no-cache_features"):
+        train_rec.allocate_feature_cache(first, 10, 2, "caching", available=10 * per_sample * 2)
