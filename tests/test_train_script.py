@@ -184,5 +184,6 @@ def test_a_feature_cache_that_does_not_fit_in_ram_is_refused_before_allocating(t
     cache = train_rec.allocate_feature_cache(first, 10, 1, "caching", available=10 * per_sample * 2)
     assert {k: (tuple(v.shape), v.dtype) for k, v in cache.items()} == {
         "vision": ((10, 65, 384), torch.float32), "vision_mask": ((10, 65), torch.long)}
-    with pytest.raises(MemoryError, match=r"caching: the tower-feature cache needs .* 2 process\(es\).*--no-cache_features"):
+    refusal = r"caching: the tower-feature cache needs .* 2 process\(es\).*--no-cache_features"
+    with pytest.raises(MemoryError, match=refusal):
         train_rec.allocate_feature_cache(first, 10, 2, "caching", available=10 * per_sample * 2)
