@@ -255,12 +255,13 @@ def cache_tower_features(model, loader: DataLoader, accelerator: Accelerator, de
         outputs = model.encode_towers(**inputs)
         if not features:
             features = allocate_feature_cache(outputs, len(loader.dataset), processes_here, desc)
-            size = sum(v.numel() * v.element_size() for v in features.values())
-            logger.info(f"{desc}: {size / 2**30:.2f} GiB for {len(loader.dataset)} samples", main_process_only=True)
-        size = len(labels[-1])
+            cache_bytes = sum(v.numel() * v.element_size() for v in features.values())
+            logger.info(f"{desc}: {cache_bytes / 2**30:.2f} GiB for {len(loader.dataset)} samples",
+                        main_process_only=True)
+        batch_size = len(labels[-1])
         for key, value in outputs.items():
-            features[key][filled : filled + size] = value
-        filled += size
+            features[key][filled : filled + batch_size] = value
+        filled += batch_size
     return CachedTowerFeatures({k: v[:filled] for k, v in features.items()}, torch.cat(labels), phrase_types)
 
 
