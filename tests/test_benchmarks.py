@@ -291,8 +291,14 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
         memory_time.run(args, log=lambda *_: None)
         result = json.loads(args.output.read_text())
         assert result["settings"]["bf16"] is bool(flags)
-        accounts[bool(flags)] = result["methods"]["head_only"]["account"]["1"]["activations"]
-    assert accounts[True] != accounts[False], accounts  # autocast changed what is kept (bf16 inputs, weight casts)
+        accounts[bool(flags)] = result["methods"]["head_only"]["account"]["1"]
+    fp32, bf16 = accounts[False], accounts[True]
+    # autocast keeps float32 master weights: weights, gradients and AdamW state are the same bytes
+    for key in ("weights", "trainable", "grads", "optimizer"):
+        assert bf16[key] == fp32[key], key
+    # the matmuls save bf16 copies of the weights (activations) instead of the float32 weights themselves
+    assert bf16["params_saved"] < fp32["params_saved"]
+    assert bf16["activations"] != fp32["activations"]
 
 
 def test_head_only_share_of_lora_is_stated_as_the_floor():
