@@ -174,6 +174,24 @@ def test_accuracy_goals_compare_means_over_shared_seeds():
     assert any("70.0 vs 75.0 (-5.0) **missed**" in line for line in rows)
 
 
+
+def test_accuracy_goals_pair_seeds_across_runs_and_cover_every_m2ist_variant():
+    # seed 1 trained its baselines and the paper's configuration in one run and another variant in a second run
+    runs = [_accuracy_run(1, {"m2ist_shared_sum": 0.70, "lora": 0.72, "full": 0.60, "head_only": 0.50}),
+            _accuracy_run(1, {"m2ist_cross_attention_sum": 0.75}),
+            _accuracy_run(2, {"m2ist_cross_attention_sum": 0.80})]  # no baseline for seed 2: not compared
+    assert report._accuracy_groups(runs) == [runs]
+    lines = report._accuracy_goals(runs, ["val"], [1, 1, 2])
+    assert lines[0].endswith("seeds run: [1, 2]):")
+    (paper,) = [line for line in lines if "(paper) above LoRA (" in line]
+    assert "70.0 vs 72.0 (-2.0) **missed**" in paper
+    (cross,) = [line for line in lines if line.startswith("| M2IST cross-attention / sum above LoRA (")]
+    assert "(1 seed)" in cross and "75.0 vs 72.0 (+3.0) **met**" in cross
+    # the summary judges the paper's configuration only
+    (check,) = [cells for label, _, cells in report.accuracy_goal_checks(runs, ["val"]) if label == "above LoRA"]
+    assert check[0].mine == pytest.approx(0.70)
+
+
 def _paper_run(full_ratio_at_64: float, full_ratio_at_2: float) -> dict:
     entry = {"params": {"adapter_only": 2_961_408},
              "account": {"2": {"ratio_to_full": full_ratio_at_2, "ratio_to_lora": 0.9}},
