@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,7 +49,8 @@ class M2ISTConfig(PeftConfig):
         tower_micro_batch_size (`int`, *optional*): Run the frozen towers on at most this many samples at a time;
             `None` runs the whole batch at once. Same features; lowers the peak memory of the towers' forward.
         vision_layers (`list[str]` or `str`, *optional*): Vision modules (relative to the vision tower) whose outputs feed
-            the vision experts: module names, or a regex matched against full names. `None` picks the FFN of
+            the vision experts: module names, or a regex that must match a whole name (`re.fullmatch`, names relative
+            to the tower). `None` picks the FFN of
             `num_tapped_layers` evenly spaced blocks from the tower's `model_type`.
         text_layers (`list[str]` or `str`, *optional*): The same for the text tower and the language experts.
         vision_attention_layers (`list[str]` or `str`, *optional*): Vision modules feeding the interactive experts.
@@ -231,6 +233,11 @@ class M2ISTConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"`{name}` must be None or a positive integer, got {value!r}.")
+        for name in ("expert_dropout", "head_dropout", "head_attention_dropout", "expert_scale", "l1_weight",
+                     "giou_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         for name in ("expert_dropout", "head_dropout", "head_attention_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

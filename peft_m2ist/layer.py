@@ -21,6 +21,7 @@ class TapRecorder:
     def __init__(self) -> None:
         self.active = False
         self.records: dict[str, torch.Tensor] = {}
+        self.taken_over = False  # set when another M2IST model re-wrapped the same towers and took the taps over
 
     def start(self) -> None:
         self.records = {}
@@ -55,6 +56,18 @@ class M2ISTTapLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str) -> None:
         self.m2ist_tapped_by[adapter_name] = True
+
+    def take_over(self, recorder: TapRecorder, adapter_name: str) -> None:
+        """Record for another M2IST model from now on (`get_peft_model` or `PeftModel.from_pretrained` called again on
+        towers that a first model already tapped): the first model's recorder is marked as taken over, so its next
+        forward says why it cannot run instead of finding no records."""
+        if recorder is self._recorder:
+            self.update_layer(adapter_name)
+            return
+        self._recorder.taken_over = True
+        self._recorder = recorder
+        self.m2ist_tapped_by = {adapter_name: True}
+        self._active_adapter = adapter_name
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.m2ist_tapped_by)

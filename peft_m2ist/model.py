@@ -30,6 +30,9 @@ from .towers import (
 
 SIDE_KEY = "m2ist_side"
 HEAD_KEY = "m2ist_head"
+# keyword arguments the forward accepts and ignores: the collator's per-phrase metadata, and the token count that
+# transformers' Trainer passes to models whose forward takes **kwargs
+IGNORED_FORWARD_KWARGS = frozenset({"phrase_type", "num_items_in_batch"})
 
 
 @dataclass
@@ -79,6 +82,8 @@ def validate_inputs(
         raise ValueError(
             f"Batch sizes differ: `pixel_values` has {batch} images but `input_ids` has {input_ids.shape[0]} phrases."
         )
+    if input_ids.shape[1] == 0:
+        raise ValueError("`input_ids` has no tokens: every phrase needs at least one (e.g. the tokenizer's [CLS]).")
     if input_ids.shape[1] > max_text_tokens:
         raise ValueError(
             f"`input_ids` has {input_ids.shape[1]} tokens but the adapter was built for at most {max_text_tokens} "
@@ -235,7 +240,7 @@ class M2ISTModel(BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kw):
         if isinstance(target, M2ISTTapLayer):
-            target.update_layer(adapter_name)
+            target.take_over(self._m2ist_recorder, adapter_name)
             return
         setattr(parent, target_name, M2ISTTapLayer(target, current_key, self._m2ist_recorder, adapter_name))
 
@@ -372,6 +377,12 @@ class M2ISTModel(BaseTuner):
                       pixel_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """`encode_towers` on one micro-batch, with the towers already frozen."""
         recorder = self._m2ist_recorder
+        if recorder.taken_over:
+            raise RuntimeError(
+                "The towers of this M2IST model were wrapped again (`get_peft_model` or `PeftModel.from_pretrained` "
+                "on the same pair), and their taps now feed that newer model. Use the newer model, or give each model "
+                "its own pair (e.g. `copy.deepcopy(pair)`)."
+            )
         if not self._m2ist_disabled:
             recorder.start()
         try:
@@ -422,7 +433,16 @@ class M2ISTModel(BaseTuner):
             labels: `(batch, 4)` target boxes, `cxcywh` normalised to [0, 1].
             tower_features: the output of `encode_towers` (for instance from a feature cache); replaces
                 `pixel_values`, `input_ids`, `attention_mask` and `pixel_mask`.
+            kwargs: only `phrase_type` (a `RECCollator` batch's metadata) and `num_items_in_batch` (from
+                transformers' `Trainer`), both ignored; any other name raises a `TypeError` (a misspelt `labels`
+                would otherwise give no loss).
         """
+        unknown = sorted(set(kwargs) - IGNORED_FORWARD_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"M2IST forward got unexpected keyword argument(s) {unknown}; it takes pixel_values, input_ids, "
+                f"attention_mask, pixel_mask, labels and tower_features (and ignores {sorted(IGNORED_FORWARD_KWARGS)})."
+            )
         adapter = self.active_adapters[0]
         config: M2ISTConfig = self.peft_config[adapter]
         if tower_features is None:

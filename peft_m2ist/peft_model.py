@@ -41,6 +41,16 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
                 **kwargs,
             )
 
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter by name (a list of one name is accepted too). M2IST predicts with one adapter at a
+        time, so a list of several names raises a `ValueError`, as `M2ISTModel.set_adapter` does."""
+        if not isinstance(adapter_name, str):
+            names = list(adapter_name)
+            if len(names) != 1:
+                raise ValueError(f"M2IST predicts with one adapter at a time; got {names}.")
+            adapter_name = names[0]
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
     def tower_names(self) -> list[str]:
         """The `name_or_path` of each tower, where its config knows one."""
         adapter = self.active_adapter

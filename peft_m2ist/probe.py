@@ -107,6 +107,12 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
     text_taps = TapNames(_full(config.text_tower, text.ffn), _full(config.text_tower, text.attention),
                          f"{config.text_tower}.{text.embeddings}" if text.embeddings else None)
 
+    positions = getattr(getattr(text_tower, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and config.max_text_tokens > positions:
+        raise ValueError(
+            f"`max_text_tokens` is {config.max_text_tokens} but the text tower has position embeddings for "
+            f"{positions} tokens (its config's `max_position_embeddings`); set `max_text_tokens` <= {positions}."
+        )
     image_size = config.image_size or default_image_size(vision_tower)
     param = next(vision_tower.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

@@ -33,6 +33,11 @@ def test_add_switch_delete_adapters():
     assert torch.equal(model(**inputs).pred_boxes, first)
     with pytest.raises(ValueError, match="one adapter at a time"):
         model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="one adapter at a time"):  # the PeftModel users hold, too
+        model.set_adapter(["default", "other"])
+    model.set_adapter(["other"])
+    assert model.active_adapter == "other" and torch.equal(model(**inputs).pred_boxes, second)
+    model.set_adapter("default")
     model.delete_adapter("other")
     assert set(model.base_model.m2ist_side) == {"default"}
     assert torch.equal(model(**inputs).pred_boxes, first)

@@ -97,6 +97,24 @@ def test_load_under_another_adapter_name_and_is_trainable(tmp_path):
     assert not any(p.requires_grad for p in frozen.parameters())
 
 
+
+def test_reloading_onto_the_pair_a_model_already_wraps(tmp_path):
+    # the README's flow in one process: save, then PeftModel.from_pretrained on the very same pair
+    pair = build_pair("vit+bert")
+    model = get_peft_model(pair, tiny_config())
+    _train(model, steps=1)
+    model.save_pretrained(tmp_path)
+    inputs = batch(seed=3, labels=False)
+    expected = model(**inputs).pred_boxes
+
+    with pytest.warns(UserWarning, match="peft_config"):  # peft's own warning for a model wrapped twice
+        reloaded = PeftModel.from_pretrained(pair, tmp_path)
+    assert torch.allclose(reloaded(**inputs).pred_boxes, expected, atol=1e-6)
+    # the taps now feed the newer model; the first one says so instead of finding no records
+    with pytest.raises(RuntimeError, match="wrapped again"):
+        model(**inputs)
+
+
 def test_loading_onto_a_pair_with_other_sizes_fails_clearly(tmp_path):
     get_peft_model(build_pair("vit+bert"), tiny_config()).save_pretrained(tmp_path)
     other = build_pair("mobilenet_v2+bert")

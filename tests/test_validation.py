@@ -36,6 +36,8 @@ def _taps(module) -> int:
         (lambda b: b.update(labels=torch.ones(2, 4, dtype=torch.long)), TypeError, "labels"),
         (lambda b: b.update(input_ids=torch.ones(2, 9, dtype=torch.long), attention_mask=torch.ones(2, 9)),
          ValueError, "max_text_tokens"),
+        (lambda b: b.update(input_ids=b["input_ids"][:, :0], attention_mask=b["attention_mask"][:, :0]), ValueError,
+         "`input_ids` has no tokens"),
     ],
 )
 def test_bad_batches_are_rejected(model, change, error, match):
@@ -46,6 +48,17 @@ def test_bad_batches_are_rejected(model, change, error, match):
     # the recorder is idle and the model still works
     assert not model.base_model._m2ist_recorder.active
     assert model(**batch()).pred_boxes.shape == (2, 4)
+
+
+
+def test_unknown_forward_arguments_are_refused(model):
+    inputs = batch()
+    inputs["label"] = inputs.pop("labels")  # a typo that would otherwise train on no loss
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['label'\]"):
+        model(**inputs)
+    # the collator's metadata and Trainer's token count are accepted and ignored
+    out = model(**batch(), phrase_type=["attribute", "relation"], num_items_in_batch=2)
+    assert out.loss is not None
 
 
 def test_wrong_image_size_names_the_config_field(model):
@@ -66,6 +79,7 @@ def test_wrong_image_size_names_the_config_field(model):
                                                                                "layers.1.attention"]),
          "must not be nested"),
         (dict(text_layers=["encoder.layer.0.output"]), "tapped layers"),
+        (dict(max_text_tokens=10_000), r"`max_text_tokens` is 10000 but the text tower has position embeddings"),
     ],
 )
 def test_bad_tap_configs_fail_before_touching_the_model(overrides, match):
@@ -91,6 +105,12 @@ def test_unknown_tower_type_names_the_fields_to_set():
         (dict(head_dim=30, head_heads=8), "head_dim"),
         (dict(head_dropout=1.5), "head_dropout"),
         (dict(expert_scale=0.0), "expert_scale"),
+        (dict(expert_scale=float("nan")), "`expert_scale` must be a finite number"),
+        (dict(expert_scale="0.1"), "`expert_scale` must be a finite number"),
+        (dict(expert_dropout=None), "`expert_dropout` must be a finite number"),
+        (dict(l1_weight=None), "`l1_weight` must be a finite number"),
+        (dict(l1_weight=0.0, giou_weight=float("nan")), "`giou_weight` must be a finite number"),
+        (dict(giou_weight=float("inf")), "`giou_weight` must be a finite number"),
         (dict(l1_weight=0.0, giou_weight=0.0), "l1_weight"),
         (dict(vision_layers="("), "regular expression"),
         (dict(text_layers=[]), "text_layers"),
