@@ -422,7 +422,7 @@ class M2ISTModel(BaseTuner):
         tower_features: dict[str, torch.Tensor] | None = None,
         return_dict: bool = True,
         **kwargs,
-    ) -> ReferringExpressionOutput:
+    ) -> ReferringExpressionOutput | tuple[torch.Tensor, ...]:
         """Towers under `no_grad` (taps record) -> M3ISA experts -> head -> `pred_boxes` (+ loss with `labels`).
 
         Args:
@@ -433,6 +433,8 @@ class M2ISTModel(BaseTuner):
             labels: `(batch, 4)` target boxes, `cxcywh` normalised to [0, 1].
             tower_features: the output of `encode_towers` (for instance from a feature cache); replaces
                 `pixel_values`, `input_ids`, `attention_mask` and `pixel_mask`.
+            return_dict: False returns the output's non-None fields as a tuple, in field order (transformers'
+                convention), e.g. `(loss, pred_boxes, loss_l1, loss_giou)` with `labels`.
             kwargs: only `phrase_type` (a `RECCollator` batch's metadata) and `num_items_in_batch` (from
                 transformers' `Trainer`), both ignored; any other name raises a `TypeError` (a misspelt `labels`
                 would otherwise give no loss).
@@ -455,17 +457,20 @@ class M2ISTModel(BaseTuner):
                     "`labels` were given inside `disable_adapter()`: the towers run alone there, with no grounding "
                     "head, so there are no boxes to score. Call without `labels` to get the towers' own outputs."
                 )
-            return ReferringExpressionOutput(vision_last_hidden_state=tower_features["vision"],
-                                             text_last_hidden_state=tower_features["text"])
+            out = ReferringExpressionOutput(vision_last_hidden_state=tower_features["vision"],
+                                            text_last_hidden_state=tower_features["text"])
+            return out if return_dict else out.to_tuple()
         vision, text, records = self._unpack(tower_features, config)
         validate_labels(labels, vision.tokens.tensor.shape[0])
         vision_tokens, text_tokens = self.m2ist_side[adapter](records, vision, text)
         pred_boxes = self.m2ist_head[adapter](text_tokens, text.mask, vision_tokens, vision.mask)
         if labels is None:
-            return ReferringExpressionOutput(pred_boxes=pred_boxes)
+            out = ReferringExpressionOutput(pred_boxes=pred_boxes)
+            return out if return_dict else out.to_tuple()
         parts = box_losses(pred_boxes.float(), labels.float())
         loss = config.l1_weight * parts["loss_l1"] + config.giou_weight * parts["loss_giou"]
-        return ReferringExpressionOutput(loss=loss, pred_boxes=pred_boxes, **parts)
+        out = ReferringExpressionOutput(loss=loss, pred_boxes=pred_boxes, **parts)
+        return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------ state dict keys
     @classmethod

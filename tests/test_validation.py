@@ -61,6 +61,18 @@ def test_unknown_forward_arguments_are_refused(model):
     assert out.loss is not None
 
 
+def test_return_dict_false_gives_the_output_as_a_tuple(model):
+    was_training = model.training
+    model.eval()
+    out = model(**batch())
+    loss, pred_boxes, loss_l1, loss_giou = model(**batch(), return_dict=False)
+    assert torch.equal(pred_boxes, out.pred_boxes) and torch.equal(loss, out.loss)
+    assert torch.equal(loss_l1, out.loss_l1) and torch.equal(loss_giou, out.loss_giou)
+    (boxes,) = model(**batch(labels=False), return_dict=False)
+    assert torch.equal(boxes, out.pred_boxes)
+    model.train(was_training)
+
+
 def test_wrong_image_size_names_the_config_field(model):
     inputs = batch(labels=False)
     inputs["pixel_values"] = torch.randn(2, 3, 48, 48)
