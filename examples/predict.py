@@ -72,7 +72,7 @@ def records(args: argparse.Namespace) -> list[dict]:
     if args.val_samples:
         val = load_shapes_benchmark(seed=args.data_seed)["val"]
         return [val[i] for i in range(min(args.val_samples, len(val)))]
-    return [{"image": Image.open(path).convert("RGB"), "phrase": phrase, "bbox": None}
+    return [{"image": Image.open(path).convert("RGB"), "phrase": phrase}
             for path, phrase in zip(args.image, args.phrase)]
 
 
@@ -82,10 +82,7 @@ def predict(model, collator: RECCollator, rows: list[dict]) -> torch.Tensor:
     boxes = []
     for row in rows:
         width, height = row["image"].size
-        dummy = dict(row, bbox=row["bbox"] or [0.0, 0.0, float(width), float(height)])
-        batch = collator([dummy])
-        batch.pop("phrase_type")
-        batch.pop("labels")
+        batch = collator([dict(row, bbox=None)])  # the prediction needs no box: the batch then has no labels
         pred = model(**batch).pred_boxes[0].clamp(0, 1)
         scale = collator.image_size / max(width, height)  # the image sits top-left on the padded canvas
         boxes.append(center_to_corners_format(pred) * collator.image_size / scale)

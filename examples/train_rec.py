@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="Training augmentation (random resize/crop, colour jitter, flip swapping left/right).")
     g.add_argument("--cache_dir", default=None, help="Where the benchmark build is cached.")
-    g.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=True,
-                   help="Run the frozen towers once per sample and train the side network on the cached outputs "
-                   "(not with --augment, whose images change every epoch).")
+    g.add_argument("--cache_features", action=argparse.BooleanOptionalAction, default=None,
+                   help="Run the frozen towers once per sample and train the side network on the cached outputs. "
+                   "Default: on without --augment, off with it (its images change every epoch, so giving both "
+                   "is an error).")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=13)
     g.add_argument("--num_epochs", type=int, default=8)
@@ -126,22 +127,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` over the values of the YAML `--config` (if any); exits with a usage error on bad values."""
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        values = yaml.safe_load(Path(known.config).read_text()) or {}
-        unknown = sorted(set(values) - {a.dest for a in parser._actions})
-        if unknown:
-            parser.error(f"unknown keys in {known.config}: {unknown}")
-        parser.set_defaults(**values)
+        parser.set_defaults(**config_values(parser, known.config))
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     if args.eval_only and not args.adapter:
         parser.error("--eval_only needs --adapter")
-    if args.augment and args.cache_features:
-        parser.error("--augment changes the images every epoch: add --no-cache_features")
+    if args.cache_features is None:  # auto: cache the towers' outputs unless augmentation changes the images
+        args.cache_features = not args.augment
+    elif args.augment and args.cache_features:
+        parser.error("--augment changes the images every epoch, so their tower features cannot be cached: "
+                     "drop --cache_features (or cache_features in the --config file), or pass --no-cache_features")
     return args
+
+
+def config_values(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The flag values of the YAML file `path`, checked as argparse checks the command line.
+
+    `parser.set_defaults` applies no check, so keys that are no flag, and values outside a flag's `choices`, end the
+    run here with `parser.error` (a value `null` is allowed where the flag's own default is None).
+    """
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        parser.error(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        parser.error(f"unknown keys in {path}: {unknown}")
+    for key, value in values.items():
+        action = actions[key]
+        if action.choices is None or value in action.choices or (value is None and action.default is None):
+            continue
+        hint = " (YAML reads unquoted yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
+        allowed = ", ".join(repr(choice) for choice in action.choices)
+        parser.error(f"{path}: invalid value for {key}: {value!r} (choose from {allowed}){hint}")
+    return values
+
+
+def feature_cache_message(args: argparse.Namespace) -> str:
+    """One line for the log: whether the towers' outputs are cached, and why."""
+    if args.cache_features:
+        return "tower-feature cache on (--cache_features, the default without --augment)"
+    if args.augment:
+        return "tower-feature cache off: --augment changes the images every epoch (the towers run at every step)"
+    return "tower-feature cache off (--no-cache_features): the towers run at every step"
 
 
 # ----------------------------------------------------------------------------------------------- model and data
@@ -377,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         model.print_trainable_parameters()
         model.print_parameter_counts()
+    logger.info(feature_cache_message(args))
     if args.cache_features:
         train_loader, val_loader = cached_loaders(model, train_loader, val_loader, accelerator, args)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)

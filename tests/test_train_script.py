@@ -187,3 +187,64 @@ def test_a_feature_cache_that_does_not_fit_in_ram_is_refused_before_allocating(t
     refusal = r"caching: the tower-feature cache needs .* 2 process\(es\).*--no-cache_features"
     with pytest.raises(MemoryError, match=refusal):
         train_rec.allocate_feature_cache(first, 10, 2, "caching", available=10 * per_sample * 2)
+
+
+def _usage_error(train_rec, argv: list[str], capsys) -> str:
+    """`parse_args(argv)` must stop with argparse's usage error (exit status 2); returns its message."""
+    with pytest.raises(SystemExit) as stopped:
+        train_rec.parse_args(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cache_features_defaults_to_on_without_augment_and_off_with_it(train_rec, tmp_path, capsys):
+    """Also when `augment` comes from the YAML --config; an explicit --cache_features with --augment is an error."""
+    chosen = {}
+    for argv in ([], ["--augment"], ["--no-augment"], ["--no-cache_features"], ["--augment", "--no-cache_features"]):
+        args = train_rec.parse_args(argv)
+        chosen[" ".join(argv)] = (args.augment, args.cache_features)
+    assert chosen == {"": (False, True), "--augment": (True, False), "--no-augment": (False, True),
+                      "--no-cache_features": (False, False), "--augment --no-cache_features": (True, False)}
+    assert "on" in train_rec.feature_cache_message(train_rec.parse_args([]))
+    assert "off: --augment" in train_rec.feature_cache_message(train_rec.parse_args(["--augment"]))
+    assert "off (--no-cache_features)" in train_rec.feature_cache_message(train_rec.parse_args(["--no-cache_features"]))
+
+    augment = tmp_path / "augment.yaml"
+    augment.write_text("augment: true\n")
+    assert train_rec.parse_args(["--config", str(augment)]).cache_features is False
+    assert train_rec.parse_args(["--config", str(augment), "--no-augment"]).cache_features is True
+
+    assert "--augment changes the images" in _usage_error(train_rec, ["--augment", "--cache_features"], capsys)
+    assert "--augment changes the images" in _usage_error(train_rec, ["--config", str(augment), "--cache_features"],
+                                                          capsys)
+    both = tmp_path / "both.yaml"
+    both.write_text("augment: true\ncache_features: true\n")
+    assert "--augment changes the images" in _usage_error(train_rec, ["--config", str(both)], capsys)
+    assert train_rec.parse_args(["--config", str(both), "--no-cache_features"]).cache_features is False
+
+
+def test_config_values_outside_a_flags_choices_are_refused(train_rec, tmp_path, capsys):
+    """YAML values skip argparse's `choices` check in `set_defaults`: parse_args checks them itself."""
+    config = tmp_path / "config.yaml"
+    config.write_text("tower_dtype: fp16\nimage_size: 64\n")
+    message = _usage_error(train_rec, ["--config", str(config)], capsys)
+    assert "invalid value for tower_dtype: 'fp16'" in message
+    assert "(choose from 'bfloat16', 'float16', 'float32')" in message and str(config) in message
+
+    config.write_text("mixed_precision: no\n")  # YAML reads `no` as False
+    message = _usage_error(train_rec, ["--config", str(config)], capsys)
+    assert "invalid value for mixed_precision: False" in message and "quote the value" in message
+
+    config.write_text("tower_dtype: fp16\n")  # the file is checked even when the command line overrides the key
+    assert "invalid value for tower_dtype" in _usage_error(
+        train_rec, ["--config", str(config), "--tower_dtype", "float16"], capsys)
+
+    config.write_text("head_dtype: float16\n")
+    assert "unknown keys in" in _usage_error(train_rec, ["--config", str(config)], capsys)
+
+    config.write_text('tower_dtype: bfloat16\nmixed_precision: "no"\ncontrol: text_hidden\nbox_head: mlp\n')
+    args = train_rec.parse_args(["--config", str(config)])
+    assert (args.tower_dtype, args.mixed_precision, args.control, args.box_head) == ("bfloat16", "no", "text_hidden",
+                                                                                     "mlp")
+    config.write_text("mixed_precision: null\n")  # the flag's own default
+    assert train_rec.parse_args(["--config", str(config)]).mixed_precision is None

@@ -18,7 +18,8 @@ Model inputs (``RECCollator``)
 ------------------------------
 ``pixel_values`` float (B, 3, S, S) normalised; ``pixel_mask`` long (B, S, S), 1 = image,
 0 = padding; ``input_ids`` / ``attention_mask`` (B, L); ``labels`` float (B, 4) ``cxcywh``
-normalised to [0, 1] of the S x S canvas; ``phrase_type`` list[str] (pop before the model).
+normalised to [0, 1] of the S x S canvas (only when the records have a ``bbox``); ``phrase_type`` list[str]
+(metadata the model ignores: ``model(**batch)`` takes the batch as it is).
 """
 
 from peft_m2ist.data.collator import RECCollator

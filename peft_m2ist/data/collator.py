@@ -5,12 +5,15 @@ Output of ``RECCollator(records)`` for a batch of B records, canvas side S, L te
 - ``pixel_values``: float32 (B, 3, S, S), normalised with ``image_mean``/``image_std``; padding is 0.
 - ``pixel_mask``: int64 (B, S, S), 1 on image pixels, 0 on padding (DETR convention).
 - ``input_ids``, ``attention_mask``: int64 (B, L), padded to ``max_text_tokens`` and truncated.
-- ``labels``: float32 (B, 4), the target box as ``cxcywh`` normalised to [0, 1] of the S x S canvas.
-- ``phrase_type``: list of B str (for the metric; pop it before calling the model).
+- ``labels``: float32 (B, 4), the target box as ``cxcywh`` normalised to [0, 1] of the S x S canvas;
+  only when the records have a ``bbox`` (a batch for prediction, of records without one, has no ``labels``).
+- ``phrase_type``: list of B str, metadata for per-type scores (the model accepts it and ignores it, so
+  ``model(**batch)`` takes the batch as it is).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,9 +24,20 @@ from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT
 
 from peft_m2ist.data.transforms import CanvasSample, TrainAugment, resize_and_pad
 
+_TRAIN_NEEDS_BOXES = (
+    "RECCollator(train=True) needs a `bbox` in every record: the augmentation crops around the target box and "
+    "moves it with the image. Batch records without a box with train=False (prediction)."
+)
+
 
 class RECCollator:
     """Turn records (``image``, ``bbox`` xyxy pixels, ``phrase``, ``phrase_type``) into a batch.
+
+    ``bbox`` is optional for prediction: a record may lack the key or hold ``None``. A batch in which no
+    record has a box has no ``labels``; a batch that mixes records with and without a box raises
+    ``ValueError`` (their ``labels`` could not be stacked). With ``train=True`` every record needs a box:
+    the augmentation crops around the target box and moves it with the image, so a box-less record raises
+    ``ValueError`` there. ``phrase_type`` is optional too (``"unknown"``).
 
     Args:
         tokenizer: a Hugging Face tokenizer (called with ``padding="max_length"``, ``truncation=True``).
@@ -70,10 +84,19 @@ class RECCollator:
         return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
     def transform(self, record: dict[str, Any], rng: np.random.Generator | None = None) -> CanvasSample:
-        """One record onto the canvas (augmented when ``train``)."""
-        image, box, phrase = record["image"], tuple(float(c) for c in record["bbox"]), record["phrase"]
+        """One record onto the canvas (augmented when ``train``).
+
+        For a record without a box (inference only) the returned sample's ``bbox`` is ``None``.
+        """
+        box = _record_box(record)
+        image, phrase = record["image"], record["phrase"]
         if self.train:
+            if box is None:
+                raise ValueError(_TRAIN_NEEDS_BOXES)
             return self.augment(image, box, phrase, rng if rng is not None else self._generator())
+        if box is None:  # place the image as usual; the whole-image box only drives the resize and is dropped
+            sample = resize_and_pad(image, (0.0, 0.0, *map(float, image.size)), phrase, self.image_size)
+            return dataclasses.replace(sample, bbox=None)
         return resize_and_pad(image, box, phrase, self.image_size)
 
     def _normalise(self, sample: CanvasSample) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +112,20 @@ class RECCollator:
         return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(mask)
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Batch of records -> model inputs (see module docstring for names, shapes and formats)."""
+        """Batch of records -> model inputs (see module docstring for names, shapes and formats).
+
+        Raises:
+            ValueError: some records have a box and others do not, or ``train`` and a record has no box.
+        """
+        missing = [i for i, record in enumerate(records) if _record_box(record) is None]
+        if missing and self.train:
+            raise ValueError(f"records {missing} of this batch have no `bbox` (missing or None): {_TRAIN_NEEDS_BOXES}")
+        if missing and len(missing) < len(records):
+            raise ValueError(
+                f"records {missing} of this batch have no `bbox` (missing or None) but the others have one: "
+                "batch records with boxes (training, evaluation: the batch has `labels`) apart from records "
+                "without (prediction: no `labels`)."
+            )
         rng = self._generator() if self.train else None
         samples = [self.transform(record, rng) for record in records]
         pixel_values, pixel_mask = zip(*(self._normalise(sample) for sample in samples))
@@ -100,12 +136,25 @@ class RECCollator:
             max_length=self.max_text_tokens,
             return_tensors="pt",
         )
-        corners = torch.tensor([sample.bbox for sample in samples], dtype=torch.float32) / self.image_size
-        return {
+        batch = {
             "pixel_values": torch.stack(pixel_values),
             "pixel_mask": torch.stack(pixel_mask),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
-            "labels": corners_to_center_format(corners.clamp(0.0, 1.0)),
-            "phrase_type": [str(record.get("phrase_type", "unknown")) for record in records],
         }
+        if not missing:
+            corners = torch.tensor([sample.bbox for sample in samples], dtype=torch.float32) / self.image_size
+            batch["labels"] = corners_to_center_format(corners.clamp(0.0, 1.0))
+        batch["phrase_type"] = [str(record.get("phrase_type", "unknown")) for record in records]
+        return batch
+
+
+def _record_box(record: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    """The record's ``bbox`` as 4 floats, or ``None`` when it has none (no ``bbox`` key, or ``None``)."""
+    box = record.get("bbox")
+    if box is None:
+        return None
+    values = tuple(float(c) for c in box)
+    if len(values) != 4:
+        raise ValueError(f"`bbox` must be 4 numbers [x0, y0, x1, y1] (pixels), got {box!r}")
+    return values

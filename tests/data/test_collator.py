@@ -112,3 +112,51 @@ def test_unknown_control_is_refused():
     assert apply_control(small_dataset(), "none")["phrase"] == ["the red square", "a circle"]
     with pytest.raises(ValueError, match="control"):
         apply_control(small_dataset(), "audio_hidden")
+
+
+def test_records_without_a_box_give_a_batch_without_labels(tokenizer):
+    """Prediction: no `bbox` key (or `bbox=None`) -> the same images and text as with a box, and no `labels`."""
+    collator = RECCollator(tokenizer, image_size=100, max_text_tokens=6)
+    boxed = [grey_record(200, 100, [50, 20, 150, 60]), grey_record(40, 80, [0, 0, 40, 80], "a circle", "relation")]
+    without_key = [{k: v for k, v in record.items() if k != "bbox"} for record in boxed]
+    with_none = [dict(record, bbox=None) for record in boxed]
+    reference = collator(boxed)
+    for records in (without_key, with_none):
+        batch = collator(records)
+        assert "labels" not in batch
+        assert list(batch) == ["pixel_values", "pixel_mask", "input_ids", "attention_mask", "phrase_type"]
+        for key in ("pixel_values", "pixel_mask", "input_ids", "attention_mask"):
+            assert torch.equal(batch[key], reference[key]), key
+        assert batch["phrase_type"] == ["attribute", "relation"]
+    sample = collator.transform(with_none[0])
+    assert sample.bbox is None and sample.offset == (0, 0) and sample.image.size == (100, 50)
+    # phrase_type is optional too
+    assert collator([{"image": boxed[0]["image"], "phrase": "a"}])["phrase_type"] == ["unknown"]
+
+
+def test_a_batch_mixing_records_with_and_without_a_box_is_refused(tokenizer):
+    collator = RECCollator(tokenizer, image_size=64)
+    records = [grey_record(64, 64, [0, 0, 10, 10]), grey_record(64, 64, None), {"image": PILImage.new("RGB", (8, 8)),
+                                                                                "phrase": "a"}]
+    with pytest.raises(ValueError, match=r"records \[1, 2\] of this batch have no `bbox`.*others have one"):
+        collator(records)
+
+
+def test_training_needs_a_box_in_every_record(tokenizer):
+    """The augmentation crops around the target box and moves it: train=True refuses box-less records."""
+    collator = RECCollator(tokenizer, image_size=64, train=True, seed=0)
+    with pytest.raises(ValueError, match=r"records \[0\] .*train=True\) needs a `bbox`"):
+        collator([grey_record(64, 64, None)])
+    with pytest.raises(ValueError, match=r"records \[1\] .*train=True\) needs a `bbox`"):
+        collator([grey_record(64, 64, [0, 0, 10, 10]), grey_record(64, 64, None)])
+    with pytest.raises(ValueError, match="needs a `bbox`"):
+        collator.transform({"image": PILImage.new("RGB", (8, 8)), "phrase": "a"})
+    # the refusals drew nothing from the collator's generator: the next batch is the one a fresh collator makes
+    records = [grey_record(90, 60, [10, 10, 40, 30], "the circle")]
+    fresh = RECCollator(tokenizer, image_size=64, train=True, seed=0)(records)
+    assert torch.equal(collator(records)["labels"], fresh["labels"])
+
+
+def test_a_box_that_is_not_four_numbers_is_refused(tokenizer):
+    with pytest.raises(ValueError, match=r"`bbox` must be 4 numbers"):
+        RECCollator(tokenizer, image_size=64)([grey_record(64, 64, [0, 0, 10])])
