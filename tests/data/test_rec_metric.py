@@ -60,6 +60,36 @@ def test_threshold_and_length_checks(metric):
         metric.compute(predictions=PREDICTIONS, references=REFERENCES, phrase_types=TYPES[:2])
 
 
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        [100.0, 50.0, 40.0, 20.0],  # pixels
+        [0.2, 0.2, 0.6, 0.6],  # corners [x0, y0, x1, y1] read as cxcywh: sticks out of the canvas
+        [0.5, 0.5, 0.0, 0.2],  # zero width
+        [0.5, 0.5, -0.1, 0.2],
+        [float("nan"), 0.5, 0.2, 0.2],
+    ],
+)
+def test_references_outside_the_format_are_refused(metric, reference):
+    with pytest.raises(ValueError, match="reference 1 is"):
+        metric.compute(predictions=[[0.5, 0.5, 0.2, 0.2]] * 2, references=[[0.5, 0.5, 0.2, 0.2], reference])
+
+
+@pytest.mark.parametrize("threshold", [50, 0, -0.5, True, "0.5"])
+def test_iou_threshold_must_be_in_zero_one(metric, threshold):
+    with pytest.raises(ValueError, match="iou_threshold"):
+        metric.compute(predictions=PREDICTIONS, references=REFERENCES, iou_threshold=threshold)
+
+
+def test_non_finite_predictions_are_misses_with_a_warning(metric):
+    predictions = [[float("nan"), 0.5, 0.2, 0.2], *PREDICTIONS[1:]]
+    with pytest.warns(UserWarning, match="1 of 6 predictions are not finite"):
+        result = metric.compute(predictions=predictions, references=REFERENCES)
+    assert result["accuracy"] == pytest.approx(2 / 6)  # case 0 (a hit) became a miss
+    assert result["mean_iou"] == pytest.approx((0 + 1 + 0 + 0 + 0.5 + 1 / 3) / 6)
+
+
 def test_loads_by_path_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     module = evaluate.load(str(REC_METRIC_PATH))
