@@ -42,6 +42,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Image, List, Value, load_from_disk
 
 from peft_m2ist.data.phrases import PHRASE_TYPES, build_query, realise
+from peft_m2ist.data.records import progress
 from peft_m2ist.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -208,9 +209,11 @@ def _row(cfg: BenchmarkConfig, split: str, index: int, kind: str, phrase: str, i
 
 
 def build_split(cfg: BenchmarkConfig, split: str) -> Dataset:
-    """Generate one split (no cache)."""
+    """Generate one split (no cache), with a progress bar (off with ``datasets.disable_progress_bars()``)."""
     heldout = heldout_combinations(cfg.seed, cfg.num_heldout)
-    rows = [generate_row(cfg, split, i, heldout) for i in range(cfg.split_sizes[split])]
+    size = cfg.split_sizes[split]
+    rows = [generate_row(cfg, split, i, heldout)
+            for i in progress(range(size), desc=f"shapes benchmark: {split}", total=size, unit="scene")]
     columns = {name: [row[name] for row in rows] for name in FEATURES}
     return Dataset.from_dict(columns, features=FEATURES, split=split)
 

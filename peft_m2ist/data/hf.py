@@ -6,6 +6,8 @@ Uploads differ in split names and box conventions, so both are explicit:
 source's box convention (``xywh`` or ``xyxy``, absolute pixels), converted to ``xyxy`` here.
 The sentences column may hold a string, a list of strings, or a list of dicts with a
 ``sentence_key`` (e.g. refer-style ``{"sent": ..., "raw": ...}``). One record per sentence.
+Boxes are in the stored pixel frame of the image; an image with an EXIF orientation tag is kept in
+that frame (see ``peft_m2ist.data.records``). A split that yields no record raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -16,18 +18,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
-from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
 from peft_m2ist.data.records import (
     RECORD_FEATURES,
     BoxFormat,
+    ImageHeader,
     LoadReport,
     LoadResult,
     OnError,
     RecordError,
-    check_box,
+    check_box_on,
     check_phrase,
+    progress,
+    raw_frame_png,
+    read_image_header,
     to_xyxy,
 )
 
@@ -55,20 +60,32 @@ def _source_split(data: DatasetDict | Dataset, split: str, split_names: Mapping[
     return data[name]
 
 
-def _image_size(value: dict, where: str) -> tuple[int, int]:
-    """Size from an undecoded image cell (``{"bytes", "path"}``), reading the header only."""
+def _image_file(value: dict | None, where: str) -> io.BytesIO | str:
+    """What to open for an undecoded image cell (``{"bytes", "path"}``): its bytes or its local file."""
     if value is None:
         raise RecordError("missing_image", f"{where}: no image")
-    try:
-        if value.get("bytes") is not None:
-            with PILImage.open(io.BytesIO(value["bytes"])) as image:
-                return image.size
-        if value.get("path") and os.path.isfile(value["path"]):
-            with PILImage.open(value["path"]) as image:
-                return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise RecordError("missing_image", f"{where}: unreadable image") from error
+    if value.get("bytes") is not None:
+        return io.BytesIO(value["bytes"])
+    if value.get("path") and os.path.isfile(value["path"]):
+        return value["path"]
     raise RecordError("missing_image", f"{where}: image has neither bytes nor an existing file ({value.get('path')})")
+
+
+def _image_header(value: dict | None, where: str) -> ImageHeader:
+    """Size and EXIF orientation of an undecoded image cell, reading the header only."""
+    try:
+        return read_image_header(_image_file(value, where))
+    except (UnidentifiedImageError, OSError) as error:
+        raise RecordError("missing_image", f"{where}: unreadable image ({error})") from error
+
+
+def _raw_frame_cell(value: dict, where: str) -> dict:
+    """The cell as a PNG of its stored pixels, so decoding does not apply its EXIF orientation."""
+    try:
+        # no path: datasets would keep a local file's path instead of the bytes
+        return {"bytes": raw_frame_png(_image_file(value, where)), "path": None}
+    except (UnidentifiedImageError, OSError) as error:
+        raise RecordError("missing_image", f"{where}: image could not be decoded ({error})") from error
 
 
 def _sentences(value: Any, sentence_key: str, where: str) -> list[Any]:
@@ -120,8 +137,13 @@ def load_hf_rec(
     Returns:
         ``LoadResult``: ``dataset`` with ``image`` (RGB), ``bbox`` (``[x0, y0, x1, y1]`` pixels),
         ``phrase``, ``phrase_type``, ``image_id`` (str); ``report`` with skip counts per reason.
+
+    Raises:
+        ValueError: an unknown split or column, a bad row (``RecordError``, with ``on_error="raise"``),
+            or no record kept.
     """
-    data = _source_split(_open_source(source), split, split_names)
+    opened = _open_source(source)
+    data = _source_split(opened, split, split_names)
     for column in (image_column, bbox_column, sentences_column, phrase_type_column, image_id_column):
         if column is not None and column not in data.column_names:
             raise ValueError(f"source split for {split!r} has no column {column!r}; columns: {data.column_names}")
@@ -131,12 +153,16 @@ def load_hf_rec(
     meta = data.select_columns(wanted)
     images = data.select_columns([image_column]).cast_column(image_column, Image(decode=False))
     rows, boxes, phrases, types, ids = [], [], [], [], []
-    for index, (row, image) in enumerate(zip(meta, images)):
+    raw_frame: dict[int, dict] = {}  # source row -> PNG cell of an EXIF-oriented image
+    for index, (row, image) in enumerate(progress(zip(meta, images), desc=report.source, total=len(data),
+                                                  unit="row")):
         where = f"{report.source} row #{index}"
         try:
-            width, height = _image_size(image[image_column], where)
-            box = check_box(to_xyxy(row[bbox_column], box_format, where), width, height, where)
+            header = _image_header(image[image_column], where)
+            box = check_box_on(to_xyxy(row[bbox_column], box_format, where), header, where)
             sentences = _sentences(row[sentences_column], sentence_key, where)
+            if header.transposed_on_decode:
+                raw_frame[index] = _raw_frame_cell(image[image_column], where)
         except RecordError as error:
             report.fail(error)
             continue
@@ -153,9 +179,16 @@ def load_hf_rec(
             ids.append(str(row[image_id_column]) if image_id_column else str(index))
     report.kept = len(rows)
     report.log()
+    report.require_records(f"its source split holds {len(data)} rows" + (
+        f" (source splits: {sorted(opened)})" if isinstance(opened, DatasetDict) else ""))
     out = data.select_columns([image_column]).select(rows).flatten_indices()
     if image_column != "image":
         out = out.rename_column(image_column, "image")
+    out = out.cast_column("image", Image(decode=False))
+    if raw_frame:
+        # keep EXIF-oriented images in their stored frame (the boxes' frame): PNG copies without the tag
+        out = out.map(lambda cell, i: {"image": raw_frame.get(rows[i], cell)}, input_columns=["image"],
+                      with_indices=True, features=out.features, desc="stored-frame copies of EXIF-oriented images")
     out = out.cast_column("image", Image(mode="RGB"))
     for name, values in (("bbox", boxes), ("phrase", phrases), ("phrase_type", types), ("image_id", ids)):
         out = out.add_column(name, values, feature=RECORD_FEATURES[name])

@@ -6,18 +6,29 @@ naming the file and record) or, with ``on_error="skip"``, drops the record and c
 its reason in a ``LoadReport``. A box may stick out of the image by at most ``BOX_TOLERANCE_PX``
 (float rounding in the sources); it is then clipped. Anything larger is an error, never a
 silently moved box.
+
+Boxes are in the STORED pixel frame of the image file: the frame COCO/RefCOCO, ReferItGame and
+TransVG annotate in, ignoring any EXIF orientation tag. ``datasets.Image`` decoding would rotate or
+mirror a tagged image (``PIL.ImageOps.exif_transpose``), away from its boxes and phrases
+("the man on the left"), so a record whose file carries an orientation tag other than 1 holds a
+lossless PNG copy of the stored pixels (no tag) instead of the file path (``ImageFiles.cell``).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import BinaryIO, Literal, TypeVar
 
 from datasets import Dataset, Features, Image, List, Value
+from datasets.utils import tqdm as hf_tqdm
+from PIL import ExifTags, UnidentifiedImageError
+from PIL import Image as PILImage
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +40,12 @@ BOX_TOLERANCE_PX = 1.0
 
 SKIP_REASONS: tuple[str, ...] = (
     "malformed_record", "missing_key", "empty_phrase", "degenerate_box", "box_outside_image", "missing_image",
+    "image_size_mismatch",
 )
+TRANSPOSING_ORIENTATIONS: frozenset[int] = frozenset(range(2, 9))
+"""EXIF orientation values for which ``PIL.ImageOps.exif_transpose`` (and so ``datasets.Image``) moves pixels."""
+
+_T = TypeVar("_T")
 
 RECORD_FEATURES = Features(
     {
@@ -49,6 +65,14 @@ class RecordError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"[{reason}] {message}")
         self.reason = reason
+
+
+class SplitNotFoundError(FileNotFoundError, ValueError):
+    """The requested split has no file (TransVG); the message lists the splits that exist.
+
+    Both a ``FileNotFoundError`` (what a missing file used to raise) and a ``ValueError`` (what the
+    loaders raise for other wrong split names), like ``io.UnsupportedOperation``.
+    """
 
 
 @dataclass
@@ -83,6 +107,21 @@ class LoadReport:
         else:
             logger.info("%s: kept %d records", self.source, self.kept)
 
+    def require_records(self, hint: str) -> None:
+        """Raise ``ValueError`` when no record was kept; ``hint`` says what the source holds.
+
+        An empty result is a wrong split name or a source whose records were all skipped, never a
+        dataset to train or evaluate on.
+        """
+        if self.kept:
+            return
+        if self.num_skipped:
+            raise ValueError(
+                f"{self.source}: every record was skipped ({self.num_skipped}: {dict(self.skipped)}), none kept; "
+                f"{hint}. Load with on_error='raise' to see the first problem."
+            )
+        raise ValueError(f"{self.source}: no records; {hint}")
+
 
 @dataclass
 class LoadResult:
@@ -90,6 +129,97 @@ class LoadResult:
 
     dataset: Dataset
     report: LoadReport
+
+
+def progress(iterable: Iterable[_T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[_T]:
+    """``iterable`` with a tqdm progress bar (``datasets``' tqdm: ``datasets.disable_progress_bars()``
+    or ``HF_DATASETS_DISABLE_PROGRESS_BARS=1`` turn it off, as for ``Dataset.map``)."""
+    return iter(hf_tqdm(iterable, desc=desc, total=total, unit=unit))
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says: stored size and EXIF orientation (1 when untagged)."""
+
+    width: int
+    height: int
+    orientation: int = 1
+
+    @property
+    def transposed_on_decode(self) -> bool:
+        """Whether ``datasets.Image`` would rotate or mirror the image (EXIF orientation 2-8)."""
+        return self.orientation in TRANSPOSING_ORIENTATIONS
+
+    def describe(self) -> str:
+        """``"WxH"``, plus the orientation tag when it is one that moves pixels."""
+        if not self.transposed_on_decode:
+            return f"{self.width}x{self.height}"
+        return f"{self.width}x{self.height} (stored; EXIF orientation {self.orientation})"
+
+
+def read_image_header(file: str | Path | BinaryIO) -> ImageHeader:
+    """Stored size and EXIF orientation of an image, reading the header only.
+
+    Raises ``PIL.UnidentifiedImageError`` / ``OSError`` for an unreadable file.
+    """
+    with PILImage.open(file) as image:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+        width, height = image.size
+    return ImageHeader(int(width), int(height), orientation if isinstance(orientation, int) else 1)
+
+
+def raw_frame_png(file: str | Path | BinaryIO) -> bytes:
+    """The stored pixels of an image (EXIF orientation NOT applied) as RGB PNG bytes without a tag.
+
+    Lossless with respect to the decoded file; ``datasets.Image`` decodes it in the stored frame.
+    """
+    with PILImage.open(file) as image:
+        pixels = image.convert("RGB")
+    buffer = io.BytesIO()
+    pixels.save(buffer, format="PNG", exif=b"")
+    return buffer.getvalue()
+
+
+class ImageFiles:
+    """Each image file's header read once (size, orientation); failures are remembered too.
+
+    ``header(path, where)`` raises ``RecordError("missing_image", ...)`` for a missing or unreadable
+    file; ``cell(path, where)`` is the value for the ``image`` column: the path, or a PNG copy of the
+    stored pixels when the file has an EXIF orientation that decoding would apply (see module doc).
+    """
+
+    def __init__(self) -> None:
+        self._headers: dict[Path, ImageHeader | str] = {}
+        self._cells: dict[Path, str | dict] = {}
+
+    def header(self, path: Path, where: str) -> ImageHeader:
+        """The header of ``path``; ``RecordError`` naming ``where`` and the file if it cannot be read."""
+        if path not in self._headers:
+            if not path.is_file():
+                self._headers[path] = f"image file {path} not found"
+            else:
+                try:
+                    self._headers[path] = read_image_header(path)
+                except (UnidentifiedImageError, OSError) as error:
+                    self._headers[path] = f"image file {path} is not a readable image ({error})"
+        header = self._headers[path]
+        if isinstance(header, str):
+            raise RecordError("missing_image", f"{where}: {header}")
+        return header
+
+    def cell(self, path: Path, where: str) -> str | dict:
+        """The ``image`` value for ``path`` (see class doc); ``RecordError`` if it cannot be decoded."""
+        if path not in self._cells:
+            if not self.header(path, where).transposed_on_decode:
+                self._cells[path] = str(path)
+            else:
+                try:
+                    # no path: datasets would store a local path instead of the bytes
+                    self._cells[path] = {"bytes": raw_frame_png(path), "path": None}
+                except (UnidentifiedImageError, OSError) as error:
+                    self._headers[path] = f"image file {path} could not be decoded ({error})"
+                    raise RecordError("missing_image", f"{where}: {self._headers[path]}") from error
+        return self._cells[path]
 
 
 def to_xyxy(box: Sequence[float], box_format: BoxFormat, where: str) -> tuple[float, float, float, float]:
@@ -121,6 +251,31 @@ def check_box(box: tuple[float, float, float, float], width: int, height: int, w
     if clipped[2] - clipped[0] <= 0 or clipped[3] - clipped[1] <= 0:
         raise RecordError("degenerate_box", f"{where}: box {list(box)} is empty once clipped to the image")
     return clipped
+
+
+def check_box_on(
+    box: tuple[float, float, float, float], header: ImageHeader, where: str
+) -> tuple[float, float, float, float]:
+    """``check_box`` on the stored frame of ``header``'s image.
+
+    When the box does not fit but would fit the EXIF-rotated (displayed) frame, the error says so:
+    the annotation was then probably made on the displayed image, not on the stored pixels.
+    """
+    try:
+        return check_box(box, header.width, header.height, where)
+    except RecordError as error:
+        if error.reason != "box_outside_image" or header.orientation not in (5, 6, 7, 8):
+            raise
+        try:
+            check_box(box, header.height, header.width, where)
+        except RecordError:
+            raise error from None
+        raise RecordError(
+            "box_outside_image",
+            f"{where}: box {list(box)} (xyxy) lies outside the stored {header.width}x{header.height} image but fits "
+            f"its EXIF-rotated {header.height}x{header.width} view (orientation {header.orientation}); boxes must be "
+            f"in the stored pixel frame (as in COCO/RefCOCO, ReferItGame, TransVG)",
+        ) from None
 
 
 def check_phrase(phrase: object, where: str) -> str:

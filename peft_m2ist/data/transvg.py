@@ -9,7 +9,10 @@ Each ``.pth`` holds a list of tuples ``(image_file, mask_or_ann_id, bbox, phrase
 ReferIt rows may have 4 items (no attributes). Box convention: COCO ``xywh`` for the RefCOCO
 family (``unc``, ``unc+``, ``gref``, ``gref_umd``), corners ``xyxy`` for ``referit``; converted to
 ``xyxy`` here. The file is read with ``torch.load(weights_only=True)`` (no code from it runs).
-Image sizes are read from the image headers. One record per row.
+Image sizes are read from the image headers (once per file). One record per row. Boxes are in
+the stored pixel frame; an image with an EXIF orientation tag is kept in that frame (see
+``peft_m2ist.data.records``). A wrong split raises ``SplitNotFoundError`` listing the split files
+that exist; a split that yields no record raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from peft_m2ist.data.records import (
     BoxFormat,
+    ImageFiles,
     LoadReport,
     LoadResult,
     OnError,
     RecordError,
-    check_box,
+    SplitNotFoundError,
+    check_box_on,
     check_phrase,
+    progress,
     records_to_dataset,
     to_xyxy,
 )
@@ -38,16 +42,23 @@ DEFAULT_BOX_FORMATS: dict[str, BoxFormat] = {
 """Box convention of each known split-file family."""
 
 
-def _image_size(path: Path, cache: dict[Path, tuple[int, int]], where: str) -> tuple[int, int]:
-    if path not in cache:
-        if not path.is_file():
-            raise RecordError("missing_image", f"{where}: image file {path} not found")
-        try:
-            with Image.open(path) as image:
-                cache[path] = image.size
-        except (UnidentifiedImageError, OSError) as error:
-            raise RecordError("missing_image", f"{where}: image file {path} is not a readable image") from error
-    return cache[path]
+def _split_file(root: Path, name: str, split: str) -> Path:
+    """``{root}/{name}/{name}_{split}.pth``; ``SplitNotFoundError`` listing what exists if it is missing."""
+    folder = root / name
+    path = folder / f"{name}_{split}.pth"
+    if path.is_file():
+        return path
+    if not folder.is_dir():
+        folders = root.iterdir() if root.is_dir() else []
+        families = sorted(p.name for p in folders if p.is_dir() and any(p.glob(f"{p.name}_*.pth")))
+        raise SplitNotFoundError(
+            f"{path} not found: no folder {folder}; split-file families under {root}: {families or 'none'}; "
+            f"pass name= one of them (and root= TransVG's data/ folder)"
+        )
+    splits = sorted(p.name[len(name) + 1:-len(".pth")] for p in folder.glob(f"{name}_*.pth"))
+    raise SplitNotFoundError(
+        f"{path} not found; splits of {name!r} in {folder}: {splits or 'none'}; pass split= one of them"
+    )
 
 
 def load_transvg(
@@ -73,20 +84,25 @@ def load_transvg(
         ``LoadResult``: ``dataset`` with ``image`` (decoded lazily), ``bbox`` (``[x0, y0, x1, y1]``
         pixels), ``phrase``, ``phrase_type`` ("unknown"), ``image_id`` (the image file name);
         ``report`` with the skip counts per reason.
+
+    Raises:
+        SplitNotFoundError: no ``{name}_{split}.pth`` (the message lists the splits present).
+        ValueError: a corrupt split file, a bad row (``RecordError``, with ``on_error="raise"``), or no
+            record kept.
     """
     if box_format is None:
         if name not in DEFAULT_BOX_FORMATS:
             raise ValueError(f"unknown split family {name!r}: pass box_format ('xywh' or 'xyxy')")
         box_format = DEFAULT_BOX_FORMATS[name]
-    path = Path(root) / name / f"{name}_{split}.pth"
+    path = _split_file(Path(root), name, split)
     images_root = Path(image_dir) if image_dir is not None else Path(root) / "images"
     rows = load_pth_list(path)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of rows, got {type(rows).__name__}")
     report = LoadReport(source=str(path), on_error=on_error)
-    sizes: dict[Path, tuple[int, int]] = {}
+    files = ImageFiles()
     records = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(progress(rows, desc=f"{name}_{split}.pth", unit="row")):
         where = f"{path} row #{index}"
         try:
             if not isinstance(row, (tuple, list)) or len(row) not in (4, 5):
@@ -96,13 +112,15 @@ def load_transvg(
                 raise RecordError("malformed_record", f"{where}: image file name {image_file!r} is not a string")
             phrase = check_phrase(phrase, where)
             image_path = images_root / image_file
-            width, height = _image_size(image_path, sizes, where)
-            xyxy = check_box(to_xyxy(box, box_format, where), width, height, where)
+            header = files.header(image_path, where)
+            xyxy = check_box_on(to_xyxy(box, box_format, where), header, where)
+            image = files.cell(image_path, where)
         except RecordError as error:
             report.fail(error)
             continue
-        records.append({"image": str(image_path), "bbox": list(xyxy), "phrase": phrase,
+        records.append({"image": image, "bbox": list(xyxy), "phrase": phrase,
                         "phrase_type": "unknown", "image_id": image_file})
     report.kept = len(records)
     report.log()
+    report.require_records(f"{path} holds {len(rows)} rows")
     return LoadResult(records_to_dataset(records, split=split), report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -256,3 +257,19 @@ def test_photo_backgrounds_render():
 def test_default_build():
     data = load_shapes_benchmark(seed=0, use_cache=False)
     assert {split: len(d) for split, d in data.items()} == bench.DEFAULT_SPLIT_SIZES
+
+
+def test_build_shows_progress_unless_disabled(capsys):
+    cfg = BenchmarkConfig(seed=1, split_sizes={"val": 3})
+    was_enabled = datasets.is_progress_bar_enabled()
+    try:
+        datasets.enable_progress_bars()  # whatever HF_DATASETS_DISABLE_PROGRESS_BARS says
+        capsys.readouterr()
+        assert len(bench.build_split(cfg, "val")) == 3
+        err = capsys.readouterr().err
+        assert "shapes benchmark: val: 100%" in err and "3/3 [" in err
+        datasets.disable_progress_bars()
+        bench.build_split(cfg, "val")
+        assert "shapes benchmark" not in capsys.readouterr().err
+    finally:
+        (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()

@@ -7,10 +7,13 @@ import os
 import pickle
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pytest
 import torch
-from datasets import Dataset, DatasetDict
-from PIL import Image
+from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets import Image as HFImage
+from PIL import Image, ImageDraw
 
 from peft_m2ist.data import (
     RecordError,
@@ -19,7 +22,9 @@ from peft_m2ist.data import (
     load_refer,
     load_transvg,
 )
-from peft_m2ist.data.safe_pickle import load_pth_list, load_refs_pickle, restricted_loads
+from peft_m2ist.data import records as records_module
+from peft_m2ist.data.records import SplitNotFoundError
+from peft_m2ist.data.safe_pickle import CorruptFileError, load_pth_list, load_refs_pickle, restricted_loads
 
 IMAGE_SIZES = {"img_a.jpg": (64, 48), "img_b.jpg": (50, 80)}
 IMAGE_IDS = {"img_a.jpg": 1, "img_b.jpg": 2}
@@ -285,3 +290,238 @@ def test_refs_pickle_allows_plain_containers(tmp_path):
     with open(path, "wb") as file:
         pickle.dump(content, file, protocol=2)
     assert load_refs_pickle(path) == content
+
+
+# ---- EXIF orientation: the record's box is on the object in the image the model gets -------------
+STORED_SIZE = (200, 100)
+OBJECT_XYXY = (120.0, 10.0, 190.0, 90.0)  # in the stored pixels
+
+
+def write_oriented_jpeg(path: Path, orientation: int) -> Path:
+    """A 200x100 grey JPEG with a red block at OBJECT_XYXY (stored frame), tagged with ``orientation``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", STORED_SIZE, (40, 40, 40))
+    ImageDraw.Draw(image).rectangle([120, 10, 189, 89], fill=(230, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, format="JPEG", quality=95, exif=exif)
+    with Image.open(path) as check:
+        assert check.getexif().get(0x0112) == orientation
+    return path
+
+
+def assert_box_is_on_the_object(image: Image.Image, box) -> None:
+    """``box`` (xyxy) is the tight box of the red block in ``image``, to JPEG ringing (2 px)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
+    ys, xs = np.nonzero((pixels[..., 0] > 150) & (pixels[..., 1] < 100))
+    found = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert np.allclose(found, box, atol=2), f"object at {found} in the {image.size} image, record box {box}"
+
+
+def stored_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:  # PIL alone does not apply the EXIF orientation
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_transvg_exif_oriented_image_keeps_its_box_on_the_object(tmp_path, orientation):
+    path = write_oriented_jpeg(tmp_path / "images" / "photo.jpg", orientation)
+    write_transvg(tmp_path, rows=[("photo.jpg", 1, xywh(OBJECT_XYXY), "the red block", [])])
+    row = load_transvg(tmp_path, "unc", "val").dataset[0]
+    assert row["image"].size == STORED_SIZE
+    assert tuple(row["bbox"]) == OBJECT_XYXY
+    assert_box_is_on_the_object(row["image"], row["bbox"])
+    assert np.array_equal(np.asarray(row["image"]), stored_pixels(path))  # lossless, stored frame
+
+
+def test_refer_exif_oriented_image_keeps_its_box_on_the_object(tmp_path):
+    path = write_oriented_jpeg(tmp_path / "images" / "photo.jpg", 6)
+    write_refer_layout(tmp_path, "photo.jpg", STORED_SIZE, xywh(OBJECT_XYXY))
+    result = load_refer(tmp_path, "refcoco", "unc", "val")
+    assert len(result.dataset) == 2
+    for row in result.dataset:
+        assert row["image"].size == STORED_SIZE and tuple(row["bbox"]) == OBJECT_XYXY
+        assert_box_is_on_the_object(row["image"], row["bbox"])
+        assert np.array_equal(np.asarray(row["image"]), stored_pixels(path))
+
+
+def test_hf_exif_oriented_image_keeps_its_box_on_the_object(tmp_path):
+    path = write_oriented_jpeg(tmp_path / "photo.jpg", 8)
+    plain = tmp_path / "plain.jpg"
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(plain)
+    data = Dataset.from_dict(
+        {"image": [{"bytes": plain.read_bytes(), "path": None}, {"bytes": path.read_bytes(), "path": None}],
+         "bbox": [[4.0, 6.0, 20.0, 24.0], xywh(OBJECT_XYXY)], "sentences": [["the blue"], ["the red block"]]},
+        features=Features({"image": HFImage(), "bbox": List(Value("float64")), "sentences": List(Value("string"))}),
+    )
+    dataset = load_hf_rec(data, "val", split_names={}, box_format="xywh").dataset
+    assert dataset[0]["image"].size == (64, 48)
+    row = dataset[1]
+    assert row["image"].size == STORED_SIZE and tuple(row["bbox"]) == OBJECT_XYXY
+    assert_box_is_on_the_object(row["image"], row["bbox"])
+    assert np.array_equal(np.asarray(row["image"]), stored_pixels(path))
+
+
+def test_box_annotated_on_the_rotated_view_is_refused_with_a_hint(tmp_path):
+    write_oriented_jpeg(tmp_path / "images" / "photo.jpg", 6)  # displayed 100x200
+    write_transvg(tmp_path, rows=[("photo.jpg", 1, [10.0, 120.0, 70.0, 70.0], "the red block", [])])
+    with pytest.raises(RecordError, match=r"\[box_outside_image\].*row #0.*EXIF-rotated 100x200 view"):
+        load_transvg(tmp_path, "unc", "val")
+
+
+# ---- refer API: every image header is read, once ------------------------------------------------
+def write_refer_layout(root: Path, file_name: str, size: tuple[int, int], box_xywh, split: str = "val") -> Path:
+    """A refer layout with one image (``size`` in instances.json) and one ref of two sentences."""
+    base = root / "refcoco"
+    base.mkdir(parents=True, exist_ok=True)
+    refs = [{"ref_id": 0, "ann_id": 5, "image_id": 7, "split": split,
+             "sentences": [{"sent": "the red block", "sent_id": 0}, {"sent": "red thing", "sent_id": 1}]}]
+    with open(base / "refs(unc).p", "wb") as file:
+        pickle.dump(refs, file, protocol=2)
+    (base / "instances.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": file_name, "width": size[0], "height": size[1]}],
+        "annotations": [{"id": 5, "image_id": 7, "bbox": box_xywh}],
+    }))
+    return root
+
+
+@pytest.mark.parametrize("problem,reason,message", [
+    ("garbage", "missing_image", r"img_b\.jpg is not a readable image"),
+    ("resized", "image_size_mismatch", r"instances\.json gives the image as 50x80 but .*img_b\.jpg is 25x40.*resized"),
+])
+def test_refer_refuses_unreadable_or_resized_images(tmp_path, problem, reason, message):
+    write_refer(tmp_path)
+    image_b = tmp_path / "images" / "img_b.jpg"
+    if problem == "garbage":
+        image_b.write_bytes(b"this is not a JPEG")
+    else:
+        Image.new("RGB", (25, 40), (90, 120, 150)).save(image_b, format="JPEG")  # a half-size copy
+    with pytest.raises(RecordError, match=rf"\[{reason}\].*refs\(unc\)\.p ref #1.*{message}"):
+        load_refer(tmp_path, "refcoco", "unc", "val")
+    result = load_refer(tmp_path, "refcoco", "unc", "val", on_error="skip")
+    assert dict(result.report.skipped) == {reason: 1}
+    assert as_records(result.dataset) == [r for r in EXPECTED_VAL if r[2] != "tall woman"]
+
+
+def test_refer_size_mismatch_names_a_rotated_view(tmp_path):
+    write_oriented_jpeg(tmp_path / "images" / "photo.jpg", 6)
+    write_refer_layout(tmp_path, "photo.jpg", (100, 200), [10.0, 120.0, 70.0, 70.0])
+    with pytest.raises(RecordError, match=r"\[image_size_mismatch\].*100x200.*200x100 \(stored; EXIF orientation 6\)"
+                                          r".*EXIF-rotated view"):
+        load_refer(tmp_path, "refcoco", "unc", "val")
+
+
+def test_refer_reads_each_image_header_once(tmp_path, monkeypatch):
+    objects = [*OBJECTS, ("img_a.jpg", 12, [1.0, 1.0, 9.0, 9.0], ["the small thing"], "val")]
+    write_refer(tmp_path, objects)
+    opened: list[str] = []
+    real = records_module.read_image_header
+
+    def counting(file):
+        opened.append(Path(file).name)
+        return real(file)
+
+    monkeypatch.setattr(records_module, "read_image_header", counting)
+    assert len(load_refer(tmp_path, "refcoco", "unc", "val").dataset) == 4
+    assert sorted(opened) == ["img_a.jpg", "img_b.jpg"]
+
+
+# ---- nothing kept: a clear error, never an empty dataset ---------------------------------------
+def test_refer_wrong_split_names_the_splits_in_the_file(tmp_path):
+    write_refer(tmp_path)
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p: no records; 0 refs have split 'testA'.*'train': 1, 'val': 2"):
+        load_refer(tmp_path, "refcoco", "unc", "testA")
+
+
+def test_refer_everything_skipped_is_an_error(tmp_path):
+    write_refer(tmp_path)
+    for name in IMAGE_SIZES:
+        os.remove(tmp_path / "images" / name)
+    with pytest.raises(ValueError, match=r"every record was skipped \(2: \{'missing_image': 2\}\)"):
+        load_refer(tmp_path, "refcoco", "unc", "val", on_error="skip")
+
+
+def test_transvg_wrong_split_lists_the_split_files(tmp_path):
+    write_transvg(tmp_path)
+    torch.save([], tmp_path / "unc" / "unc_testB.pth")
+    with pytest.raises(SplitNotFoundError, match=r"unc_testA\.pth not found; splits of 'unc' in .*\['testB', 'val'\]") as error:
+        load_transvg(tmp_path, "unc", "testA")
+    assert isinstance(error.value, FileNotFoundError) and isinstance(error.value, ValueError)
+    with pytest.raises(SplitNotFoundError, match=r"no folder .*gref.*families under .*\['unc'\]"):
+        load_transvg(tmp_path, "gref", "val")
+
+
+def test_transvg_empty_or_fully_skipped_split_is_an_error(tmp_path):
+    write_transvg(tmp_path, rows=[])
+    with pytest.raises(ValueError, match=r"unc_val\.pth: no records; .*holds 0 rows"):
+        load_transvg(tmp_path, "unc", "val")
+    write_transvg(tmp_path, rows=[("nowhere.jpg", 1, [1.0, 1.0, 5.0, 5.0], "x", [])])
+    with pytest.raises(ValueError, match=r"every record was skipped .*missing_image.*on_error='raise'"):
+        load_transvg(tmp_path, "unc", "val", on_error="skip")
+
+
+def test_hf_empty_or_fully_skipped_split_is_an_error(tmp_path):
+    split = hf_split(tmp_path, boxes=[[40.0, 6.0, 50.0, 24.0], [10.0, 20.0, 45.0, 70.0]])  # both outside
+    data = DatasetDict({"validation": split, "train": split.select([])})
+    with pytest.raises(ValueError, match=r"every record was skipped \(2: \{'box_outside_image': 2\}\)"):
+        load_hf_rec(data, "val", split_names={"val": "validation"}, box_format="xywh", on_error="skip")
+    with pytest.raises(ValueError, match=r"no records; its source split holds 0 rows .*\['train', 'validation'\]"):
+        load_hf_rec(data, "train", split_names={}, box_format="xywh")
+
+
+# ---- corrupt annotation files: errors that name the file ---------------------------------------
+def truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage", ["truncated_zip", "truncated_legacy", "truncated_pickle", "empty", "garbage"])
+def test_corrupt_pth_names_the_file(tmp_path, damage):
+    write_transvg(tmp_path, legacy=damage == "truncated_legacy")
+    path = tmp_path / "unc" / "unc_val.pth"
+    if damage == "truncated_pickle":
+        rows = load_pth_list(path)
+        with open(path, "wb") as file:
+            pickle.dump(rows, file, protocol=4)
+    if damage.startswith("truncated"):
+        truncate(path, 0.6)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(b"hello, this is not a split file" * 4)
+    with pytest.raises(CorruptFileError, match=r"unc_val\.pth: .*seems truncated or corrupt"):
+        load_transvg(tmp_path, "unc", "val")
+
+
+def test_corrupt_refer_files_name_the_file(tmp_path):
+    write_refer(tmp_path)
+    truncate(tmp_path / "refcoco" / "instances.json", 0.5)
+    with pytest.raises(CorruptFileError, match=r"instances\.json: not readable as JSON .*seems truncated or corrupt"):
+        load_refer(tmp_path, "refcoco", "unc", "val")
+    write_refer(tmp_path)
+    truncate(tmp_path / "refcoco" / "refs(unc).p", 0.5)
+    with pytest.raises(CorruptFileError, match=r"refs\(unc\)\.p: .*seems truncated or corrupt"):
+        load_refer(tmp_path, "refcoco", "unc", "val")
+
+
+# ---- progress bars ------------------------------------------------------------------------------
+def test_loaders_show_progress_unless_disabled(tmp_path, capsys):
+    write_refer(tmp_path)
+    write_transvg(tmp_path)
+    data = DatasetDict({"val": hf_split(tmp_path)})
+    was_enabled = datasets.is_progress_bar_enabled()
+    try:
+        datasets.enable_progress_bars()  # whatever HF_DATASETS_DISABLE_PROGRESS_BARS says
+        capsys.readouterr()
+        load_transvg(tmp_path, "unc", "val")
+        load_refer(tmp_path, "refcoco", "unc", "val")
+        load_hf_rec(data, "val", split_names={}, box_format="xywh")
+        err = capsys.readouterr().err
+        assert "unc_val.pth: 100%" in err and "3/3 [" in err
+        assert "refcoco refs(unc): 100%" in err
+        assert "dataset[val]: 100%" in err
+        datasets.disable_progress_bars()
+        load_transvg(tmp_path, "unc", "val")
+        assert "unc_val.pth" not in capsys.readouterr().err
+    finally:
+        (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
