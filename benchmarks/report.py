@@ -54,7 +54,7 @@ def millions(n: int | float | None) -> str:
 
 def machine_line(result: dict) -> str:
     m = result["machine"]
-    where = f"GPU {m['gpu']}" if m.get("gpu") else f"CPU {m['cpu']}, {m['torch_threads']} torch threads"
+    where = f"GPU {m['gpu']}" if m.get("gpu") else f"CPU {m['cpu']}, {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}"
     load = ""
     if "load_average_1min_at_start" in m:
         load = (f"; 1-min load average {m['load_average_1min_at_start']:.1f} at start"
