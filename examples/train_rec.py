@@ -2,7 +2,8 @@
 
     accelerate launch examples/train_rec.py                              # offline default towers + shapes benchmark
     accelerate launch examples/train_rec.py --config examples/configs/default.yaml --num_epochs 3
-    accelerate launch --num_processes 2 --cpu examples/train_rec.py ...  # data-parallel on CPU (or GPUs)
+    accelerate launch --multi_gpu --num_processes 2 examples/train_rec.py ...               # data-parallel on GPUs
+    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 examples/train_rec.py ...  # ... or on CPU
 
 Reads top to bottom: arguments -> towers + adapter -> data -> optimiser -> (resume) -> train/evaluate loop with
 checkpoints -> best adapter -> report (+ push to the Hub). Every flag can also be set in a YAML file (`--config`);
@@ -117,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="outputs/m2ist-shapes")
     g.add_argument("--checkpointing_steps", type=int, default=200, help="accelerate save_state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=2)
-    g.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="A checkpoint folder, or 'latest' (the newest complete OUTPUT/checkpoints/step_N).")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Delete the checkpoints, adapters, best.json and results.json an earlier run left in "
+                   "--output_dir before training (without it, such an --output_dir is refused unless resuming).")
     g.add_argument("--eval_only", action="store_true", help="Evaluate --adapter on the validation split and stop.")
     g.add_argument("--report_to", default="auto", help="'auto' (tensorboard or trackio if installed), 'none', ...")
     g.add_argument("--crash_after_steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
@@ -137,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--push_to_hub needs --hub_model_id")
     if args.eval_only and not args.adapter:
         parser.error("--eval_only needs --adapter")
+    if args.overwrite_output_dir and args.resume_from_checkpoint == "latest":
+        parser.error("--overwrite_output_dir would delete the checkpoints --resume_from_checkpoint latest resumes")
     if args.cache_features is None:  # auto: cache the towers' outputs unless augmentation changes the images
         args.cache_features = not args.augment
     elif args.augment and args.cache_features:
@@ -308,52 +315,120 @@ def cached_loaders(model, train_loader, val_loader, accelerator, args):
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def evaluate(model, loader, accelerator: Accelerator, desc: str = "eval") -> dict[str, float]:
-    """Acc@0.5, mean IoU and per-phrase-type accuracy, gathered across processes (duplicates dropped)."""
+    """Acc@0.5, mean IoU and per-phrase-type accuracy, gathered across processes (duplicates dropped).
+
+    Every process runs its share of `loader`; boxes and labels are gathered with `gather_for_metrics`, the phrase
+    types as strings with `gather_for_metrics(..., use_gather_object=True)` (same order, same duplicates dropped), so
+    each type stays with its own samples whatever order the processes see them in. Only the main process feeds and
+    computes the metric, held in memory (no cache files); it returns the scores, the other processes `{}`.
+    """
     model.eval()
-    metric = load_rec_metric()
-    type_names: list[str] = []
+    metric = load_rec_metric(keep_in_memory=True) if accelerator.is_main_process else None
     gathered_types: list[str] = []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        types = batch.pop("phrase_type")
-        type_ids = torch.tensor([_index(type_names, t) for t in types], device=accelerator.device)
+        types = [str(t) for t in batch.pop("phrase_type")]
         with torch.no_grad():
             boxes = model(**{k: v for k, v in batch.items() if k != "labels"}).pred_boxes
-        boxes, labels, type_ids = accelerator.gather_for_metrics((boxes, batch["labels"], type_ids))
-        metric.add_batch(predictions=boxes.float().cpu().tolist(), references=labels.float().cpu().tolist())
-        gathered_types += [_name(type_names, i) for i in type_ids.cpu().tolist()]
+        boxes, labels = accelerator.gather_for_metrics((boxes, batch["labels"]))
+        types = accelerator.gather_for_metrics(types, use_gather_object=True)
+        if metric is not None:
+            metric.add_batch(predictions=boxes.float().cpu().tolist(), references=labels.float().cpu().tolist())
+            gathered_types += types
     model.train()
-    return metric.compute(phrase_types=gathered_types) if accelerator.is_main_process else {}
-
-
-# Phrase types are small strings; they travel between processes as indices into a vocabulary that every process
-# builds in the same order (the loaders are not shuffled for evaluation).
-def _index(vocab: list[str], name: str) -> int:
-    if name not in vocab:
-        vocab.append(name)
-    return vocab.index(name)
-
-
-def _name(vocab: list[str], index: int) -> str:
-    return vocab[index] if index < len(vocab) else f"type_{index}"
+    return metric.compute(phrase_types=gathered_types) if metric is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 TOWERS_FILE = "towers.json"
 """Written next to each saved adapter: the towers it was trained on, which `predict.py` reloads by default."""
+RUN_STATE_FILE = "run_state.json"
+"""Written last into each checkpoint folder: step, history, best score, last evaluated epoch and elapsed time."""
+BEST_FILE = "best.json"
+"""`OUTPUT/best.json`: the score, epoch and step of the adapter in `OUTPUT/best_adapter/`."""
+RESULTS_FILE = "results.json"
+RUN_OUTPUTS = ("checkpoints", "best_adapter", "final_adapter", BEST_FILE, RESULTS_FILE)
+"""What a training run writes into --output_dir (besides tracker logs); see `prepare_output_dir`."""
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
+"""Checkpoint folders are `OUTPUT/checkpoints/step_N`; nothing else there counts as one."""
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write `data` as JSON to `path` atomically: a temporary sibling, flushed to disk, then `os.replace`d.
+
+    A crash leaves either the old file or the new one, never a truncated one.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`; a file that is not valid JSON raises a `ValueError` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the file is damaged: resume from another "
+                         "checkpoint (--resume_from_checkpoint PATH) or start over") from error
+
+
+def replace_dir(tmp: Path, folder: Path) -> None:
+    """Move the complete folder `tmp` to `folder`, replacing what is there.
+
+    Each rename is atomic: `folder` is always either absent, the old folder or the new one, never half written.
+    """
+    old = folder.with_name(f"{folder.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def fresh_tmp_dir(folder: Path) -> Path:
+    """`folder`'s temporary sibling `<name>.tmp`, emptied of what an interrupted save left there."""
+    tmp = folder.with_name(f"{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
 
 
 def save_adapter(model, folder: Path, args: argparse.Namespace) -> None:
-    model.save_pretrained(folder)
+    """`save_pretrained` plus `towers.json`, written into `<folder>.tmp` and then moved to `folder`."""
+    tmp = fresh_tmp_dir(folder)
+    model.save_pretrained(tmp)
     towers = {"vision": args.vision_model, "text": args.text_model, "dtype": args.tower_dtype}
-    (folder / TOWERS_FILE).write_text(json.dumps(towers, indent=2))
+    write_json(tmp / TOWERS_FILE, towers)
+    replace_dir(tmp, folder)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N for a folder named exactly `step_N`, else None."""
+    match = CHECKPOINT_NAME.match(folder.name)
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    folders = [d for d in (output_dir / "checkpoints").glob("step_*") if d.is_dir()]
-    return sorted(folders, key=lambda d: int(re.sub(r"\D", "", d.name)))
+    """The complete checkpoints in `output_dir/checkpoints`, oldest step first.
+
+    Complete: a folder named `step_N` holding `run_state.json` (written last, see `save_checkpoint`).
+    """
+    root = output_dir / "checkpoints"
+    folders = [d for d in root.iterdir() if d.is_dir() and checkpoint_step(d) is not None
+               and (d / RUN_STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(folders, key=checkpoint_step)
 
 
 def resolve_checkpoint(arg: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint folder `--resume_from_checkpoint arg` names: 'latest' is the newest complete one (or None)."""
     if not arg:
         return None
     if arg == "latest":
@@ -362,14 +437,97 @@ def resolve_checkpoint(arg: str | None, output_dir: Path) -> Path | None:
     path = Path(arg)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {arg}: no such folder")
+    if not (path / RUN_STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {arg}: no {RUN_STATE_FILE} in it, so it is no complete "
+                                "checkpoint of this script (its save was interrupted, or an older version wrote it)")
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int) -> None:
-    accelerator.save_state(str(output_dir / "checkpoints" / f"step_{step}"))
-    if accelerator.is_main_process and limit:
-        for old in checkpoint_dirs(output_dir)[:-limit]:
-            shutil.rmtree(old)
+def prepare_output_dir(output_dir: Path, checkpoint: Path | None, resumed_step: int, overwrite: bool,
+                       accelerator: Accelerator) -> None:
+    """Check `output_dir` before a run writes into it.
+
+    Resuming from one of its own checkpoints (at step `resumed_step`) continues that run: the checkpoints after it
+    belong to the abandoned continuation and are deleted, with the leftovers of interrupted saves, so that `latest`
+    and the clean-up pick the new ones. Otherwise, outputs of an earlier run (`RUN_OUTPUTS`) raise
+    `FileExistsError`, or with `overwrite` are deleted first.
+    """
+    own = checkpoint is not None and checkpoint.resolve().parent == (output_dir / "checkpoints").resolve()
+    if own:
+        if overwrite:
+            raise ValueError(f"--overwrite_output_dir would delete {checkpoint}, the checkpoint to resume from")
+        if accelerator.is_main_process:
+            for folder in (output_dir / "checkpoints").iterdir():
+                step = checkpoint_step(folder)
+                if folder.name.endswith((".tmp", ".old")) or (step is not None and step > resumed_step):
+                    logger.info(f"deleting {folder}: written after the checkpoint resumed from")
+                    shutil.rmtree(folder)
+        accelerator.wait_for_everyone()
+        return
+    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()
+             and not ((output_dir / name).is_dir() and not any((output_dir / name).iterdir()))]
+    if found and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds the outputs of an earlier run ({', '.join(found)}) and no complete "
+            "checkpoint of it is being resumed: pass --resume_from_checkpoint latest to continue it (if it saved "
+            "a checkpoint), --overwrite_output_dir to delete them, or choose another --output_dir"
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+    if found and accelerator.is_main_process:
+        for name in found:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.info(f"--overwrite_output_dir: deleted {', '.join(found)} in {output_dir}", main_process_only=True)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int, state: dict) -> None:
+    """`accelerator.save_state` into `step_N.tmp`, then the best adapter and `run_state.json`, then rename.
+
+    The folder is named `step_N` only once complete, so `latest` never picks a half-written one. The clean-up keeps
+    the newest `limit` complete checkpoints (by step number).
+    """
+    folder = output_dir / "checkpoints" / f"step_{step}"
+    tmp = folder.with_name(f"{folder.name}.tmp")
+    if accelerator.is_main_process:
+        fresh_tmp_dir(folder)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG states
+    if accelerator.is_main_process:
+        best_adapter = output_dir / "best_adapter"
+        if best_adapter.is_dir():  # as of this step: resuming restores it with the best score of `state`
+            shutil.copytree(best_adapter, tmp / "best_adapter")
+        write_json(tmp / RUN_STATE_FILE, state)
+        replace_dir(tmp, folder)
+        if limit:
+            for old in checkpoint_dirs(output_dir)[:-limit]:
+                shutil.rmtree(old)
+
+
+def restore_best_adapter(checkpoint: Path, output_dir: Path, best: dict) -> None:
+    """Put `output_dir/best_adapter` and `best.json` back as they were when `checkpoint` was saved."""
+    saved = checkpoint / "best_adapter"
+    if saved.is_dir():
+        tmp = fresh_tmp_dir(output_dir / "best_adapter")
+        shutil.copytree(saved, tmp)
+        replace_dir(tmp, output_dir / "best_adapter")
+        write_json(output_dir / BEST_FILE, best)
+    else:  # no epoch evaluated yet at that step: what is there came after it
+        shutil.rmtree(output_dir / "best_adapter", ignore_errors=True)
+        (output_dir / BEST_FILE).unlink(missing_ok=True)
+
+
+def epoch_to_evaluate_first(step: int, steps_per_epoch: int, total_steps: int, evaluated_epoch: int) -> int | None:
+    """The epoch whose training a checkpoint at `step` completed but whose evaluation it predates, if any.
+
+    A checkpoint saved on an epoch's last step (or the run's last step) is written before that epoch's evaluation;
+    resuming from it must evaluate that epoch before training on.
+    """
+    if step == 0 or (step % steps_per_epoch and step < total_steps):
+        return None
+    epoch = (step - 1) // steps_per_epoch
+    return epoch if epoch > evaluated_epoch else None
 
 
 def trackers(report_to: str) -> list[str] | None:
@@ -379,6 +537,62 @@ def trackers(report_to: str) -> list[str] | None:
         return report_to.split(",")
     found = [name for name in ("tensorboard", "trackio") if importlib.util.find_spec(name)]
     return found[:1] or None
+
+
+class RunState:
+    """What a checkpoint records besides accelerate's state (its `run_state.json`); complete on the main process.
+
+    (A plain class: `dataclass` needs the module in `sys.modules`, which loading the script by path skips.)
+    """
+
+    def __init__(self, step: int = 0, evaluated_epoch: int = -1, history: list[dict] | None = None,
+                 best: dict | None = None, elapsed_s: float = 0.0, started: float | None = None) -> None:
+        self.step = step
+        self.evaluated_epoch = evaluated_epoch
+        """The last epoch evaluated (-1: none yet)."""
+        self.history = history if history is not None else []
+        self.best = best if best is not None else {"accuracy": -1}
+        self.elapsed_s = elapsed_s
+        """Run time of the earlier sessions, up to the checkpoint this one resumed from."""
+        self.started = time.monotonic() if started is None else started
+        """When this session started (`time.monotonic`)."""
+
+    def elapsed(self) -> float:
+        """Seconds of run time so far, the earlier sessions' included."""
+        return self.elapsed_s + time.monotonic() - self.started
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "evaluated_epoch": self.evaluated_epoch, "history": self.history,
+                "best": self.best, "elapsed_s": round(self.elapsed(), 1)}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path, started: float) -> RunState:
+        """The state saved in `checkpoint/run_state.json`, for a session that started at `started`."""
+        path = checkpoint / RUN_STATE_FILE
+        data = read_json(path)
+        try:
+            return cls(step=int(data["step"]), evaluated_epoch=int(data["evaluated_epoch"]),
+                       history=list(data["history"]), best=dict(data["best"]), elapsed_s=float(data["elapsed_s"]),
+                       started=started)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not a run state of this script ({type(error).__name__}: {error})") from error
+
+
+def evaluate_epoch(model, val_loader, accelerator: Accelerator, run: RunState, epoch: int, chance: float,
+                   output_dir: Path, args: argparse.Namespace) -> None:
+    """Evaluate after `epoch`; the main process records the scores in `run` and saves a new best adapter."""
+    scores = evaluate(model, val_loader, accelerator, desc=f"eval epoch {epoch}")
+    run.evaluated_epoch = epoch
+    if not accelerator.is_main_process:
+        return
+    run.history.append({"epoch": epoch, "step": run.step, **scores})
+    accelerator.print(f"epoch {epoch}: val Acc@0.5 = {100 * scores['accuracy']:.2f}% "
+                      f"(mean IoU {scores['mean_iou']:.3f}, chance {100 * chance:.1f}%)")
+    accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=run.step)
+    if scores["accuracy"] > run.best["accuracy"]:
+        run.best = {"epoch": epoch, "step": run.step, **scores}
+        save_adapter(accelerator.unwrap_model(model), output_dir / "best_adapter", args)
+        write_json(output_dir / BEST_FILE, run.best)
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -396,15 +610,25 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
+    checkpoint, run = None, RunState(started=started)
+    if not args.eval_only:  # before anything loads: a damaged checkpoint or a used --output_dir ends the run here
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        if checkpoint is not None:
+            run = RunState.from_checkpoint(checkpoint, started)
+        prepare_output_dir(output_dir, checkpoint, run.step, args.overwrite_output_dir, accelerator)
+
     model, image_processor, tokenizer = build_model(args)
     with accelerator.main_process_first():  # the first process builds and caches the benchmark
         train_loader, val_loader, chance = build_data(args, image_processor, tokenizer)
 
     if args.eval_only:
-        model, val_loader = accelerator.prepare(model, val_loader)
+        # a frozen model: no DistributedDataParallel wrapper (it refuses a module without trainable parameters)
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        val_loader = accelerator.prepare(val_loader)
         scores = evaluate(model, val_loader, accelerator)
         if accelerator.is_main_process:
-            print(json.dumps({"val": scores, "chance": chance}, sort_keys=True))
+            report = {"val": scores, "chance": chance, "processes": accelerator.num_processes}
+            print(json.dumps(report, sort_keys=True))
         return scores
 
     if accelerator.is_main_process:
@@ -425,22 +649,27 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.trackers:
         accelerator.init_trackers("m2ist", config={k: v for k, v in vars(args).items() if v is not None})
 
-    # ---- resume: restore weights, optimiser, scheduler, RNG states and the sampler; skip the batches already seen
-    step, start_epoch, skip_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    # ---- resume: restore weights, optimiser, scheduler, RNG states and the sampler (accelerate), the history, best
+    # score and adapter, and elapsed time (run_state.json); skip the batches already seen
+    start_epoch, skip_batches = 0, 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        step = int(re.sub(r"\D", "", checkpoint.name))
-        start_epoch, done = divmod(step, steps_per_epoch)
+        if accelerator.is_main_process:
+            restore_best_adapter(checkpoint, output_dir, run.best)
+        start_epoch, done = divmod(run.step, steps_per_epoch)
         skip_batches = done * args.gradient_accumulation_steps
-        accelerator.print(f"Resumed from {checkpoint} (step {step}, epoch {start_epoch}).")
-    state_file = output_dir / "best.json"
-    best = json.loads(state_file.read_text()) if checkpoint is not None and state_file.exists() else {"accuracy": -1}
+        accelerator.print(f"Resumed from {checkpoint} (step {run.step}, epoch {start_epoch}).")
+        # saved on an epoch's (or the run's) last step, before that epoch was evaluated: evaluate it now, as the
+        # uninterrupted run did right after saving
+        unevaluated = epoch_to_evaluate_first(run.step, steps_per_epoch, total_steps, run.evaluated_epoch)
+        if unevaluated is not None:
+            evaluate_epoch(model, val_loader, accelerator, run, unevaluated, chance, output_dir, args)
 
-    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
-    history = []
+    progress = tqdm(total=total_steps, initial=run.step, desc="train", disable=not accelerator.is_local_main_process)
     model.train()
     for epoch in range(start_epoch, num_epochs):
+        if run.step >= total_steps:
+            break
         train_loader.set_epoch(epoch)
         if skip_batches:
             # Starting an iterator draws from torch's global RNG. The uninterrupted run drew it before the
@@ -465,41 +694,32 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            step += 1
+            run.step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{out.loss.item():.3f}", l1=f"{out.loss_l1.item():.3f}")
             accelerator.log({"train/loss": out.loss.item(), "train/loss_l1": out.loss_l1.item(),
-                             "train/loss_giou": out.loss_giou.item(), "lr": scheduler.get_last_lr()[-1]}, step=step)
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
-            if args.crash_after_steps and step >= args.crash_after_steps:
+                             "train/loss_giou": out.loss_giou.item(), "lr": scheduler.get_last_lr()[-1]},
+                            step=run.step)
+            if args.checkpointing_steps and run.step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, run.step, args.checkpoints_total_limit, run.to_json())
+            if args.crash_after_steps and run.step >= args.crash_after_steps:
                 os._exit(3)  # no clean-up, like a killed process
-            if step >= total_steps:
+            if run.step >= total_steps:
                 break
-        scores = evaluate(model, val_loader, accelerator, desc=f"eval epoch {epoch}")
-        if accelerator.is_main_process:
-            history.append({"epoch": epoch, "step": step, **scores})
-            accelerator.print(f"epoch {epoch}: val Acc@0.5 = {100 * scores['accuracy']:.2f}% "
-                              f"(mean IoU {scores['mean_iou']:.3f}, chance {100 * chance:.1f}%)")
-            accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step)
-            if scores["accuracy"] > best["accuracy"]:
-                best = {"epoch": epoch, "step": step, **scores}
-                save_adapter(accelerator.unwrap_model(model), output_dir / "best_adapter", args)
-                state_file.write_text(json.dumps(best, indent=2))
-        if step >= total_steps:
-            break
+        evaluate_epoch(model, val_loader, accelerator, run, epoch, chance, output_dir, args)
     progress.close()
 
     final = {}
     if accelerator.is_main_process:
+        best = run.best
         unwrapped = accelerator.unwrap_model(model)
         save_adapter(unwrapped, output_dir / "final_adapter", args)
-        final = {"best": best, "history": history, "chance": chance, "control": args.control,
+        final = {"best": best, "history": run.history, "chance": chance, "control": args.control,
                  "towers": {"vision": args.vision_model, "text": args.text_model},
                  "data": f"shapes benchmark (seed {args.data_seed}, {args.image_size}px)",
-                 "elapsed_s": round(time.monotonic() - started, 1), "steps": step,
+                 "elapsed_s": round(run.elapsed(), 1), "steps": run.step,
                  "args": {k: v for k, v in vars(args).items() if k != "config"}}
-        (output_dir / "results.json").write_text(json.dumps(final, indent=2, default=str))
+        write_json(output_dir / RESULTS_FILE, final)
         accelerator.print(f"best val Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "
                           f"chance = {100 * chance:.1f}%; adapter in {output_dir / 'best_adapter'}")
         if args.push_to_hub:  # the best weights, with a model card recording towers, data and score

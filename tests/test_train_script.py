@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,9 +46,17 @@ def _args(towers, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _run(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def _run(args: list[str], launcher: list[str] | None = None, check: bool = True,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable]) + [str(SCRIPT), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=check)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=check,
+                          env={**os.environ, **(env or {})})
+
+
+TWO_CPU_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+"""Two data-parallel processes on CPU (with ACCELERATE_USE_CPU=1). `accelerate launch --num_processes 2 --cpu`
+without an MPI hostfile starts only one."""
+CPU = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_resume_after_crash_ends_with_the_same_adapter(towers, tmp_path):
@@ -77,13 +86,14 @@ def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
     eval_args = _args(towers, tmp_path / "eval", "--eval_only", "--adapter", str(adapter), "--eval_samples", "23")
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     one = _run(eval_args, [accelerate, "launch", "--num_processes", "1", "--cpu"])
-    two = _run(eval_args, [accelerate, "launch", "--num_processes", "2", "--cpu"])
+    two = _run(eval_args, TWO_CPU_PROCESSES, env=CPU)
 
-    def scores(proc):
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
-        return json.loads(line)["val"]
+    def scores(proc, processes: int):
+        line = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+        assert line["processes"] == processes
+        return line["val"]
 
-    s1, s2 = scores(one), scores(two)
+    s1, s2 = scores(one, 1), scores(two, 2)
     assert s1.keys() == s2.keys() and "accuracy" in s1
     for key in s1:
         assert s1[key] == pytest.approx(s2[key], abs=1e-6), key
@@ -103,6 +113,61 @@ def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
 
     with Image.open(png) as image:
         assert image.size == (3 * 256, 284)
+
+
+EVALUATE_DRIVER = """
+import importlib.util, json, sys
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+spec = importlib.util.spec_from_file_location("train_rec", sys.argv[1])
+train_rec = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_rec)
+
+
+class Echo(torch.nn.Module):
+    def forward(self, pred):
+        return SimpleNamespace(pred_boxes=pred)
+
+
+def collate(rows):
+    labels = torch.tensor([[0.5, 0.5, 0.2, 0.2]] * len(rows))
+    miss = torch.tensor([0.1, 0.1, 0.05, 0.05])
+    pred = torch.stack([label if row["hit"] else miss for row, label in zip(rows, labels)])
+    return {"pred": pred, "labels": labels, "phrase_type": [row["type"] for row in rows]}
+
+
+accelerator = Accelerator(cpu=True)
+loader = accelerator.prepare(DataLoader(json.loads(sys.argv[2]), batch_size=2, collate_fn=collate))
+scores = train_rec.evaluate(Echo(), loader, accelerator)
+if accelerator.is_main_process:
+    print(json.dumps({"processes": accelerator.num_processes, "scores": scores}))
+"""
+
+
+def test_two_processes_keep_each_phrase_type_with_its_own_samples(tmp_path):
+    """The processes meet the phrase types in different orders (process 0's batches start with 'attribute', process
+    1's with 'relation'); each type's accuracy is still its own. Types outside the benchmark's are kept, the padding
+    of the uneven last batch is dropped, and no metric cache file is left behind."""
+    hits = {"attribute": True, "relation": False, "position": True, "ordinal": False, "custom": True}
+    order = ["attribute", "relation", "relation", "attribute", "position", "custom", "ordinal", "position", "relation"]
+    rows = [{"type": t, "hit": hits[t]} for t in order]  # 9 rows, batches of 2: process 0 gets batches 0, 2, 4
+    driver = tmp_path / "evaluate_driver.py"
+    driver.write_text(EVALUATE_DRIVER)
+    cache = tmp_path / "metrics_cache"
+    env = {**os.environ, **CPU, "HF_METRICS_CACHE": str(cache)}
+    proc = subprocess.run([*TWO_CPU_PROCESSES, str(driver), str(SCRIPT), json.dumps(rows)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert out["processes"] == 2
+    assert out["scores"] == {"accuracy": pytest.approx(5 / 9), "mean_iou": pytest.approx(5 / 9), "accuracy_attribute": 1.0,
+                      "accuracy_relation": 0.0, "accuracy_position": 1.0, "accuracy_ordinal": 0.0,
+                      "accuracy_custom": 1.0}
+    assert not list(cache.rglob("*.arrow"))  # the metric is only fed and computed on the main process, in memory
 
 
 def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
