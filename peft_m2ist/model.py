@@ -64,6 +64,19 @@ def _check_tensor(name: str, value: object, ndim: int, shape_doc: str) -> torch.
     return value
 
 
+def _check_devices(tower: nn.Module, inputs: dict[str, torch.Tensor | None], kind: str) -> None:
+    """Inputs must be on the device of the tower that reads them; a `ValueError` names the argument."""
+    param = next(tower.parameters(), None)
+    if param is None:
+        return
+    for name, tensor in inputs.items():
+        if tensor is not None and tensor.device != param.device:
+            raise ValueError(
+                f"`{name}` is on {tensor.device} but the {kind} tower is on {param.device}; move the batch there "
+                f"first (e.g. `{{k: v.to('{param.device}') for k, v in batch.items()}}`)."
+            )
+
+
 def validate_inputs(
     pixel_values: object,
     input_ids: object,
@@ -74,6 +87,11 @@ def validate_inputs(
 ) -> None:
     """Check ranks, batch sizes and label ranges of a REC batch; raises `TypeError`/`ValueError` naming the argument."""
     pixel_values = _check_tensor("pixel_values", pixel_values, 4, "(batch, channels, height, width)")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"`pixel_values` must be floating point, normalised as the vision tower's image processor returns them, "
+            f"got dtype {pixel_values.dtype} (raw pixels?)."
+        )
     input_ids = _check_tensor("input_ids", input_ids, 2, "(batch, tokens)")
     if input_ids.is_floating_point():
         raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
@@ -352,6 +370,8 @@ class M2ISTModel(BaseTuner):
             attention_mask = torch.ones_like(input_ids)
         vision_tower = get_tower(self.model, config.vision_tower, "vision_tower")
         text_tower = get_tower(self.model, config.text_tower, "text_tower")
+        _check_devices(vision_tower, {"pixel_values": pixel_values, "pixel_mask": pixel_mask}, "vision")
+        _check_devices(text_tower, {"input_ids": input_ids, "attention_mask": attention_mask}, "text")
         batch = input_ids.shape[0]
         step = config.tower_micro_batch_size or batch
         features: dict[str, torch.Tensor] = {}

@@ -92,6 +92,13 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
     """Resolve `config`'s taps on `container` and measure the shapes with a dummy image and a dummy phrase."""
     vision_tower = get_tower(container, config.vision_tower, "vision_tower")
     text_tower = get_tower(container, config.text_tower, "text_tower")
+    for kind, tower in (("vision", vision_tower), ("text", text_tower)):
+        if any(p.device.type == "meta" for p in tower.parameters()):
+            raise ValueError(
+                f"The {kind} tower has weights on the 'meta' device (built without them, e.g. under accelerate's "
+                "`init_empty_weights`): load its weights before `get_peft_model`, which runs the towers once to "
+                "measure the taps."
+            )
     # auto-resolved towers tap the same number of layers: the smallest of the request and both depths
     depths = [count_blocks(vision_tower), count_blocks(text_tower)]
     num_layers = min([config.num_tapped_layers, *[d for d in depths if d]])

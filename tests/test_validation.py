@@ -38,6 +38,12 @@ def _taps(module) -> int:
          ValueError, "max_text_tokens"),
         (lambda b: b.update(input_ids=b["input_ids"][:, :0], attention_mask=b["attention_mask"][:, :0]), ValueError,
          "`input_ids` has no tokens"),
+        (lambda b: b.update(pixel_values=(b["pixel_values"] * 50).clamp(0, 255).to(torch.uint8)), TypeError,
+         "`pixel_values` must be floating point"),
+        (lambda b: b.update(pixel_values=b["pixel_values"].to("meta")), ValueError,
+         "`pixel_values` is on meta but the vision tower is on cpu"),
+        (lambda b: b.update(attention_mask=b["attention_mask"].to("meta")), ValueError,
+         "`attention_mask` is on meta but the text tower is on cpu"),
     ],
 )
 def test_bad_batches_are_rejected(model, change, error, match):
@@ -71,6 +77,14 @@ def test_return_dict_false_gives_the_output_as_a_tuple(model):
     (boxes,) = model(**batch(labels=False), return_dict=False)
     assert torch.equal(boxes, out.pred_boxes)
     model.train(was_training)
+
+
+
+def test_towers_without_weights_are_refused_before_probing():
+    with torch.device("meta"):
+        pair = build_pair("vit+bert")
+    with pytest.raises(ValueError, match="weights on the 'meta' device"):
+        get_peft_model(pair, tiny_config())
 
 
 def test_wrong_image_size_names_the_config_field(model):
