@@ -27,13 +27,34 @@ class TowerLayout:
             several because module names moved between transformers releases).
         ffn: child of a block whose output feeds the modality expert (`""`: the block itself).
         attention: child of a block whose output feeds the interactive expert (`""`: the block itself).
-        embeddings: module whose output is the tower's input embedding, added to the side stream (`None`: none).
+        embeddings: dotted path of the module whose output is the tower's input embedding, added to the side stream,
+            or candidate paths of it (first existing one wins, as for `blocks`); `None`: none.
     """
 
     blocks: tuple[str, ...]
     ffn: str
     attention: str
-    embeddings: str | None
+    embeddings: str | tuple[str, ...] | None
+
+    @property
+    def embedding_candidates(self) -> tuple[str, ...]:
+        if self.embeddings is None:
+            return ()
+        return (self.embeddings,) if isinstance(self.embeddings, str) else self.embeddings
+
+
+# Sub-models of the dual-encoder families (SigLIP, Chinese-CLIP, CLIPSeg, OWL-ViT, ...) come in two shapes: the
+# stand-alone `*VisionModel` / `*TextModel`, and the tower a container (`SiglipModel`, `OwlViTModel`) holds as
+# `vision_model` / `text_model`. Depending on the family and the transformers release, one of them wraps the
+# transformer in a `vision_model` / `text_model` attribute, hence both paths for the blocks and the embeddings.
+_VISION_BLOCKS = ("encoder.layers", "vision_model.encoder.layers")
+_TEXT_BLOCKS = ("encoder.layers", "text_model.encoder.layers")
+_VISION_EMBEDDINGS = ("embeddings", "vision_model.embeddings")
+_TEXT_EMBEDDINGS = ("embeddings", "text_model.embeddings")
+# the norm between the patch embeddings ([CLS] + patches + positions) and the encoder: CLIP and CLIPSeg spell it
+# `pre_layrnorm` (and so does Chinese-CLIP), OWL-ViT and OWLv2 `pre_layernorm`
+_CLIP_PRE_NORM = ("pre_layrnorm", "vision_model.pre_layrnorm")
+_OWL_PRE_NORM = ("pre_layernorm", "vision_model.pre_layernorm")
 
 
 TOWER_LAYOUTS: dict[str, TowerLayout] = {
@@ -47,6 +68,20 @@ TOWER_LAYOUTS: dict[str, TowerLayout] = {
     "mobilenet_v2": TowerLayout(("layer",), "", "", None),
     "resnet": TowerLayout(("encoder.stages",), "", "", None),
     "detr": TowerLayout(("encoder.layers",), "mlp", "self_attn", "input_projection"),
+    # SigLIP / SigLIP2: no [CLS] token and no norm before the encoder: the embedding tap is the embeddings module
+    "siglip_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _VISION_EMBEDDINGS),
+    "siglip_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
+    "siglip2_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _VISION_EMBEDDINGS),
+    "siglip2_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
+    # Chinese-CLIP: a CLIP vision tower and a BERT text tower
+    "chinese_clip_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _CLIP_PRE_NORM),
+    "chinese_clip_text_model": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
+    "clipseg_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _CLIP_PRE_NORM),
+    "clipseg_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
+    "owlvit_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _OWL_PRE_NORM),
+    "owlvit_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
+    "owlv2_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _OWL_PRE_NORM),
+    "owlv2_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
 }
 
 
@@ -143,12 +178,13 @@ def resolve_taps(
             "names or regexes."
         )
     embeddings = None
-    if layout is not None and layout.embeddings is not None:
+    for candidate in layout.embedding_candidates if layout is not None else ():
         try:
-            tower.get_submodule(layout.embeddings)
-            embeddings = layout.embeddings
+            tower.get_submodule(candidate)
         except AttributeError:
-            embeddings = None
+            continue
+        embeddings = candidate
+        break
 
     if ffn_spec is None:
         num_blocks = len(tower.get_submodule(blocks))
@@ -338,6 +374,33 @@ def patch_grid(tower: nn.Module, image_size: tuple[int, int], num_tokens: int) -
     return grid, prefix
 
 
+NAFLEX_MODEL_TYPES = frozenset({"siglip2_vision_model"})
+"""Vision towers that take images cut into patches (`(batch, patches, channels * patch * patch)`) together with
+`spatial_shapes` and `pixel_attention_mask`, as SigLIP2's NaFlex image processor returns them."""
+
+
+def naflex_inputs(tower: nn.Module, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A NaFlex tower's inputs for a batch of `(batch, channels, H, W)` images: the `(H // p) x (W // p)` patches
+    in row-major order, each flattened (patch row, patch column, channel) as SigLIP2's image processor does, every
+    patch attended to (the token mask keeps the head off padded ones, as for the other patch towers)."""
+    if pixel_values.dim() != 4:
+        raise ValueError(
+            f"The {type(tower).__name__} tower takes images (batch, channels, height, width) here and cuts them into "
+            f"patches itself; got pixel_values of shape {tuple(pixel_values.shape)} (already patchified by an image "
+            "processor?). Pass the images resized to a multiple of the patch size instead."
+        )
+    patch = int(tower.config.patch_size)
+    b, c, h, w = pixel_values.shape
+    rows, cols = h // patch, w // patch
+    if rows < 1 or cols < 1:
+        raise ValueError(f"Images of {h} x {w} pixels are smaller than one {patch} x {patch} patch.")
+    patches = pixel_values[:, :, : rows * patch, : cols * patch].reshape(b, c, rows, patch, cols, patch)
+    patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(b, rows * cols, patch * patch * c)
+    spatial_shapes = torch.tensor([[rows, cols]], device=pixel_values.device, dtype=torch.long).repeat(b, 1)
+    attention = torch.ones(b, rows * cols, device=pixel_values.device, dtype=torch.long)
+    return {"pixel_values": patches, "pixel_attention_mask": attention, "spatial_shapes": spatial_shapes}
+
+
 def grid_token_mask(pixel_mask: torch.Tensor, grid: tuple[int, int], prefix: int = 0) -> torch.Tensor:
     """`(batch, H, W)` pixel mask -> `(batch, prefix + h * w)` token mask (nearest cell sample; prefix tokens are 1)."""
     mask = nn.functional.interpolate(pixel_mask[:, None].float(), size=grid, mode="nearest").flatten(1).long()
@@ -360,7 +423,10 @@ def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, pixel_mask: t
         pixel_values = pixel_values.to(dtype)
     if tower_model_type(tower) == "detr":
         return _run_detr_encoder(tower, pixel_values, pixel_mask)
-    kwargs = {"pixel_values": pixel_values}
+    if tower_model_type(tower) in NAFLEX_MODEL_TYPES:
+        kwargs = naflex_inputs(tower, pixel_values)
+    else:
+        kwargs = {"pixel_values": pixel_values}
     if pixel_mask is not None and _forward_accepts(type(tower), "pixel_mask"):
         kwargs["pixel_mask"] = pixel_mask
     tokens = to_tokens(output_tensor(tower(**kwargs)))
@@ -380,9 +446,15 @@ def run_text_tower(tower: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 
 def default_image_size(tower: nn.Module) -> int:
-    size = getattr(getattr(tower, "config", None), "image_size", None)
+    config = getattr(tower, "config", None)
+    size = getattr(config, "image_size", None)
     if isinstance(size, (list, tuple)):
         size = size[0]
+    if not size:
+        # NaFlex towers (SigLIP2) have no image size, but a square grid of `num_patches` position embeddings
+        num_patches, patch = getattr(config, "num_patches", None), getattr(config, "patch_size", None)
+        if isinstance(num_patches, int) and isinstance(patch, int) and num_patches > 0 and patch > 0:
+            size = int(num_patches**0.5) * patch
     return int(size) if size else 640
 
 

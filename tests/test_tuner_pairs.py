@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_towers import PAIRS, batch, build_pair, tiny_config
+from tiny_towers import FAMILY_PAIRS, PAIRS, batch, build_family_pair, build_pair, siglip2_vision, tiny_config
 
 from peft_m2ist import M2ISTTapLayer, PeftModelForReferringExpressionComprehension
-from peft_m2ist.towers import get_tower
+from peft_m2ist.towers import default_image_size, get_tower, run_vision_tower
 
 
 def _tower_modules(model, config):
@@ -121,3 +121,103 @@ def test_towers_in_bf16_train_an_fp32_side_network(pair_name):
         got = half(**{k: v for k, v in inputs.items() if k != "labels"}).pred_boxes
     # bf16 keeps ~3 significant digits: the boxes move a little, not wholesale
     torch.testing.assert_close(got, expected, atol=0.05, rtol=0.0)
+
+
+# The dual-encoder families: what the default tap resolution must pick in each tower, written out by hand (not read
+# from `TOWER_LAYOUTS`). Per pair: (vision blocks, vision embedding tap, text blocks, text FFN child, text attention
+# child, text embedding tap, vision prefix tokens). The vision blocks' FFN / attention children are `mlp` /
+# `self_attn` in every family. SigLIP / SigLIP2 have no [CLS] token; the others have one.
+_CLIP_TEXT = ("encoder.layers", "mlp", "self_attn", "embeddings")
+_OWL_TEXT = ("text_model.encoder.layers", "mlp", "self_attn", "text_model.embeddings")
+_BERT_TEXT = ("encoder.layer", "output", "attention", "embeddings")
+FAMILY_TAPS = {
+    "siglip+siglip_text": ("encoder.layers", "embeddings", *_CLIP_TEXT, 0),
+    "siglip2+siglip2_text": ("encoder.layers", "embeddings", *_CLIP_TEXT, 0),
+    "chinese_clip+chinese_clip_text": ("encoder.layers", "pre_layrnorm", *_BERT_TEXT, 1),
+    "clipseg+clipseg_text": ("encoder.layers", "pre_layrnorm", *_CLIP_TEXT, 1),
+    "owlvit+owlvit_text": ("vision_model.encoder.layers", "vision_model.pre_layernorm", *_OWL_TEXT, 1),
+    "owlv2+owlv2_text": ("vision_model.encoder.layers", "vision_model.pre_layernorm", *_OWL_TEXT, 1),
+    "siglip2+bert": ("encoder.layers", "embeddings", *_BERT_TEXT, 0),
+    "owlvit+bert": ("vision_model.encoder.layers", "vision_model.pre_layernorm", *_BERT_TEXT, 1),
+    # containers: their `vision_model` / `text_model` are the towers (OWL's: the transformers inside the sub-models)
+    "siglip": ("encoder.layers", "embeddings", *_CLIP_TEXT, 0),
+    "siglip2": ("encoder.layers", "embeddings", *_CLIP_TEXT, 0),
+    "chinese_clip": ("encoder.layers", "pre_layrnorm", *_BERT_TEXT, 1),
+    "clipseg": ("encoder.layers", "pre_layrnorm", *_CLIP_TEXT, 1),
+    "owlvit": ("encoder.layers", "pre_layernorm", *_CLIP_TEXT, 1),
+    "owlv2": ("encoder.layers", "pre_layernorm", *_CLIP_TEXT, 1),
+}
+
+
+def test_every_family_pair_has_its_expected_taps():
+    assert set(FAMILY_TAPS) == set(FAMILY_PAIRS)
+
+
+@pytest.mark.parametrize("pair_name", list(FAMILY_PAIRS))
+def test_dual_encoder_family_resolves_its_taps_and_trains_the_side_network_only(pair_name):
+    v_blocks, v_embedding, t_blocks, t_ffn, t_attention, t_embedding, prefix = FAMILY_TAPS[pair_name]
+    config = tiny_config()
+    assert config.vision_layers is None and config.text_layers is None  # the default: resolved from model_type
+    model = get_peft_model(build_family_pair(pair_name), config)
+    config = model.peft_config["default"]
+    container = model.base_model.model
+    towers = _tower_modules(model, config)
+    assert all(len(t.get_submodule(b)) == 2 for t, b in zip(towers, (v_blocks, t_blocks)))
+
+    # one FFN tap and one attention tap in each of the 2 blocks of both towers, plus each tower's input embedding
+    assert config.vision_layers == [f"{v_blocks}.{i}.mlp" for i in range(2)]
+    assert config.vision_attention_layers == [f"{v_blocks}.{i}.self_attn" for i in range(2)]
+    assert config.text_layers == [f"{t_blocks}.{i}.{t_ffn}" for i in range(2)]
+    assert config.text_attention_layers == [f"{t_blocks}.{i}.{t_attention}" for i in range(2)]
+    v, t = config.vision_tower, config.text_tower
+    expected = {f"{v}.{n}" for n in [*config.vision_layers, *config.vision_attention_layers, v_embedding]}
+    expected |= {f"{t}.{n}" for n in [*config.text_layers, *config.text_attention_layers, t_embedding]}
+    assert set(config.target_modules) == expected
+    assert all(isinstance(container.get_submodule(name), M2ISTTapLayer) for name in expected)
+    assert sum(isinstance(m, M2ISTTapLayer) for m in model.modules()) == len(expected)
+    vision, text = config.tower_shapes["vision"], config.tower_shapes["text"]
+    assert vision["has_embedding"] and text["has_embedding"]
+    # the patch grid: 32 x 32 images in 8 x 8 patches, after the [CLS] token if the family has one
+    assert (vision["num_tokens"], vision["grid"], vision["prefix_tokens"], vision["patch_grid"]) == (
+        16 + prefix, [4, 4], prefix, True)
+    assert model.base_model.m2ist_head["default"].pointer.prefix_tokens == prefix
+
+    model.train()
+    out = model(**batch())
+    assert out.pred_boxes.shape == (2, 4) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(not p.requires_grad and p.grad is None for tower in towers for p in tower.parameters())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".m2ist_side." in n or ".m2ist_head." in n for n in trainable)
+    with_grad = [n for n, p in trainable.items() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert len(with_grad) > len(trainable) // 2
+    # one M3ISA block per tapped block pair, each trained; the side network reads the embedding taps too (its forward
+    # raises if any tap recorded nothing)
+    side = model.base_model.m2ist_side["default"]
+    assert (side.vision_taps.embeddings, side.text_taps.embeddings) == (f"{v}.{v_embedding}", f"{t}.{t_embedding}")
+    assert len(side.blocks) == 2
+    assert all(any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters()) for block in side.blocks)
+
+
+def test_siglip2_towers_get_the_patches_their_image_processor_would_cut():
+    """NaFlex (SigLIP2) towers take flattened patches: (patch row, patch column, channel), row-major over the grid."""
+    from peft_m2ist.towers import naflex_inputs
+
+    tower = siglip2_vision().eval()
+    images = torch.randn(2, 3, 32, 24)
+    inputs = naflex_inputs(tower, images)
+    assert inputs["pixel_values"].shape == (2, 4 * 3, 8 * 8 * 3)
+    assert inputs["spatial_shapes"].tolist() == [[4, 3], [4, 3]] and inputs["pixel_attention_mask"].all()
+    for row, col in [(0, 0), (1, 2), (3, 1)]:
+        cut = images[:, :, row * 8 : (row + 1) * 8, col * 8 : (col + 1) * 8].permute(0, 2, 3, 1).flatten(1)
+        torch.testing.assert_close(inputs["pixel_values"][:, row * 3 + col], cut)
+
+    out = run_vision_tower(tower, images, None)
+    with torch.no_grad():
+        direct = tower(**inputs).last_hidden_state
+    torch.testing.assert_close(out.tokens.tensor, direct)
+    assert (out.tokens.grid, out.tokens.prefix, out.patches) == ((4, 3), 0, True)
+    # no `image_size` in a SigLIP2 config: the probe's default image covers its grid of position embeddings
+    assert default_image_size(tower) == 32
+    with pytest.raises(ValueError, match="cuts them into patches itself"):
+        run_vision_tower(tower, inputs["pixel_values"], None)

@@ -66,6 +66,89 @@ def dual_encoder() -> torch.nn.Module:
     return tf.VisionTextDualEncoderModel(config)
 
 
+# dual-encoder families (SigLIP, SigLIP2, Chinese-CLIP, CLIPSeg, OWL-ViT, OWLv2): stand-alone vision and text
+# sub-models, and their containers
+PATCH = 8
+_TEXT_IDS = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+_VISION = {**SMALL, "image_size": IMAGE_SIZE, "patch_size": PATCH}
+# SigLIP2 (NaFlex) has no image size: a square grid of position embeddings, resized to each image's patch grid
+_SIGLIP2_VISION = {**SMALL, "patch_size": PATCH, "num_patches": (IMAGE_SIZE // PATCH) ** 2}
+_TEXT = {**SMALL, **_TEXT_IDS}
+
+
+def siglip_vision() -> torch.nn.Module:
+    return tf.SiglipVisionModel(tf.SiglipVisionConfig(**_VISION))
+
+
+def siglip_text() -> torch.nn.Module:
+    return tf.SiglipTextModel(tf.SiglipTextConfig(**_TEXT))
+
+
+def siglip_model() -> torch.nn.Module:
+    return tf.SiglipModel(tf.SiglipConfig(text_config=_TEXT, vision_config=_VISION))
+
+
+def siglip2_vision() -> torch.nn.Module:
+    return tf.Siglip2VisionModel(tf.Siglip2VisionConfig(**_SIGLIP2_VISION))
+
+
+def siglip2_text() -> torch.nn.Module:
+    return tf.Siglip2TextModel(tf.Siglip2TextConfig(**_TEXT))
+
+
+def siglip2_model() -> torch.nn.Module:
+    return tf.Siglip2Model(tf.Siglip2Config(text_config=_TEXT, vision_config=_SIGLIP2_VISION))
+
+
+def chinese_clip_vision() -> torch.nn.Module:
+    return tf.ChineseCLIPVisionModel(tf.ChineseCLIPVisionConfig(**_VISION))
+
+
+def chinese_clip_text() -> torch.nn.Module:
+    return tf.ChineseCLIPTextModel(tf.ChineseCLIPTextConfig(**SMALL, vocab_size=VOCAB))
+
+
+def chinese_clip_model() -> torch.nn.Module:
+    config = tf.ChineseCLIPConfig(text_config=dict(**SMALL, vocab_size=VOCAB), vision_config=_VISION)
+    return tf.ChineseCLIPModel(config)
+
+
+def clipseg_vision() -> torch.nn.Module:
+    return tf.CLIPSegVisionModel(tf.CLIPSegVisionConfig(**_VISION))
+
+
+def clipseg_text() -> torch.nn.Module:
+    return tf.CLIPSegTextModel(tf.CLIPSegTextConfig(**_TEXT))
+
+
+def clipseg_model() -> torch.nn.Module:
+    return tf.CLIPSegModel(tf.CLIPSegConfig(text_config=_TEXT, vision_config=_VISION))
+
+
+def owlvit_vision() -> torch.nn.Module:
+    return tf.OwlViTVisionModel(tf.OwlViTVisionConfig(**_VISION))
+
+
+def owlvit_text() -> torch.nn.Module:
+    return tf.OwlViTTextModel(tf.OwlViTTextConfig(**_TEXT))
+
+
+def owlvit_model() -> torch.nn.Module:
+    return tf.OwlViTModel(tf.OwlViTConfig(text_config=_TEXT, vision_config=_VISION))
+
+
+def owlv2_vision() -> torch.nn.Module:
+    return tf.Owlv2VisionModel(tf.Owlv2VisionConfig(**_VISION))
+
+
+def owlv2_text() -> torch.nn.Module:
+    return tf.Owlv2TextModel(tf.Owlv2TextConfig(**_TEXT))
+
+
+def owlv2_model() -> torch.nn.Module:
+    return tf.Owlv2Model(tf.Owlv2Config(text_config=_TEXT, vision_config=_VISION))
+
+
 PAIRS = {
     "vit+bert": lambda: VisionTextPair(vit(), bert()),
     "clip": clip_model,
@@ -76,10 +159,35 @@ PAIRS = {
     "vit+roberta": lambda: VisionTextPair(vit(), roberta()),
 }
 
+# The dual-encoder families, kept out of `PAIRS` (whose every pair runs through many test modules) and tested in
+# tests/test_tuner_pairs.py: each family's own vision + text sub-models, a vision sub-model with BERT, and each
+# family's container (`SiglipModel`, ...), whose towers are its `vision_model` / `text_model`.
+FAMILY_PAIRS = {
+    "siglip+siglip_text": lambda: VisionTextPair(siglip_vision(), siglip_text()),
+    "siglip2+siglip2_text": lambda: VisionTextPair(siglip2_vision(), siglip2_text()),
+    "chinese_clip+chinese_clip_text": lambda: VisionTextPair(chinese_clip_vision(), chinese_clip_text()),
+    "clipseg+clipseg_text": lambda: VisionTextPair(clipseg_vision(), clipseg_text()),
+    "owlvit+owlvit_text": lambda: VisionTextPair(owlvit_vision(), owlvit_text()),
+    "owlv2+owlv2_text": lambda: VisionTextPair(owlv2_vision(), owlv2_text()),
+    "siglip2+bert": lambda: VisionTextPair(siglip2_vision(), bert()),
+    "owlvit+bert": lambda: VisionTextPair(owlvit_vision(), bert()),
+    "siglip": siglip_model,
+    "siglip2": siglip2_model,
+    "chinese_clip": chinese_clip_model,
+    "clipseg": clipseg_model,
+    "owlvit": owlvit_model,
+    "owlv2": owlv2_model,
+}
+
 
 def build_pair(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return PAIRS[name]().eval()
+
+
+def build_family_pair(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return FAMILY_PAIRS[name]().eval()
 
 
 def tiny_config(**overrides) -> M2ISTConfig:
