@@ -1,0 +1,254 @@
+"""examples/predict.py on tiny towers saved to tmp_path: tower choice, image checks, EXIF, clamping, JSON output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers as tf
+from peft import get_peft_model
+from PIL import Image
+from tiny_towers import SMALL, tiny_config
+
+from peft_m2ist import VisionTextPair
+from peft_m2ist.data import RECCollator
+from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER, minilm_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def predict_script():
+    """examples/predict.py as a module."""
+    spec = importlib.util.spec_from_file_location("predict_script", ROOT / "examples" / "predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> SimpleNamespace:
+    """A tiny MobileNetV2 + BERT (MiniLM's tokenizer) saved as HF folders, an adapter for them without towers.json,
+    and a second, wider vision tower that the adapter does not fit."""
+    root = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(0)
+    vision = tf.MobileNetV2Model(tf.MobileNetV2Config(depth_multiplier=0.35, image_size=32))
+    vision.save_pretrained(root / "vision")
+    tf.MobileNetV2ImageProcessor().save_pretrained(root / "vision")
+    wide = tf.MobileNetV2Model(tf.MobileNetV2Config(depth_multiplier=0.5, image_size=32))
+    wide.save_pretrained(root / "wide_vision")
+    tf.MobileNetV2ImageProcessor().save_pretrained(root / "wide_vision")
+    text = tf.BertModel(tf.BertConfig(**SMALL))
+    text.save_pretrained(root / "text")
+    tf.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(root / "text")
+    model = get_peft_model(VisionTextPair(vision.eval(), text.eval()), tiny_config())
+    model.save_pretrained(root / "adapter")  # save_pretrained alone: no towers.json
+    return SimpleNamespace(root=root, vision=root / "vision", wide=root / "wide_vision", text=root / "text",
+                           adapter=root / "adapter")
+
+
+def _image(path: Path, size: tuple[int, int] = (60, 20), orientation: int | None = None) -> Path:
+    image = Image.new("RGB", size, (200, 40, 40))
+    image.paste((20, 20, 220), (0, 0, size[0] // 2, size[1] // 2))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    image.save(path, exif=exif)
+    return path
+
+
+def _empty_adapter(tmp_path: Path, towers: dict | None = None) -> Path:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    if towers is not None:
+        (adapter / "towers.json").write_text(json.dumps(towers))
+    return adapter
+
+
+# ------------------------------------------------------------------------------------------------ tower choice
+
+
+def test_without_towers_json_the_training_default_towers_are_used(predict_script, tmp_path):
+    args = predict_script.parse_args(["--adapter", str(_empty_adapter(tmp_path)), "--val_samples", "1"])
+    assert (args.vision_model, args.text_model, args.tower_dtype) == (MOBILENET_V2_STRIDE16_TOWER, DEFAULT_TEXT_TOWER,
+                                                                      "float32")
+    assert "no towers.json" in predict_script.describe_towers(args)
+
+
+def test_flags_win_over_towers_json_one_by_one(predict_script, tmp_path):
+    adapter = _empty_adapter(tmp_path, {"vision": "/v", "text": "/t", "dtype": "bfloat16"})
+    args = predict_script.parse_args(["--adapter", str(adapter), "--val_samples", "1"])
+    assert (args.vision_model, args.text_model, args.tower_dtype) == ("/v", "/t", "bfloat16")
+    args = predict_script.parse_args(["--adapter", str(adapter), "--val_samples", "1", "--text_model", "/mine"])
+    assert (args.vision_model, args.text_model, args.tower_dtype) == ("/v", "/mine", "bfloat16")
+    assert "--text_model" in predict_script.describe_towers(args)
+
+
+def test_a_broken_towers_json_is_an_argparse_error(predict_script, tmp_path, capsys):
+    adapter = _empty_adapter(tmp_path)
+    (adapter / "towers.json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit_info:
+        predict_script.parse_args(["--adapter", str(adapter), "--val_samples", "1"])
+    assert exit_info.value.code == 2 and "towers.json" in capsys.readouterr().err
+
+
+def test_a_hub_adapters_towers_json_is_downloaded(predict_script, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    towers = tmp_path / "downloaded_towers.json"
+    towers.write_text(json.dumps({"vision": "org/vision", "text": "org/text", "dtype": "float16"}))
+    calls = []
+
+    def fake_download(repo_id: str, filename: str, **kwargs) -> str:
+        calls.append((repo_id, filename))
+        return str(towers)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    args = predict_script.parse_args(["--adapter", "org/m2ist-adapter", "--val_samples", "1"])
+    assert calls == [("org/m2ist-adapter", "towers.json")]
+    assert (args.vision_model, args.text_model, args.tower_dtype) == ("org/vision", "org/text", "float16")
+
+    def failing_download(repo_id: str, filename: str, **kwargs) -> str:
+        calls.append((repo_id, filename))
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
+    args = predict_script.parse_args(["--adapter", "org/m2ist-adapter", "--val_samples", "1"])
+    assert (args.vision_model, args.text_model, args.tower_dtype) == (MOBILENET_V2_STRIDE16_TOWER, DEFAULT_TEXT_TOWER,
+                                                                      "float32")
+    # a local folder is never looked up on the Hub
+    calls.clear()
+    predict_script.parse_args(["--adapter", str(_empty_adapter(tmp_path)), "--val_samples", "1"])
+    assert calls == []
+
+
+def test_an_adapter_that_does_not_fit_the_towers_names_them_and_the_flags(predict_script, tiny):
+    args = predict_script.parse_args(["--adapter", str(tiny.adapter), "--val_samples", "1",
+                                      "--vision_model", str(tiny.wide), "--text_model", str(tiny.text)])
+    with pytest.raises(ValueError, match="does not fit") as err:
+        predict_script.load_model(args)
+    message = str(err.value)
+    assert "--vision_model" in message and "--text_model" in message
+    assert str(tiny.wide) in message and str(tiny.text) in message
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+@pytest.mark.parametrize("value", ["-2", "0", "two"])
+def test_val_samples_must_be_a_positive_integer(predict_script, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_script.parse_args(["--adapter", str(tmp_path), "--val_samples", value])
+    assert exit_info.value.code == 2 and "--val_samples" in capsys.readouterr().err
+
+
+def test_val_samples_and_images_together_are_an_error(predict_script, tmp_path, capsys):
+    image = _image(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        predict_script.parse_args(["--adapter", str(tmp_path), "--val_samples", "2", "--image", str(image),
+                                   "--phrase", "the blue square"])
+    assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "not_an_image", "truncated"])
+def test_an_image_that_cannot_be_read_is_an_argparse_error_naming_it(predict_script, tmp_path, capsys, kind):
+    path = tmp_path / f"{kind}.png"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "not_an_image":
+        path.write_text("hello")
+    elif kind == "truncated":
+        _image(tmp_path / "whole.png", (64, 64))
+        path.write_bytes((tmp_path / "whole.png").read_bytes()[:80])
+    with pytest.raises(SystemExit) as exit_info:
+        predict_script.parse_args(["--adapter", str(_empty_adapter(tmp_path)), "--image", str(path),
+                                   "--phrase", "the thing"])
+    assert exit_info.value.code == 2 and f"--image {path}" in capsys.readouterr().err
+
+
+def test_device_flag(predict_script, tmp_path, capsys):
+    adapter = str(_empty_adapter(tmp_path))
+    assert predict_script.parse_args(["--adapter", adapter, "--val_samples", "1", "--device", "cpu"]).device == \
+        torch.device("cpu")
+    default = predict_script.parse_args(["--adapter", adapter, "--val_samples", "1"]).device
+    assert default == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bad = ["nonsense"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(SystemExit):
+            predict_script.parse_args(["--adapter", adapter, "--val_samples", "1", "--device", device])
+        assert f"--device {device}" in capsys.readouterr().err.replace("'", "")
+
+
+# ------------------------------------------------------------------------------------------------ images and boxes
+
+
+def test_images_are_seen_upright_as_displayed(predict_script, tmp_path):
+    # stored 60 x 20 with EXIF orientation 6 (rotate 90 degrees clockwise to display): displayed 20 x 60
+    path = _image(tmp_path / "phone.jpg", (60, 20), orientation=6)
+    args = predict_script.parse_args(["--adapter", str(_empty_adapter(tmp_path)), "--image", str(path),
+                                      "--phrase", "the blue square"])
+    (row,) = predict_script.records(args)
+    assert row["image"].size == (20, 60) and row["image"].mode == "RGB"
+    # the blue quarter is top-left as stored, so top-right as displayed
+    assert row["image"].getpixel((15, 5))[2] > 150 and row["image"].getpixel((5, 5))[2] < 100
+
+
+class _FixedBoxes(torch.nn.Module):
+    """Predicts the same normalised cxcywh box for every sample and records the devices of its inputs."""
+
+    def __init__(self, box: list[float]):
+        super().__init__()
+        self.box = torch.nn.Parameter(torch.tensor(box), requires_grad=False)
+        self.devices: set[torch.device] = set()
+
+    def forward(self, **batch) -> SimpleNamespace:
+        self.devices |= {v.device for v in batch.values() if isinstance(v, torch.Tensor)}
+        return SimpleNamespace(pred_boxes=self.box.expand(batch["pixel_values"].shape[0], 4))
+
+
+@pytest.mark.parametrize("size", [(200, 50), (50, 200)])
+def test_boxes_are_clamped_to_the_image_not_the_padded_canvas(predict_script, tiny, size):
+    collator = RECCollator(tf.AutoTokenizer.from_pretrained(tiny.text), image_size=32, max_text_tokens=6)
+    rows = [{"image": Image.new("RGB", size), "phrase": "everything"}]
+    # the whole canvas, and a box half outside it
+    boxes = predict_script.predict(_FixedBoxes([0.5, 0.5, 1.0, 1.0]), collator, rows)
+    assert boxes.tolist() == [[0.0, 0.0, float(size[0]), float(size[1])]]
+    boxes = predict_script.predict(_FixedBoxes([0.9, 0.9, 0.4, 0.4]), collator, rows)
+    long_side = max(size)
+    expected = [min(0.7 * long_side, size[0]), min(0.7 * long_side, size[1]), float(size[0]), float(size[1])]
+    assert boxes[0].tolist() == pytest.approx(expected)
+
+
+def test_end_to_end_writes_png_and_json_with_boxes_in_the_displayed_image(predict_script, tiny, tmp_path, capsys):
+    wide = _image(tmp_path / "wide.png", (90, 30))
+    phone = _image(tmp_path / "phone.jpg", (60, 20), orientation=8)
+    png, out_json = tmp_path / "out" / "grid.png", tmp_path / "out" / "boxes.json"
+    predict_script.main(["--adapter", str(tiny.adapter), "--vision_model", str(tiny.vision), "--text_model",
+                         str(tiny.text), "--device", "cpu", "--image", str(wide), str(phone), "--phrase",
+                         "the blue square", "the red part", "--output", str(png), "--output_json", str(out_json)])
+    captured = capsys.readouterr()
+    assert "--vision_model" in captured.err and str(tiny.vision) in captured.err  # the towers used are logged
+    assert captured.out.count("box [x0, y0, x1, y1]") == 2
+    entries = json.loads(out_json.read_text())
+    assert [(e["image"], e["phrase"], e["image_size"]) for e in entries] == [
+        (str(wide), "the blue square", [90, 30]), (str(phone), "the red part", [20, 60])]
+    for entry in entries:
+        x0, y0, x1, y1 = entry["box_xyxy_pixels"]
+        width, height = entry["image_size"]
+        assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+    assert sorted(p.name for p in out_json.parent.iterdir()) == ["boxes.json", "grid.png"]  # no temp file left
+    with Image.open(png) as grid:
+        assert grid.size == (2 * 256, 284)
+
+
+def test_write_json_atomic_keeps_the_old_file_when_writing_fails(predict_script, tmp_path):
+    target = tmp_path / "boxes.json"
+    predict_script.write_json_atomic(target, [{"phrase": "a"}])
+    with pytest.raises(TypeError):
+        predict_script.write_json_atomic(target, [{"phrase": object()}])
+    assert json.loads(target.read_text()) == [{"phrase": "a"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["boxes.json"]
