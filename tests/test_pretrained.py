@@ -377,3 +377,141 @@ def test_loading_the_offline_towers_leaves_the_global_rng_alone(tmp_path):
         P.load_vision_tower(P.MOBILENET_V2_STRIDE16_TOWER, cache_dir=tmp_path)
         P.load_text_tower(P.DEFAULT_TEXT_TOWER)
         assert torch.equal(torch.get_rng_state(), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# names recorded for the offline towers; local paths and folders
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_saved_adapter_records_the_offline_tower_names(tmp_path, monkeypatch):
+    from peft import get_peft_model
+
+    from peft_m2ist import M2ISTConfig, VisionTextPair
+
+    monkeypatch.setenv(P.CACHE_ENV, str(tmp_path / "cache"))
+    vision, _ = P.load_vision_tower(P.MOBILENET_V2_STRIDE16_TOWER)
+    text, _ = P.load_text_tower(P.DEFAULT_TEXT_TOWER)
+    assert vision.config._name_or_path == "offline:mobilenet_v2-stride16"
+    assert text.config._name_or_path == "offline:minilm-l6"
+    full, _ = P.load_vision_tower(P.DEFAULT_VISION_TOWER)
+    assert full.config._name_or_path == "offline:mobilenet_v2"
+
+    pair = VisionTextPair(vision, text)
+    assert pair.name_or_path == "offline:mobilenet_v2-stride16 + offline:minilm-l6"
+    config = M2ISTConfig(bottleneck_dim=8, head_dim=16, head_layers=1, head_heads=2, head_ffn_dim=32,
+                         max_text_tokens=8, image_size=64, num_tapped_layers=2)
+    get_peft_model(pair, config).save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "offline:mobilenet_v2-stride16 + offline:minilm-l6"
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "Towers (frozen): offline:mobilenet_v2-stride16, offline:minilm-l6" in card
+    assert "base_model:" in card and "- offline:mobilenet_v2-stride16" in card
+    for machine_local in (str(tmp_path / "cache"), str(P.minilm_path()), P._MOBILENET_FOLDER):
+        assert machine_local not in card and machine_local not in json.dumps(saved)
+
+
+class _NoHub:
+    """Stands in for AutoConfig: records that a name went to the Hub path, and fails as an unreachable Hub does."""
+
+    calls: list[str] = []
+
+    @classmethod
+    def from_pretrained(cls, name, **kwargs):
+        cls.calls.append(name)
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}.")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_NoHub, "calls", [])
+    monkeypatch.setattr(P, "AutoConfig", _NoHub)
+    return _NoHub
+
+
+def test_relative_path_below_a_local_folder_is_reported_without_asking_the_hub(tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    for loader in (P.load_vision_tower, P.load_text_tower):
+        start = time.perf_counter()
+        with pytest.raises(P.TowerUnavailableError, match="no such folder") as info:
+            loader("ckpts/bert")
+        assert time.perf_counter() - start < 5
+        assert "'ckpts' is a folder in the working directory" in str(info.value)
+        # more parts than a hub id's namespace/name can only be a local path
+        with pytest.raises(P.TowerUnavailableError, match="no such folder"):
+            loader("runs/seed1/bert")
+    assert no_hub.calls == []
+
+
+def test_hub_id_still_goes_to_the_hub_and_the_error_suggests_offline_mode(tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)  # no 'google' folder here
+    for loader in (P.load_vision_tower, P.load_text_tower):
+        with pytest.raises(P.TowerUnavailableError) as info:
+            loader("google/vit-base-patch16-224")
+        message = str(info.value)
+        assert "HF_HUB_OFFLINE=1" in message and "not a local folder" in message
+    assert no_hub.calls == ["google/vit-base-patch16-224"] * 2
+
+
+def _tiny_vision_folder(folder):
+    from transformers import MobileNetV2Config, MobileNetV2ImageProcessorPil, MobileNetV2Model
+
+    MobileNetV2Model(MobileNetV2Config(depth_multiplier=0.35, image_size=32)).save_pretrained(folder)
+    MobileNetV2ImageProcessorPil().save_pretrained(folder)
+    return folder
+
+
+def _tiny_text_folder(folder):
+    from transformers import BertConfig, BertModel
+
+    _, tokenizer = P.load_minilm()
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=tokenizer.vocab_size)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_local_folders_that_lack_a_file_name_it(tmp_path):
+    vision = _tiny_vision_folder(tmp_path / "vision")
+    model, _ = P.load_vision_tower(str(vision))  # complete: loads
+    assert type(model).__name__ == "MobileNetV2Model"
+    (vision / "preprocessor_config.json").unlink()
+    with pytest.raises(P.TowerUnavailableError) as info:
+        P.load_vision_tower(str(vision))
+    message = str(info.value)
+    assert "no preprocessor_config.json" in message and "image_processor.save_pretrained" in message
+    assert "not a local folder" not in message and "Hub" not in message
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(P.TowerUnavailableError, match=r"no config\.json"):
+        P.load_vision_tower(str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_a_local_text_folder_without_tokenizer_files_is_refused(tmp_path):
+    text = _tiny_text_folder(tmp_path / "text")
+    model, tokenizer = P.load_text_tower(str(text))
+    assert len(tokenizer) == tokenizer.vocab_size == model.config.vocab_size
+    for name in P._TOKENIZER_FILES:
+        (text / name).unlink(missing_ok=True)
+    # transformers alone would build a 5-token tokenizer that maps every word to [UNK]
+    with pytest.raises(P.TowerUnavailableError) as info:
+        P.load_text_tower(str(text))
+    message = str(info.value)
+    assert "no tokenizer files" in message and "tokenizer.save_pretrained" in message
+    assert "not a local folder" not in message
+
+
+def test_a_local_folder_without_weights_is_not_blamed_on_the_hub(tmp_path):
+    vision = _tiny_vision_folder(tmp_path / "vision")
+    (vision / "model.safetensors").unlink()
+    with pytest.raises(P.TowerUnavailableError) as info:
+        P.load_vision_tower(str(vision))
+    message = str(info.value)
+    assert "model weights" in message and str(vision) in message
+    assert "not a local folder" not in message
