@@ -525,7 +525,7 @@ def _env_offline() -> bool:
 
 def _hub_offline() -> bool:
     """Whether hub downloads are switched off, by the environment now or by huggingface_hub at import."""
-    return _env_offline() or bool(getattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False))
+    return _env_offline() or huggingface_hub.is_offline_mode()
 
 
 def _default_for(kind: str) -> str:
