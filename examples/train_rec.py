@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert_scale", type=float, default=0.1, help="Fixed scale of every expert's output.")
     g.add_argument("--interaction", choices=INTERACTION_MODES, default="shared")
     g.add_argument("--mixture", choices=MIXTURE_MODES, default="sum")
-    g.add_argument("--head_dim", type=int, default=256)
-    g.add_argument("--head_layers", type=int, default=6)
-    g.add_argument("--head_heads", type=int, default=8)
-    g.add_argument("--head_ffn_dim", type=int, default=2048)
+    g.add_argument("--head_hidden_size", type=int, default=256)
+    g.add_argument("--head_num_hidden_layers", type=int, default=6)
+    g.add_argument("--head_num_attention_heads", type=int, default=8)
+    g.add_argument("--head_intermediate_size", type=int, default=2048)
     g.add_argument("--head_dropout", type=float, default=0.1)
     g.add_argument("--head_attention_dropout", type=float, default=0.0)
     g.add_argument("--box_head", choices=BOX_HEADS, default="pointer",
@@ -202,8 +202,8 @@ def build_model(args: argparse.Namespace):
     else:
         config = M2ISTConfig(
             num_tapped_layers=args.num_tapped_layers, bottleneck_dim=args.bottleneck_dim, expert_scale=args.expert_scale,
-            interaction=args.interaction, mixture=args.mixture, head_dim=args.head_dim, head_layers=args.head_layers,
-            head_heads=args.head_heads, head_ffn_dim=args.head_ffn_dim, head_dropout=args.head_dropout,
+            interaction=args.interaction, mixture=args.mixture, head_hidden_size=args.head_hidden_size, head_num_hidden_layers=args.head_num_hidden_layers,
+            head_num_attention_heads=args.head_num_attention_heads, head_intermediate_size=args.head_intermediate_size, head_dropout=args.head_dropout,
             head_attention_dropout=args.head_attention_dropout, box_head=args.box_head,
             head_recompute_feed_forward=args.head_recompute_feed_forward,
             head_gradient_checkpointing=args.head_gradient_checkpointing,

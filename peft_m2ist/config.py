@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,6 +15,30 @@ from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE
 INTERACTION_MODES = ("shared", "cross_attention")
 MIXTURE_MODES = ("sum", "gated")
 BOX_HEADS = ("pointer", "mlp")
+# Field names of releases before 0.2, renamed to the words transformers configs use; adapter configs saved with the
+# old names still load (`M2ISTConfig.from_pretrained`, `PeftModel.from_pretrained`), with a FutureWarning.
+RENAMED_FIELDS = {
+    "head_dim": "head_hidden_size",
+    "head_layers": "head_num_hidden_layers",
+    "head_heads": "head_num_attention_heads",
+    "head_ffn_dim": "head_intermediate_size",
+}
+
+
+def rename_deprecated_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Map the pre-0.2 field names in `kwargs` to the current ones, warning once per name."""
+    renamed = dict(kwargs)
+    for old, new in RENAMED_FIELDS.items():
+        if old not in renamed:
+            continue
+        value = renamed.pop(old)
+        if new in renamed and renamed[new] != value:
+            raise ValueError(f"The adapter config sets both `{old}` ({value!r}) and its new name `{new}` "
+                             f"({renamed[new]!r}); keep only `{new}`.")
+        warnings.warn(f"M2ISTConfig field `{old}` is deprecated; it is now `{new}`. Save the adapter again to "
+                      "update its config.", FutureWarning, stacklevel=3)
+        renamed[new] = value
+    return renamed
 
 
 def _check_tap_spec(name: str, value: Any) -> None:
@@ -63,13 +88,14 @@ class M2ISTConfig(PeftConfig):
         expert_dropout (`float`): Dropout on the expert bottleneck activations.
         interaction (`str`): `"shared"` (the paper: a weight-shared up-projection links the modalities) or
             `"cross_attention"` (the two streams attend to each other in the bottleneck).
-        interaction_dim (`int`, *optional*): Width of the interactive expert's shared space; `None` means `head_dim`.
+        interaction_dim (`int`, *optional*): Width of the interactive expert's shared space; `None` means
+            `head_hidden_size`.
         interaction_heads (`int`): Heads of the bottleneck cross-attention (`interaction="cross_attention"` only).
         mixture (`str`): `"sum"` (the paper: experts are added) or `"gated"` (a learned per-token gate weighs them).
-        head_dim (`int`): Width of the grounding head.
-        head_layers (`int`): Transformer layers of the grounding head.
-        head_heads (`int`): Attention heads of the grounding head.
-        head_ffn_dim (`int`): Feed-forward width of the grounding head.
+        head_hidden_size (`int`): Width of the grounding head.
+        head_num_hidden_layers (`int`): Transformer layers of the grounding head.
+        head_num_attention_heads (`int`): Attention heads of the grounding head.
+        head_intermediate_size (`int`): Feed-forward width of the grounding head.
         head_dropout (`float`): Dropout on the grounding head's residual and feed-forward paths.
         head_attention_dropout (`float`): Dropout on the head's attention probabilities (0: nothing stored for it).
         box_head (`str`): How the head reads the box: `"pointer"` ([REG] points at vision tokens; default) or `"mlp"`
@@ -140,7 +166,7 @@ class M2ISTConfig(PeftConfig):
         },
     )
     interaction_dim: int | None = field(
-        default=None, metadata={"help": "Width of the interactive expert's shared space; None means head_dim."}
+        default=None, metadata={"help": "Width of the interactive expert's shared space; None means head_hidden_size."}
     )
     interaction_heads: int = field(
         default=4, metadata={"help": "Heads of the bottleneck cross-attention (interaction='cross_attention')."}
@@ -149,10 +175,14 @@ class M2ISTConfig(PeftConfig):
         default="sum",
         metadata={"help": "How expert outputs are combined: 'sum' (the paper) or 'gated' (learned per-token gate)."},
     )
-    head_dim: int = field(default=256, metadata={"help": "Width of the grounding head."})
-    head_layers: int = field(default=6, metadata={"help": "Number of transformer layers in the grounding head."})
-    head_heads: int = field(default=8, metadata={"help": "Number of attention heads in the grounding head."})
-    head_ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward width of the grounding head."})
+    head_hidden_size: int = field(default=256, metadata={"help": "Width of the grounding head."})
+    head_num_hidden_layers: int = field(
+        default=6, metadata={"help": "Number of transformer layers in the grounding head."}
+    )
+    head_num_attention_heads: int = field(
+        default=8, metadata={"help": "Number of attention heads in the grounding head."}
+    )
+    head_intermediate_size: int = field(default=2048, metadata={"help": "Feed-forward width of the grounding head."})
     head_dropout: float = field(
         default=0.1, metadata={"help": "Dropout on the grounding head's residual and feed-forward paths."}
     )
@@ -163,7 +193,7 @@ class M2ISTConfig(PeftConfig):
             "skip storing the probability maps for backward (TransVG used 0.1; the largest memory item)."
         },
     )
-    box_head: str = field(
+    box_head: Literal["pointer", "mlp"] = field(
         default="pointer",
         metadata={
             "help": "How the head reads the box off the transformer: 'pointer' ([REG] points at the vision tokens; the "
@@ -174,9 +204,9 @@ class M2ISTConfig(PeftConfig):
     head_recompute_feed_forward: bool = field(
         default=True,
         metadata={
-            "help": "Recompute each head layer's (batch, tokens, head_ffn_dim) feed-forward hidden tensor in backward "
-            "instead of storing it, dropout mask replayed: the same gradients for one more linear1 matmul per layer "
-            "and step; cuts the head's activation memory, the largest part of M2IST's, by about 40%. False stores it."
+            "help": "Recompute each head layer's (batch, tokens, head_intermediate_size) feed-forward hidden tensor in "
+            "backward instead of storing it, dropout mask replayed: the same gradients for one more linear1 matmul per "
+            "layer and step; cuts the head's activation memory, the largest part of M2IST's, by about 40%. False stores it."
         },
     )
     head_gradient_checkpointing: bool = field(
@@ -223,8 +253,8 @@ class M2ISTConfig(PeftConfig):
             _check_tap_spec(name, getattr(self, name))
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
-        positive = ("num_tapped_layers", "bottleneck_dim", "interaction_heads", "head_dim", "head_layers",
-                    "head_heads", "head_ffn_dim", "max_text_tokens")
+        positive = ("num_tapped_layers", "bottleneck_dim", "interaction_heads", "head_hidden_size",
+                    "head_num_hidden_layers", "head_num_attention_heads", "head_intermediate_size", "max_text_tokens")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -258,15 +288,23 @@ class M2ISTConfig(PeftConfig):
         for name in ("head_recompute_feed_forward", "head_gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        if self.head_dim % self.head_heads:
-            raise ValueError(f"`head_dim` ({self.head_dim}) must be divisible by `head_heads` ({self.head_heads}).")
+        if self.head_hidden_size % self.head_num_attention_heads:
+            raise ValueError(
+                f"`head_hidden_size` ({self.head_hidden_size}) must be divisible by `head_num_attention_heads` "
+                f"({self.head_num_attention_heads})."
+            )
         if self.interaction == "cross_attention" and self.bottleneck_dim % self.interaction_heads:
             raise ValueError(
                 f"`bottleneck_dim` ({self.bottleneck_dim}) must be divisible by `interaction_heads` "
                 f"({self.interaction_heads}) when interaction='cross_attention'."
             )
 
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """peft's hook on the loaded config file: accept the field names of earlier releases."""
+        return rename_deprecated_fields(super().check_kwargs(**kwargs))
+
     @property
     def resolved_interaction_dim(self) -> int:
         """Width of the interactive expert's shared space."""
-        return self.interaction_dim or self.head_dim
+        return self.interaction_dim or self.head_hidden_size

@@ -119,7 +119,7 @@ class M3ISA(nn.Module):
 
     The interactive expert's output lives in the interaction space. For a modality whose final tokens have exactly
     that width it joins the stream directly (the stream's projection to the head then maps it); otherwise a
-    modality-specific `Linear(interaction_dim, head_dim)` maps it, and it joins after the projection.
+    modality-specific `Linear(interaction_dim, head_hidden_size)` maps it, and it joins after the projection.
     """
 
     def __init__(
@@ -133,7 +133,7 @@ class M3ISA(nn.Module):
         *,
         bottleneck_dim: int,
         interaction_dim: int,
-        head_dim: int,
+        head_hidden_size: int,
         scale: float,
         dropout: float,
         interaction: str,
@@ -147,8 +147,8 @@ class M3ISA(nn.Module):
             vision_attention_dim, text_attention_dim, bottleneck_dim, interaction_dim, scale, dropout,
             mode=interaction, heads=interaction_heads,
         )
-        self.vision_to_head = None if vision_stream_dim == interaction_dim else nn.Linear(interaction_dim, head_dim)
-        self.text_to_head = None if text_stream_dim == interaction_dim else nn.Linear(interaction_dim, head_dim)
+        self.vision_to_head = None if vision_stream_dim == interaction_dim else nn.Linear(interaction_dim, head_hidden_size)
+        self.text_to_head = None if text_stream_dim == interaction_dim else nn.Linear(interaction_dim, head_hidden_size)
         self.vision_gate = ExpertGate(bottleneck_dim) if gated else None
         self.text_gate = ExpertGate(bottleneck_dim) if gated else None
 

@@ -201,7 +201,7 @@ class M2ISTModel(BaseTuner):
         ctx = init_empty_weights if low_cpu_mem_usage else nullcontext
         with ctx():
             side = M2ISTSideNetwork(config, plan.vision, plan.text, plan.vision_taps, plan.text_taps)
-            head = GroundingHead(config.head_dim, config.head_layers, config.head_heads, config.head_ffn_dim,
+            head = GroundingHead(config.head_hidden_size, config.head_num_hidden_layers, config.head_num_attention_heads, config.head_intermediate_size,
                                  config.head_dropout, config.max_text_tokens, plan.vision.num_tokens,
                                  attention_dropout=config.head_attention_dropout,
                                  vision_grid=tuple(plan.vision.grid) if plan.vision.grid else None,

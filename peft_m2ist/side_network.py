@@ -72,7 +72,7 @@ class M2ISTSideNetwork(nn.Module):
                 vf, va, vision.stream_dim, tf, ta, text.stream_dim,
                 bottleneck_dim=config.bottleneck_dim,
                 interaction_dim=config.resolved_interaction_dim,
-                head_dim=config.head_dim,
+                head_hidden_size=config.head_hidden_size,
                 scale=config.expert_scale,
                 dropout=config.expert_dropout,
                 interaction=config.interaction,
@@ -81,8 +81,8 @@ class M2ISTSideNetwork(nn.Module):
             )
             for vf, va, tf, ta in zip(vision.ffn_dims, vision.attention_dims, text.ffn_dims, text.attention_dims)
         )
-        self.vision_proj = nn.Linear(vision.stream_dim, config.head_dim)
-        self.text_proj = nn.Linear(text.stream_dim, config.head_dim)
+        self.vision_proj = nn.Linear(vision.stream_dim, config.head_hidden_size)
+        self.text_proj = nn.Linear(text.stream_dim, config.head_hidden_size)
 
     @staticmethod
     def _tap(records: dict[str, torch.Tensor], name: str, num_tokens: int, grid: tuple[int, int] | None,
@@ -93,7 +93,7 @@ class M2ISTSideNetwork(nn.Module):
 
     def forward(self, records: dict[str, torch.Tensor], vision: TowerOutput,
                 text: TowerOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns vision tokens `(batch, Nv, head_dim)` and text tokens `(batch, Nt, head_dim)`."""
+        """Returns vision tokens `(batch, Nv, head_hidden_size)` and text tokens `(batch, Nt, head_hidden_size)`."""
         dtype = self.vision_proj.weight.dtype
         nv, grid = vision.tokens.num_tokens, vision.tokens.grid or self.vision_grid
         nt = text.tokens.num_tokens

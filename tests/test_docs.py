@@ -62,7 +62,7 @@ def _paper_scale_adapter_only() -> int:
             DETR_DIM, DETR_DIM, DETR_DIM, BERT_DIM, BERT_DIM, BERT_DIM,
             bottleneck_dim=128,
             interaction_dim=defaults.resolved_interaction_dim,
-            head_dim=defaults.head_dim,
+            head_hidden_size=defaults.head_hidden_size,
             scale=defaults.expert_scale,
             dropout=0.0,
             interaction="shared",

@@ -400,7 +400,7 @@ def test_saved_adapter_records_the_offline_tower_names(tmp_path, monkeypatch):
 
     pair = VisionTextPair(vision, text)
     assert pair.name_or_path == "offline:mobilenet_v2-stride16 + offline:minilm-l6"
-    config = M2ISTConfig(bottleneck_dim=8, head_dim=16, head_layers=1, head_heads=2, head_ffn_dim=32,
+    config = M2ISTConfig(bottleneck_dim=8, head_hidden_size=16, head_num_hidden_layers=1, head_num_attention_heads=2, head_intermediate_size=32,
                          max_text_tokens=8, image_size=64, num_tapped_layers=2)
     get_peft_model(pair, config).save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tiny_towers import batch, build_pair, tiny_config
 
 from peft_m2ist import M2ISTConfig, PeftModelForReferringExpressionComprehension
+from peft_m2ist.config import RENAMED_FIELDS
 
 TESTS_DIR = Path(__file__).parent
 
@@ -174,3 +175,20 @@ def test_loading_without_import_says_to_import(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "import peft_m2ist" in out.stdout, out.stdout + out.stderr
+
+
+def test_config_saved_with_the_pre_0_2_head_names_loads_with_a_warning(tmp_path):
+    tiny_config(head_hidden_size=32, head_num_attention_heads=4).save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    for old, new in RENAMED_FIELDS.items():
+        saved[old] = saved.pop(new)
+    config_file.write_text(json.dumps(saved))
+    with pytest.warns(FutureWarning, match="`head_dim` is deprecated; it is now `head_hidden_size`"):
+        loaded = M2ISTConfig.from_pretrained(tmp_path)
+    assert (loaded.head_hidden_size, loaded.head_num_attention_heads) == (32, 4)
+
+    saved["head_hidden_size"] = 64  # both names with different values: refuse rather than guess
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="both `head_dim`"):
+        M2ISTConfig.from_pretrained(tmp_path)

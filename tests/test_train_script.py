@@ -41,8 +41,8 @@ def _args(towers, out: Path, *extra: str) -> list[str]:
     return [
         "--vision_model", str(vision), "--text_model", str(text), "--output_dir", str(out),
         "--train_samples", "48", "--eval_samples", "24", "--batch_size", "8", "--num_epochs", "2",
-        "--bottleneck_dim", "16", "--head_dim", "32", "--head_layers", "1", "--head_heads", "2",
-        "--head_ffn_dim", "64", "--checkpointing_steps", "2", "--report_to", "none", *extra,
+        "--bottleneck_dim", "16", "--head_hidden_size", "32", "--head_num_hidden_layers", "1", "--head_num_attention_heads", "2",
+        "--head_intermediate_size", "64", "--checkpointing_steps", "2", "--report_to", "none", *extra,
     ]
 
 
@@ -216,8 +216,8 @@ def test_build_model_folds_a_detr_towers_frozen_batch_norms(towers, tmp_path, tr
     for flag in ("--fold_frozen_batch_norms", "--no-fold_frozen_batch_norms"):
         args = train_rec.parse_args([
             "--vision_model", str(tmp_path / "detr"), "--text_model", str(towers[1]), "--image_size", "64",
-            "--bottleneck_dim", "8", "--head_dim", "16", "--head_layers", "1", "--head_heads", "2",
-            "--head_ffn_dim", "32", flag])
+            "--bottleneck_dim", "8", "--head_hidden_size", "16", "--head_num_hidden_layers", "1", "--head_num_attention_heads", "2",
+            "--head_intermediate_size", "32", flag])
         model, _, _ = train_rec.build_model(args)
         folded[flag] = sum(isinstance(m, FrozenBatchNormFoldedConv2d) for m in model.modules())
     assert folded == {"--fold_frozen_batch_norms": 12, "--no-fold_frozen_batch_norms": 0}

@@ -128,7 +128,7 @@ def test_unknown_tower_type_names_the_fields_to_set():
         (dict(bottleneck_dim=0), "bottleneck_dim"),
         (dict(interaction="concat"), "interaction"),
         (dict(mixture="router"), "mixture"),
-        (dict(head_dim=30, head_heads=8), "head_dim"),
+        (dict(head_hidden_size=30, head_num_attention_heads=8), "head_hidden_size"),
         (dict(head_dropout=1.5), "head_dropout"),
         (dict(expert_scale=0.0), "expert_scale"),
         (dict(expert_scale=float("nan")), "`expert_scale` must be a finite number"),

@@ -191,7 +191,7 @@ def build_family_pair(name: str, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_config(**overrides) -> M2ISTConfig:
-    kwargs = dict(bottleneck_dim=8, head_dim=16, head_layers=1, head_heads=2, head_ffn_dim=32,
+    kwargs = dict(bottleneck_dim=8, head_hidden_size=16, head_num_hidden_layers=1, head_num_attention_heads=2, head_intermediate_size=32,
                   max_text_tokens=TEXT_TOKENS, image_size=IMAGE_SIZE, head_dropout=0.0)
     kwargs.update(overrides)
     return M2ISTConfig(**kwargs)
