@@ -14,6 +14,7 @@ Output of ``RECCollator(records)`` for a batch of B records, canvas side S, L te
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from transformers.image_transforms import corners_to_center_format
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from peft_m2ist.data.records import BOX_TOLERANCE_PX
 from peft_m2ist.data.transforms import CanvasSample, TrainAugment, resize_and_pad
 
 _TRAIN_NEEDS_BOXES = (
@@ -150,11 +152,26 @@ class RECCollator:
 
 
 def _record_box(record: dict[str, Any]) -> tuple[float, float, float, float] | None:
-    """The record's ``bbox`` as 4 floats, or ``None`` when it has none (no ``bbox`` key, or ``None``)."""
+    """The record's ``bbox`` as 4 floats, or ``None`` when it has none (no ``bbox`` key, or ``None``).
+
+    Raises ``ValueError`` for a box that is not 4 finite numbers ``[x0, y0, x1, y1]`` with ``x0 < x1``, ``y0 < y1``,
+    inside the record's image (to ``BOX_TOLERANCE_PX``, as the loaders allow): the labels would otherwise be
+    clamped onto the canvas silently.
+    """
     box = record.get("bbox")
     if box is None:
         return None
     values = tuple(float(c) for c in box)
-    if len(values) != 4:
-        raise ValueError(f"`bbox` must be 4 numbers [x0, y0, x1, y1] (pixels), got {box!r}")
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"`bbox` must be 4 numbers [x0, y0, x1, y1] (pixels), all finite, got {box!r}")
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"`bbox` {list(box)} must have x0 < x1 and y0 < y1 ([x0, y0, x1, y1] pixels)")
+    width, height = record["image"].size
+    tolerance = BOX_TOLERANCE_PX
+    if x0 < -tolerance or y0 < -tolerance or x1 > width + tolerance or y1 > height + tolerance:
+        raise ValueError(
+            f"`bbox` {list(box)} lies outside its {width}x{height} image; records hold [x0, y0, x1, y1] boxes in "
+            "the image's pixels (not cxcywh, not normalised)"
+        )
     return values

@@ -18,12 +18,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
-from PIL import UnidentifiedImageError
 
+from peft_m2ist.data.image_files import IMAGE_ERRORS, ImageHeader, inspect_image, stored_frame_png
 from peft_m2ist.data.records import (
     RECORD_FEATURES,
     BoxFormat,
-    ImageHeader,
     LoadReport,
     LoadResult,
     OnError,
@@ -31,8 +30,6 @@ from peft_m2ist.data.records import (
     check_box_on,
     check_phrase,
     progress,
-    raw_frame_png,
-    read_image_header,
     to_xyxy,
 )
 
@@ -72,19 +69,20 @@ def _image_file(value: dict | None, where: str) -> io.BytesIO | str:
 
 
 def _image_header(value: dict | None, where: str) -> ImageHeader:
-    """Size and EXIF orientation of an undecoded image cell, reading the header only."""
+    """Size, EXIF orientation and mode of an undecoded image cell, decoding it in full once."""
     try:
-        return read_image_header(_image_file(value, where))
-    except (UnidentifiedImageError, OSError) as error:
+        return inspect_image(_image_file(value, where))
+    except IMAGE_ERRORS as error:
         raise RecordError("missing_image", f"{where}: unreadable image ({error})") from error
 
 
-def _raw_frame_cell(value: dict, where: str) -> dict:
-    """The cell as a PNG of its stored pixels, so decoding does not apply its EXIF orientation."""
+def _stored_copy_cell(value: dict, where: str) -> dict:
+    """The cell as an 8-bit RGB PNG of its stored pixels, so decoding neither applies its EXIF orientation nor
+    clips its 16-bit samples."""
     try:
         # no path: datasets would keep a local file's path instead of the bytes
-        return {"bytes": raw_frame_png(_image_file(value, where)), "path": None}
-    except (UnidentifiedImageError, OSError) as error:
+        return {"bytes": stored_frame_png(_image_file(value, where)), "path": None}
+    except IMAGE_ERRORS as error:
         raise RecordError("missing_image", f"{where}: image could not be decoded ({error})") from error
 
 
@@ -153,7 +151,7 @@ def load_hf_rec(
     meta = data.select_columns(wanted)
     images = data.select_columns([image_column]).cast_column(image_column, Image(decode=False))
     rows, boxes, phrases, types, ids = [], [], [], [], []
-    raw_frame: dict[int, dict] = {}  # source row -> PNG cell of an EXIF-oriented image
+    stored_copies: dict[int, dict] = {}  # source row -> PNG cell of an EXIF-oriented or 16-bit image
     for index, (row, image) in enumerate(progress(zip(meta, images), desc=report.source, total=len(data),
                                                   unit="row")):
         where = f"{report.source} row #{index}"
@@ -161,8 +159,8 @@ def load_hf_rec(
             header = _image_header(image[image_column], where)
             box = check_box_on(to_xyxy(row[bbox_column], box_format, where), header, where)
             sentences = _sentences(row[sentences_column], sentence_key, where)
-            if header.transposed_on_decode:
-                raw_frame[index] = _raw_frame_cell(image[image_column], where)
+            if header.needs_stored_copy:
+                stored_copies[index] = _stored_copy_cell(image[image_column], where)
         except RecordError as error:
             report.fail(error)
             continue
@@ -185,10 +183,11 @@ def load_hf_rec(
     if image_column != "image":
         out = out.rename_column(image_column, "image")
     out = out.cast_column("image", Image(decode=False))
-    if raw_frame:
-        # keep EXIF-oriented images in their stored frame (the boxes' frame): PNG copies without the tag
-        out = out.map(lambda cell, i: {"image": raw_frame.get(rows[i], cell)}, input_columns=["image"],
-                      with_indices=True, features=out.features, desc="stored-frame copies of EXIF-oriented images")
+    if stored_copies:
+        # EXIF-oriented images stay in their stored frame (the boxes' frame), 16-bit ones are scaled to 8 bits:
+        # RGB PNG copies without the tag
+        out = out.map(lambda cell, i: {"image": stored_copies.get(rows[i], cell)}, input_columns=["image"],
+                      with_indices=True, features=out.features, desc="stored-pixel copies of images")
     out = out.cast_column("image", Image(mode="RGB"))
     for name, values in (("bbox", boxes), ("phrase", phrases), ("phrase_type", types), ("image_id", ids)):
         out = out.add_column(name, values, feature=RECORD_FEATURES[name])

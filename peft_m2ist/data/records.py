@@ -7,28 +7,24 @@ its reason in a ``LoadReport``. A box may stick out of the image by at most ``BO
 (float rounding in the sources); it is then clipped. Anything larger is an error, never a
 silently moved box.
 
-Boxes are in the STORED pixel frame of the image file: the frame COCO/RefCOCO, ReferItGame and
-TransVG annotate in, ignoring any EXIF orientation tag. ``datasets.Image`` decoding would rotate or
-mirror a tagged image (``PIL.ImageOps.exif_transpose``), away from its boxes and phrases
-("the man on the left"), so a record whose file carries an orientation tag other than 1 holds a
-lossless PNG copy of the stored pixels (no tag) instead of the file path (``ImageFiles.cell``).
+Image files are decoded once at load time and stored so that they decode right (EXIF orientation,
+16-bit samples): see ``peft_m2ist.data.image_files``.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from datasets import Dataset, Features, Image, List, Value
 from datasets.utils import tqdm as hf_tqdm
-from PIL import ExifTags, UnidentifiedImageError
-from PIL import Image as PILImage
+
+if TYPE_CHECKING:  # image_files imports this module
+    from peft_m2ist.data.image_files import ImageHeader
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +38,6 @@ SKIP_REASONS: tuple[str, ...] = (
     "malformed_record", "missing_key", "empty_phrase", "degenerate_box", "box_outside_image", "missing_image",
     "image_size_mismatch",
 )
-TRANSPOSING_ORIENTATIONS: frozenset[int] = frozenset(range(2, 9))
-"""EXIF orientation values for which ``PIL.ImageOps.exif_transpose`` (and so ``datasets.Image``) moves pixels."""
 
 _T = TypeVar("_T")
 
@@ -137,91 +131,6 @@ def progress(iterable: Iterable[_T], desc: str, total: int | None = None, unit: 
     return iter(hf_tqdm(iterable, desc=desc, total=total, unit=unit))
 
 
-@dataclass(frozen=True)
-class ImageHeader:
-    """What an image file's header says: stored size and EXIF orientation (1 when untagged)."""
-
-    width: int
-    height: int
-    orientation: int = 1
-
-    @property
-    def transposed_on_decode(self) -> bool:
-        """Whether ``datasets.Image`` would rotate or mirror the image (EXIF orientation 2-8)."""
-        return self.orientation in TRANSPOSING_ORIENTATIONS
-
-    def describe(self) -> str:
-        """``"WxH"``, plus the orientation tag when it is one that moves pixels."""
-        if not self.transposed_on_decode:
-            return f"{self.width}x{self.height}"
-        return f"{self.width}x{self.height} (stored; EXIF orientation {self.orientation})"
-
-
-def read_image_header(file: str | Path | BinaryIO) -> ImageHeader:
-    """Stored size and EXIF orientation of an image, reading the header only.
-
-    Raises ``PIL.UnidentifiedImageError`` / ``OSError`` for an unreadable file.
-    """
-    with PILImage.open(file) as image:
-        orientation = image.getexif().get(ExifTags.Base.Orientation)
-        width, height = image.size
-    return ImageHeader(int(width), int(height), orientation if isinstance(orientation, int) else 1)
-
-
-def raw_frame_png(file: str | Path | BinaryIO) -> bytes:
-    """The stored pixels of an image (EXIF orientation NOT applied) as RGB PNG bytes without a tag.
-
-    Lossless with respect to the decoded file; ``datasets.Image`` decodes it in the stored frame.
-    """
-    with PILImage.open(file) as image:
-        pixels = image.convert("RGB")
-    buffer = io.BytesIO()
-    pixels.save(buffer, format="PNG", exif=b"")
-    return buffer.getvalue()
-
-
-class ImageFiles:
-    """Each image file's header read once (size, orientation); failures are remembered too.
-
-    ``header(path, where)`` raises ``RecordError("missing_image", ...)`` for a missing or unreadable
-    file; ``cell(path, where)`` is the value for the ``image`` column: the path, or a PNG copy of the
-    stored pixels when the file has an EXIF orientation that decoding would apply (see module doc).
-    """
-
-    def __init__(self) -> None:
-        self._headers: dict[Path, ImageHeader | str] = {}
-        self._cells: dict[Path, str | dict] = {}
-
-    def header(self, path: Path, where: str) -> ImageHeader:
-        """The header of ``path``; ``RecordError`` naming ``where`` and the file if it cannot be read."""
-        if path not in self._headers:
-            if not path.is_file():
-                self._headers[path] = f"image file {path} not found"
-            else:
-                try:
-                    self._headers[path] = read_image_header(path)
-                except (UnidentifiedImageError, OSError) as error:
-                    self._headers[path] = f"image file {path} is not a readable image ({error})"
-        header = self._headers[path]
-        if isinstance(header, str):
-            raise RecordError("missing_image", f"{where}: {header}")
-        return header
-
-    def cell(self, path: Path, where: str) -> str | dict:
-        """The ``image`` value for ``path`` (see class doc); ``RecordError`` if it cannot be decoded."""
-        if path not in self._cells:
-            if not self.header(path, where).transposed_on_decode:
-                self._cells[path] = str(path)
-            else:
-                try:
-                    # no path: datasets would store a local path instead of the bytes
-                    self._cells[path] = {"bytes": raw_frame_png(path), "path": None}
-                except (UnidentifiedImageError, OSError) as error:
-                    self._headers[path] = f"image file {path} could not be decoded ({error})"
-                    raise RecordError("missing_image", f"{where}: {self._headers[path]}") from error
-        return self._cells[path]
-
-
 def to_xyxy(box: Sequence[float], box_format: BoxFormat, where: str) -> tuple[float, float, float, float]:
     """Convert a source box to ``[x0, y0, x1, y1]`` pixels; raise ``RecordError`` if it is not 4 numbers."""
     if box_format not in BOX_FORMATS:
@@ -284,6 +193,11 @@ def check_phrase(phrase: object, where: str) -> str:
         raise RecordError("malformed_record", f"{where}: phrase {phrase!r} is not a string")
     if not phrase.strip():
         raise RecordError("empty_phrase", f"{where}: empty phrase")
+    try:
+        phrase.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate: Arrow cannot store it, no tokenizer can read it
+        raise RecordError("malformed_record", f"{where}: phrase {phrase!r} is not valid Unicode text ({error.reason} "
+                          f"at position {error.start})") from None
     return phrase.strip()
 
 

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from datasets import Value
 
+from peft_m2ist.data.image_files import ImageFiles, ImageHeader
 from peft_m2ist.data.records import (
-    ImageFiles,
-    ImageHeader,
     LoadReport,
     LoadResult,
     OnError,
@@ -108,6 +107,7 @@ def load_refer(
     images, annotations = _index_instances(base / "instances.json")
     report = LoadReport(source=str(refs_path), on_error=on_error)
     files = ImageFiles()
+    files.prefetch(_image_paths(refs, split, images, images_root), desc=f"{dataset} {split} images")
     records: list[dict] = []
     splits: Counter = Counter()
     for index, ref in enumerate(progress(refs, desc=f"{dataset} refs({split_by})", unit="ref")):
@@ -126,6 +126,19 @@ def load_refer(
         f"{splits[split]} refs have split {split!r}; split values in the file (refs each): {dict(sorted(splits.items()))}"
     )
     return LoadResult(records_to_dataset(records, EXTRA_FEATURES, split=split), report)
+
+
+def _image_paths(refs: list, split: str, images: dict, images_root: Path) -> list[Path]:
+    """The image files of ``split``'s refs, to decode before the records are built (malformed refs are left to
+    the record loop, which names them)."""
+    paths = []
+    for ref in refs:
+        try:
+            if ref.get("split") == split:
+                paths.append(images_root / images[ref["image_id"]]["file_name"])
+        except (AttributeError, KeyError, TypeError):
+            continue
+    return paths
 
 
 def _check_size(image: dict, header: ImageHeader, path: Path, where: str) -> None:

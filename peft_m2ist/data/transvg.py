@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from peft_m2ist.data.image_files import ImageFiles
 from peft_m2ist.data.records import (
     BoxFormat,
-    ImageFiles,
     LoadReport,
     LoadResult,
     OnError,
@@ -101,6 +101,9 @@ def load_transvg(
         raise ValueError(f"{path}: expected a list of rows, got {type(rows).__name__}")
     report = LoadReport(source=str(path), on_error=on_error)
     files = ImageFiles()
+    files.prefetch((images_root / row[0] for row in rows
+                    if isinstance(row, (tuple, list)) and row and isinstance(row[0], str) and row[0]),
+                   desc=f"{name}_{split} images")
     records = []
     for index, row in enumerate(progress(rows, desc=f"{name}_{split}.pth", unit="row")):
         where = f"{path} row #{index}"

@@ -160,3 +160,22 @@ def test_training_needs_a_box_in_every_record(tokenizer):
 def test_a_box_that_is_not_four_numbers_is_refused(tokenizer):
     with pytest.raises(ValueError, match=r"`bbox` must be 4 numbers"):
         RECCollator(tokenizer, image_size=64)([grey_record(64, 64, [0, 0, 10])])
+
+
+@pytest.mark.parametrize("bbox,message", [
+    ([1.0, 2.0, float("inf"), 10.0], "4 numbers .*all finite"),
+    ([1.0, 2.0, float("nan"), 10.0], "4 numbers .*all finite"),
+    ([10.0, 2.0, 5.0, 10.0], "x0 < x1 and y0 < y1"),
+    ([0.1, 0.2, 0.5, 0.6], None),  # normalised corners are a (tiny) box inside the image: accepted
+    ([10.0, 10.0, 90.0, 50.0], r"outside its 64x48 image.*not cxcywh, not normalised"),
+    ([-5.0, 0.0, 20.0, 20.0], "outside its 64x48 image"),
+])
+def test_a_box_that_is_not_finite_or_leaves_its_image_is_refused_not_clamped(tokenizer, bbox, message):
+    collator = RECCollator(tokenizer, image_size=32, max_text_tokens=8)
+    record = grey_record(64, 48, bbox)
+    if message is None:
+        assert collator([record])["labels"].shape == (1, 4)
+        return
+    with pytest.raises(ValueError, match=message):
+        collator([record])
+    assert collator([grey_record(64, 48, [64.5, 47.9, 64.9, 48.4])])["labels"].shape == (1, 4)  # within 1 px

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import datasets
@@ -22,7 +25,7 @@ from peft_m2ist.data import (
     load_refer,
     load_transvg,
 )
-from peft_m2ist.data import records as records_module
+from peft_m2ist.data import image_files as image_files_module
 from peft_m2ist.data.records import SplitNotFoundError
 from peft_m2ist.data.safe_pickle import CorruptFileError, load_pth_list, load_refs_pickle, restricted_loads
 
@@ -415,13 +418,13 @@ def test_refer_reads_each_image_header_once(tmp_path, monkeypatch):
     objects = [*OBJECTS, ("img_a.jpg", 12, [1.0, 1.0, 9.0, 9.0], ["the small thing"], "val")]
     write_refer(tmp_path, objects)
     opened: list[str] = []
-    real = records_module.read_image_header
+    real = image_files_module.inspect_image
 
     def counting(file):
         opened.append(Path(file).name)
         return real(file)
 
-    monkeypatch.setattr(records_module, "read_image_header", counting)
+    monkeypatch.setattr(image_files_module, "inspect_image", counting)
     assert len(load_refer(tmp_path, "refcoco", "unc", "val").dataset) == 4
     assert sorted(opened) == ["img_a.jpg", "img_b.jpg"]
 
@@ -525,3 +528,114 @@ def test_loaders_show_progress_unless_disabled(tmp_path, capsys):
         assert "unc_val.pth" not in capsys.readouterr().err
     finally:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
+
+
+# ---- damaged and unusual files: decoded once at load time, refused or counted, never a crash mid-epoch ------
+BOMB_SIDE = 30000  # a header claiming 30000 x 30000 pixels: PIL's decompression-bomb guard
+
+
+def damage(path: Path, problem: str) -> None:
+    """Overwrite the image at ``path`` (50 x 80 px) with a damaged or unusual file of the same name."""
+    if problem == "truncated_jpeg":
+        noise = np.random.default_rng(0).integers(0, 256, (80, 50, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noise).save(buffer, format="JPEG", quality=95)
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10])
+    elif problem == "decompression_bomb":
+        buffer = io.BytesIO()
+        Image.new("L", (1, 1)).save(buffer, format="PNG")
+        data = bytearray(buffer.getvalue())  # IHDR: length, type at 12, width and height at 16 and 20, CRC at 29
+        data[16:24] = struct.pack(">II", BOMB_SIDE, BOMB_SIDE)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+        path.write_bytes(bytes(data))
+    elif problem == "png16":
+        Image.fromarray(np.full((80, 50), 32896, dtype=np.uint16)).save(path, format="PNG")  # 32896 / 257 = 128
+    else:
+        raise ValueError(problem)
+
+
+def hf_bytes_split(root: Path) -> Dataset:
+    """``hf_split`` with each image cell holding the file's own bytes (as a Hub upload stores them)."""
+    val = [o for o in OBJECTS if o[4] == "val"]
+    return Dataset.from_dict(
+        {"image": [{"bytes": (root / "images" / o[0]).read_bytes(), "path": None} for o in val],
+         "bbox": [xywh(o[2]) for o in val], "sentences": [o[3] for o in val]},
+        features=Features({"image": HFImage(), "bbox": List(Value("float64")), "sentences": List(Value("string"))}),
+    )
+
+
+def load_damaged(reader: str, root: Path, problem: str, on_error: str = "raise"):
+    """Write ``reader``'s fixture with img_b.jpg (the "tall woman" record, val) damaged, and load its val split."""
+    if reader == "refer":
+        write_refer(root)
+    else:
+        write_transvg(root)
+    damage(root / "images" / "img_b.jpg", problem)
+    if reader == "refer":
+        return load_refer(root, "refcoco", "unc", "val", on_error=on_error)
+    if reader == "transvg":
+        return load_transvg(root, "unc", "val", on_error=on_error)
+    return load_hf_rec(hf_bytes_split(root), "val", split_names={}, box_format="xywh", on_error=on_error)
+
+
+READERS = ["refer", "transvg", "hf"]
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("problem,message", [
+    ("truncated_jpeg", "truncated"),
+    ("decompression_bomb", "too large to decode safely|decompression bomb"),
+])
+def test_damaged_images_are_refused_naming_the_file_or_counted(tmp_path, reader, problem, message):
+    where = {"refer": r"refs\(unc\)\.p ref #1.*img_b\.jpg", "transvg": r"unc_val\.pth row #2.*img_b\.jpg",
+             "hf": r"row #1"}[reader]
+    with pytest.raises(RecordError, match=rf"\[missing_image\].*{where}.*({message})"):
+        load_damaged(reader, tmp_path / "raise", problem)
+    result = load_damaged(reader, tmp_path / "skip", problem, on_error="skip")
+    assert dict(result.report.skipped) == {"missing_image": 1}
+    assert [r[2] for r in as_records(result.dataset)] == ["left guy", "the man on the left"]
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_16_bit_png_is_scaled_to_8_bits_not_whitened(tmp_path, reader):
+    dataset = load_damaged(reader, tmp_path, "png16").dataset
+    row = next(row for row in dataset if row["phrase"] == "tall woman")
+    pixels = np.asarray(row["image"])
+    assert row["image"].mode == "RGB" and pixels.shape == (80, 50, 3)
+    assert np.all(pixels == 128), np.unique(pixels)  # convert("RGB") alone gives 255 everywhere
+
+
+@pytest.mark.parametrize("reader", ["refer", "transvg"])  # an Arrow (HF) source cannot hold a lone surrogate
+def test_a_phrase_with_a_lone_surrogate_is_refused_or_counted(tmp_path, reader):
+    bad = "tall \ud800woman"
+    if reader == "refer":
+        objects = [(o[0], o[1], o[2], [bad] if o[3] == ["tall woman"] else o[3], o[4]) for o in OBJECTS]
+        write_refer(tmp_path, objects)
+
+        def load(on_error):
+            return load_refer(tmp_path, "refcoco", "unc", "val", on_error=on_error)
+    else:
+        rows = [("img_a.jpg", 10, xywh(OBJECTS[0][2]), "left guy", []), ("img_b.jpg", 20, xywh(OBJECTS[1][2]), bad, [])]
+        write_transvg(tmp_path, rows=rows)
+
+        def load(on_error):
+            return load_transvg(tmp_path, "unc", "val", on_error=on_error)
+    with pytest.raises(RecordError, match=r"\[malformed_record\].*is not valid Unicode text \(surrogates not allowed"):
+        load("raise")
+    result = load("skip")
+    assert dict(result.report.skipped) == {"malformed_record": 1}
+    assert "tall woman" not in result.dataset["phrase"] and len(result.dataset) >= 1
+
+
+def test_a_split_decodes_each_image_file_once_on_a_thread_pool(tmp_path, monkeypatch):
+    write_transvg(tmp_path)
+    opened: list[str] = []
+    real = image_files_module.inspect_image
+
+    def counting(file):
+        opened.append(Path(file).name)
+        return real(file)
+
+    monkeypatch.setattr(image_files_module, "inspect_image", counting)
+    assert len(load_transvg(tmp_path, "unc", "val").dataset) == 3
+    assert sorted(opened) == ["img_a.jpg", "img_b.jpg"]
