@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +35,29 @@ class SamplePhoto:
     name: str
     split: str
     objects: tuple[SampleObject, ...]
+    size: tuple[int, int] | None = None
+    """``(width, height)`` to resize the photograph to (boxes are given at that size); ``None``: as shipped."""
+    copy: int | None = None
+    """A copy number, for several files of one photo (``{name}_{copy:03d}.jpg``)."""
 
     @property
     def file_name(self) -> str:
-        return f"{self.name}.jpg"
+        return f"{self.name}.jpg" if self.copy is None else f"{self.name}_{self.copy:03d}.jpg"
 
     def image(self) -> Image.Image:
         """The photograph as an RGB ``PIL.Image`` (greyscale samples are repeated over the channels)."""
         import skimage.data
 
-        return Image.fromarray(np.asarray(getattr(skimage.data, self.name)())).convert("RGB")
+        image = Image.fromarray(np.asarray(getattr(skimage.data, self.name)())).convert("RGB")
+        return image if self.size is None or image.size == self.size else image.resize(self.size)
+
+    def resized(self, width: int, height: int, copy: int | None = None) -> SamplePhoto:
+        """The same photo at ``width x height`` pixels, its boxes scaled with it."""
+        old_width, old_height = self.image().size
+        sx, sy = width / old_width, height / old_height
+        objects = tuple(SampleObject((o.box[0] * sx, o.box[1] * sy, o.box[2] * sx, o.box[3] * sy), o.phrases)
+                        for o in self.objects)
+        return replace(self, objects=objects, size=(width, height), copy=copy)
 
 
 SAMPLE_PHOTOS: tuple[SamplePhoto, ...] = (
