@@ -1,0 +1,157 @@
+"""The inference API on tiny towers saved to tmp_path: one call, batches, tower choice, pixel boxes, bad input."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from peft import get_peft_model
+from PIL import Image
+from tiny_towers import SMALL, tiny_config
+from transformers.image_transforms import center_to_corners_format
+
+from peft_m2ist import VisionTextPair
+from peft_m2ist.data import RECCollator
+from peft_m2ist.data.sample_photos import SAMPLE_PHOTOS
+from peft_m2ist.inference import (
+    DEFAULT_ADAPTER,
+    Grounding,
+    ReferringExpressionGrounder,
+    ground,
+    load_image,
+    resolve_towers,
+)
+from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER, minilm_path
+from peft_m2ist.pretrained.towers_file import TOWERS_FILE, towers_record
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> SimpleNamespace:
+    """A tiny MobileNetV2 + BERT saved as folders, and an adapter for them with its towers.json."""
+    root = tmp_path_factory.mktemp("inference")
+    torch.manual_seed(0)
+    vision = tf.MobileNetV2Model(tf.MobileNetV2Config(depth_multiplier=0.35, image_size=32))
+    vision.save_pretrained(root / "vision")
+    tf.MobileNetV2ImageProcessor().save_pretrained(root / "vision")
+    text = tf.BertModel(tf.BertConfig(**SMALL))
+    text.save_pretrained(root / "text")
+    tf.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(root / "text")
+    model = get_peft_model(VisionTextPair(vision.eval(), text.eval()), tiny_config())
+    model.save_pretrained(root / "adapter")
+    (root / "adapter" / TOWERS_FILE).write_text(json.dumps(towers_record(str(root / "vision"), str(root / "text"),
+                                                                         "float32")))
+    return SimpleNamespace(root=root, adapter=root / "adapter", model=model.eval(), vision=root / "vision",
+                           text=root / "text")
+
+
+@pytest.fixture(scope="module")
+def grounder(tiny) -> ReferringExpressionGrounder:
+    return ReferringExpressionGrounder.from_pretrained(tiny.adapter, device="cpu")
+
+
+def expected_box(tiny, image: Image.Image, phrase: str) -> list[float]:
+    """The model's own answer, computed here without the inference API: canvas box -> image pixels."""
+    processor = tf.MobileNetV2ImageProcessor.from_pretrained(tiny.vision)
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny.text)
+    config = tiny.model.peft_config["default"]
+    collator = RECCollator.from_image_processor(tokenizer, processor, image_size=config.image_size,
+                                                max_text_tokens=config.max_text_tokens)
+    batch = collator([{"image": image, "phrase": phrase}])
+    with torch.no_grad():
+        pred = tiny.model(**{k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}).pred_boxes[0]
+    corners = center_to_corners_format(pred) * max(image.size)
+    width, height = image.size
+    return torch.minimum(corners.clamp(min=0), torch.tensor([width, height, width, height])).tolist()
+
+
+def test_one_call_gives_the_models_box_in_image_pixels(tiny, grounder):
+    photo = SAMPLE_PHOTOS[3]  # chelsea, the cat
+    image = photo.image()
+    result = grounder(image, "the eye on the right")
+    assert isinstance(result, Grounding) and result.image_size == image.size
+    assert result.box == pytest.approx(expected_box(tiny, image, "the eye on the right"), abs=1e-4)
+    x0, y0, x1, y1 = result.box
+    assert 0 <= x0 <= x1 <= image.width and 0 <= y0 <= y1 <= image.height
+    assert result.box_normalized == pytest.approx([x0 / image.width, y0 / image.height, x1 / image.width,
+                                                   y1 / image.height])
+    assert ground(image, "the eye on the right", adapter=tiny.adapter, device="cpu") == result
+
+
+def test_paths_arrays_and_lists_give_the_same_boxes(tiny, grounder, tmp_path):
+    image = SAMPLE_PHOTOS[4].image()  # coffee
+    path = tmp_path / "coffee.png"
+    image.save(path)
+    phrases = ["the cup of coffee", "the spoon on the right"]
+    from_image = grounder(image, phrases)
+    assert [r.phrase for r in from_image] == phrases
+    assert grounder(str(path), phrases) == from_image
+    assert grounder(np.asarray(image), phrases) == from_image
+    assert grounder(np.asarray(image).astype(np.float32) / 255.0, phrases) == from_image
+    pair = grounder([image, SAMPLE_PHOTOS[2].image()], ["the cup of coffee", "top left coin"], batch_size=1)
+    assert pair[0].box == pytest.approx(from_image[0].box, abs=1e-3)  # batch of one vs two: float rounding only
+    assert pair[1].image_size == SAMPLE_PHOTOS[2].image().size
+
+
+def test_exif_rotated_photos_are_grounded_as_displayed(grounder, tmp_path):
+    image = Image.new("RGB", (60, 20), (200, 40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 60x20, displayed 20x60
+    image.save(tmp_path / "sideways.jpg", exif=exif)
+    assert load_image(tmp_path / "sideways.jpg").size == (20, 60)
+    assert grounder(tmp_path / "sideways.jpg", "the red thing").image_size == (20, 60)
+
+
+def test_16_bit_images_are_scaled_not_whitened():
+    image = Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16))
+    assert np.all(np.asarray(load_image(image)) == 128)
+
+
+def test_towers_come_from_arguments_then_towers_json_then_the_training_defaults(tiny, tmp_path):
+    recorded = resolve_towers(str(tiny.adapter))
+    assert (recorded["vision"], recorded["text"], recorded["dtype"]) == (str(tiny.vision), str(tiny.text), "float32")
+    assert recorded["source"].endswith(TOWERS_FILE)
+    mixed = resolve_towers(str(tiny.adapter), vision_model="offline:mobilenet_v2", dtype=torch.bfloat16)
+    assert (mixed["vision"], mixed["text"], mixed["dtype"]) == ("offline:mobilenet_v2", str(tiny.text), "bfloat16")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    defaults = resolve_towers(str(bare))
+    assert (defaults["vision"], defaults["text"]) == (MOBILENET_V2_STRIDE16_TOWER, DEFAULT_TEXT_TOWER)
+    assert "no towers.json" in defaults["source"]
+
+
+@pytest.mark.parametrize("image,phrase,message", [
+    ("missing.png", "the cat", "no such file"),
+    ("not_an_image.png", "the cat", "not a readable image"),
+    (Image.new("RGB", (1, 1)), "the cat", "1x1 pixels: too small"),
+    (Image.new("RGB", (20000, 20)), "the cat", "short side would be under one pixel"),
+    (Image.new("RGB", (40, 30)), "   ", "the phrase is empty"),
+    (Image.new("RGB", (40, 30)), "", "the phrase is empty"),
+    (np.zeros((4, 4, 5), dtype=np.uint8), "the cat", "channels"),
+    (12, "the cat", "expected an image path"),
+])
+def test_bad_input_is_a_clear_value_error(grounder, tmp_path, image, phrase, message):
+    (tmp_path / "not_an_image.png").write_text("hello")
+    if isinstance(image, str):
+        image = tmp_path / image
+    with pytest.raises(ValueError, match=message):
+        grounder(image, phrase)
+
+
+def test_mismatched_lists_are_refused(grounder):
+    image = Image.new("RGB", (40, 30))
+    with pytest.raises(ValueError, match="2 images but 3 phrases"):
+        grounder([image, image], ["a", "b", "c"])
+
+
+def test_a_missing_adapter_or_towers_that_do_not_load_are_named(tiny, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"no adapter at .*nowhere.*save_pretrained"):
+        ReferringExpressionGrounder.from_pretrained(tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)  # no outputs/ here: the README's main job has not run
+    with pytest.raises(ValueError, match="run the README's main job first"):
+        ReferringExpressionGrounder.from_pretrained(DEFAULT_ADAPTER)
+    with pytest.raises(ValueError, match="cannot load the towers"):
+        ReferringExpressionGrounder.from_pretrained(tiny.adapter, vision_model=str(tmp_path / "no_such_tower"))
