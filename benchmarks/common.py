@@ -287,8 +287,8 @@ def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, 
 
         config = peft_m2ist.M2ISTConfig(bottleneck_dim=bottleneck, interaction=interaction, mixture=mixture,
                                         image_size=scale.image_size, max_text_tokens=scale.text_tokens,
-                                        head_dropout=head_dropout, head_layers=head_layers,
-                                        head_ffn_dim=head_ffn_dim,
+                                        head_dropout=head_dropout, head_num_hidden_layers=head_layers,
+                                        head_intermediate_size=head_ffn_dim,
                                         head_gradient_checkpointing=head_gradient_checkpointing,
                                         head_recompute_feed_forward=head_recompute_feed_forward,
                                         **copy.deepcopy(scale.m2ist_taps))
