@@ -11,8 +11,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from benchmarks import common as C
-from benchmarks import memory_time, report
+from benchmarks import measurement, memory_time, report
 
 
 class _TwoLinears(nn.Module):
@@ -40,7 +39,7 @@ def test_exact_account_counts_grads_adamw_state_and_checkpoint_inputs():
     for checkpointed in (False, True):
         torch.manual_seed(0)
         model = _TwoLinears(checkpointed)
-        accounts[checkpointed] = C.exact_account(model, torch.optim.AdamW(model.parameters()),
+        accounts[checkpointed] = measurement.exact_account(model, torch.optim.AdamW(model.parameters()),
                                                  {"x": torch.randn(batch, 4)})
     plain, ckpt = accounts[False], accounts[True]
     param_bytes = (4 * 8 + 8 + 8 * 1 + 1) * 4
@@ -59,7 +58,7 @@ def test_exact_account_counts_grads_adamw_state_and_checkpoint_inputs():
 def test_saved_for_backward_counts_only_storages_alive_at_the_end_of_forward():
     """A tensor saved by a part of the graph the forward then drops is not kept for backward."""
     x = torch.randn(4096, requires_grad=True)
-    with C.SavedForBackward() as saved:
+    with measurement.SavedForBackward() as saved:
         dropped_input = torch.randn(4096)
         dropped = x * dropped_input  # saves `dropped_input` (16 KiB) ...
         kept = x.exp()  # saves its result (16 KiB)
@@ -71,12 +70,12 @@ def test_saved_for_backward_counts_only_storages_alive_at_the_end_of_forward():
 def test_exact_account_restores_torch_checkpoint():
     real = torch.utils.checkpoint.checkpoint
     model = _TwoLinears(checkpointed=True)
-    C.exact_account(model, torch.optim.AdamW(model.parameters()), {"x": torch.randn(2, 4)})
+    measurement.exact_account(model, torch.optim.AdamW(model.parameters()), {"x": torch.randn(2, 4)})
     assert torch.utils.checkpoint.checkpoint is real
 
 
 def test_live_tensor_peak_counts_each_new_storage_until_it_is_freed():
-    with C.LiveTensorPeak() as tracker:
+    with measurement.LiveTensorPeak() as tracker:
         a = torch.ones(1000)  # 4000 bytes
         b = a * 2  # 4000 more: 8000 live
         del a
@@ -96,8 +95,8 @@ def test_live_peak_finds_the_frozen_towers_and_micro_batches_lower_it():
     for size in (None, 2):
         torch.manual_seed(0)
         model = get_peft_model(build_pair("mobilenet_v2+bert"), tiny_config(tower_micro_batch_size=size)).train()
-        optimizer = C.make_optimizer(model)
-        peaks[size] = C.live_peak(model, optimizer, batch(size=8))
+        optimizer = measurement.make_optimizer(model)
+        peaks[size] = measurement.live_peak(model, optimizer, batch(size=8))
     whole, micro = peaks[None], peaks[2]
     # the whole batch peaks on a feature map of the frozen CNN: (batch, channels, h, w)
     assert whole["peak_op"].startswith("aten.convolution") and whole["peak_op"].endswith(")")
