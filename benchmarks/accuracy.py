@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -96,12 +95,12 @@ def load_data(scale: scales.Scale, args: argparse.Namespace):
 
 
 def evaluate(model, dataset, collator, batch_size: int, device) -> dict:
-    from transformers.image_transforms import center_to_corners_format
+    """Acc@0.5, mean IoU and Acc@0.5 per phrase type on `dataset`, by the library's REC metric (`load_rec_metric`)."""
+    from peft_m2ist.metrics import load_rec_metric
 
-    from peft_m2ist.metrics import paired_box_iou
-
+    metric = load_rec_metric()
     model.eval()
-    hits, ious, types = [], [], []
+    types = []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
@@ -109,17 +108,27 @@ def evaluate(model, dataset, collator, batch_size: int, device) -> dict:
             labels = batch.pop("labels")
             inputs = {k: v.to(device) for k, v in batch.items()}
             boxes = model(**inputs).pred_boxes.float().cpu()
-            iou = paired_box_iou(center_to_corners_format(boxes.double()).clamp(0, 1),
-                                 center_to_corners_format(labels.double()))
-            ious.append(iou)
-            hits.append(iou >= 0.5)
+            metric.add_batch(predictions=boxes.tolist(), references=labels.tolist())
     model.train()
-    hit, iou = torch.cat(hits), torch.cat(ious)
-    out = {"accuracy": hit.float().mean().item(), "mean_iou": iou.mean().item(), "n": len(hit)}
-    for t in sorted(set(types)):
-        mask = torch.tensor([x == t for x in types])
-        out[f"accuracy_{t}"] = hit[mask].float().mean().item()
-    return out
+    scores = metric.compute(phrase_types=types)
+    return {"accuracy": scores.pop("accuracy"), "mean_iou": scores.pop("mean_iou"), "n": len(types), **scores}
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup: int):
+    """Linear warm-up, then cosine decay to 0: at optimiser step `s` (from 0) the learning rate is
+    `lr * (s + 1) / warmup` while `s < warmup`, then `lr * (1 + cos(pi * (s - warmup) / (steps - warmup))) / 2`.
+
+    transformers' "warmup_stable_decay" schedule with one stable step, entered at its step 1 (`last_epoch=0`): its
+    step 0 has a learning rate of 0, while here the first step already trains, and the last warm-up step and the
+    first decay step both run at the full rate.
+    """
+    from transformers import get_scheduler
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # what a scheduler that does not start at step 0 scales
+    return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup,
+                         scheduler_specific_kwargs={"num_stable_steps": 1, "num_decay_steps": steps - warmup,
+                                                    "last_epoch": 0})
 
 
 def train_one(name: str, scale: scales.Scale, data, args: argparse.Namespace, device, log=print) -> dict:
@@ -131,14 +140,7 @@ def train_one(name: str, scale: scales.Scale, data, args: argparse.Namespace, de
         model.pair.train()
     groups = parameter_groups(model, args)
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    warmup = max(1, int(args.warmup_ratio * args.steps))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, cosine decay
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = lr_scheduler(optimizer, args.steps, max(1, int(args.warmup_ratio * args.steps)))
     generator = torch.Generator().manual_seed(args.seed)  # the same data order for every method
     order: list[int] = []
     start = time.perf_counter()

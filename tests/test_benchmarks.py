@@ -324,3 +324,23 @@ def test_head_only_share_of_lora_is_stated_as_the_floor():
     assert "Head only is itself at 0.485x LoRA at batch 64" in text
     assert report._head_only_floor(methods, extrapolated=False) == ""
     assert report._head_only_floor({"head_only": {}}, extrapolated=True) == ""
+
+
+def test_accuracy_schedule_warms_up_from_the_first_step_then_decays_by_a_half_cosine():
+    import math
+
+    from benchmarks.accuracy import lr_scheduler
+
+    steps, warmup, lr = 10, 4, 3e-4
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = lr_scheduler(optimizer, steps, warmup)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [lr * (s + 1) / warmup if s < warmup else lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) /
+                                                                                   (steps - warmup)))
+                for s in range(steps)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[0] == pytest.approx(lr / warmup) and rates[warmup - 1] == rates[warmup] == pytest.approx(lr)
