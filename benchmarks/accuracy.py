@@ -5,7 +5,7 @@ optimiser steps, batch size, schedule and data order, then scored (Acc@0.5) on v
     python benchmarks/accuracy.py --methods full m2ist_shared_sum --steps 1316 --seed 14
     python benchmarks/accuracy.py --steps 2 --eval-samples 16 --output /tmp/acc_smoke.json   # smoke test
 
-The training memory of each method (exact account, `benchmarks/common.py::exact_account`) is measured on its first
+The training memory of each method (exact account, `benchmarks/measurement.py::exact_account`) is measured on its first
 optimiser step at the training batch, so `report.py` can plot accuracy against training memory.
 Writes `benchmarks/results/accuracy_<scale>.json` after each method; `--resume` keeps the methods already there when
 the settings match.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks` and the library
 
-from benchmarks import common as C
+from benchmarks import baselines, environment, measurement, scales
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=("default", "paper"), default="default")
-    p.add_argument("--methods", nargs="+", default=list(C.ALL_METHODS), choices=C.ALL_METHODS)
+    p.add_argument("--methods", nargs="+", default=list(baselines.ALL_METHODS), choices=baselines.ALL_METHODS)
     p.add_argument("--steps", type=int, default=1316,
                    help="optimiser steps, the same for every method (default: the training example's 7 epochs of "
                         "188 steps)")
@@ -72,7 +71,7 @@ def parameter_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[d
     return [{"params": ps, "lr": lrs[g], "name": g} for g, ps in groups.items() if ps]
 
 
-def load_data(scale: C.Scale, args: argparse.Namespace):
+def load_data(scale: scales.Scale, args: argparse.Namespace):
     from peft_m2ist.data import RECCollator, chance_level, load_shapes_benchmark
     from peft_m2ist.pretrained import load_text_tower, load_vision_tower
 
@@ -96,12 +95,12 @@ def load_data(scale: C.Scale, args: argparse.Namespace):
 
 
 def evaluate(model, dataset, collator, batch_size: int, device) -> dict:
-    from transformers.image_transforms import center_to_corners_format
+    """Acc@0.5, mean IoU and Acc@0.5 per phrase type on `dataset`, by the library's REC metric (`load_rec_metric`)."""
+    from peft_m2ist.metrics import load_rec_metric
 
-    from peft_m2ist.metrics import paired_box_iou
-
+    metric = load_rec_metric()
     model.eval()
-    hits, ious, types = [], [], []
+    types = []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
@@ -109,36 +108,39 @@ def evaluate(model, dataset, collator, batch_size: int, device) -> dict:
             labels = batch.pop("labels")
             inputs = {k: v.to(device) for k, v in batch.items()}
             boxes = model(**inputs).pred_boxes.float().cpu()
-            iou = paired_box_iou(center_to_corners_format(boxes.double()).clamp(0, 1),
-                                 center_to_corners_format(labels.double()))
-            ious.append(iou)
-            hits.append(iou >= 0.5)
+            metric.add_batch(predictions=boxes.tolist(), references=labels.tolist())
     model.train()
-    hit, iou = torch.cat(hits), torch.cat(ious)
-    out = {"accuracy": hit.float().mean().item(), "mean_iou": iou.mean().item(), "n": len(hit)}
-    for t in sorted(set(types)):
-        mask = torch.tensor([x == t for x in types])
-        out[f"accuracy_{t}"] = hit[mask].float().mean().item()
-    return out
+    scores = metric.compute(phrase_types=types)
+    return {"accuracy": scores.pop("accuracy"), "mean_iou": scores.pop("mean_iou"), "n": len(types), **scores}
 
 
-def train_one(name: str, scale: C.Scale, data, args: argparse.Namespace, device, log=print) -> dict:
+def lr_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup: int):
+    """Linear warm-up, then cosine decay to 0: at optimiser step `s` (from 0) the learning rate is
+    `lr * (s + 1) / warmup` while `s < warmup`, then `lr * (1 + cos(pi * (s - warmup) / (steps - warmup))) / 2`.
+
+    transformers' "warmup_stable_decay" schedule with one stable step, entered at its step 1 (`last_epoch=0`): its
+    step 0 has a learning rate of 0, while here the first step already trains, and the last warm-up step and the
+    first decay step both run at the full rate.
+    """
+    from transformers import get_scheduler
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # what a scheduler that does not start at step 0 scales
+    return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warmup,
+                         scheduler_specific_kwargs={"num_stable_steps": 1, "num_decay_steps": steps - warmup,
+                                                    "last_epoch": 0})
+
+
+def train_one(name: str, scale: scales.Scale, data, args: argparse.Namespace, device, log=print) -> dict:
     train, train_collator, evals, eval_collator, _ = data
-    num_vision_tokens = C.count_vision_tokens(scale.vision, scale.image_size)
-    model = C.build_method(name, scale, args.seed, args.bottleneck, args.lora_rank, num_vision_tokens,
+    num_vision_tokens = baselines.count_vision_tokens(scale.vision, scale.image_size)
+    model = baselines.build_method(name, scale, args.seed, args.bottleneck, args.lora_rank, num_vision_tokens,
                            head_layers=args.head_layers, head_ffn_dim=args.head_ffn_dim).to(device)
     if not name.startswith("m2ist_") and name != "head_only":
         model.pair.train()
     groups = parameter_groups(model, args)
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    warmup = max(1, int(args.warmup_ratio * args.steps))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, cosine decay
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = lr_scheduler(optimizer, args.steps, max(1, int(args.warmup_ratio * args.steps)))
     generator = torch.Generator().manual_seed(args.seed)  # the same data order for every method
     order: list[int] = []
     start = time.perf_counter()
@@ -151,7 +153,7 @@ def train_one(name: str, scale: C.Scale, data, args: argparse.Namespace, device,
         batch.pop("phrase_type")
         batch = {k: v.to(device) for k, v in batch.items()}
         if step == 0:  # the exact account of this very step (forward, backward, clipping skipped, AdamW step)
-            account = C.exact_account(model, optimizer, batch)
+            account = measurement.exact_account(model, optimizer, batch)
         else:
             optimizer.zero_grad(set_to_none=True)
             loss = model(**batch).loss
@@ -167,23 +169,23 @@ def train_one(name: str, scale: C.Scale, data, args: argparse.Namespace, device,
     train_s = time.perf_counter() - start
     scores = {split: evaluate(model, ds, eval_collator, args.eval_batch_size, device) for split, ds in evals.items()}
     log(f"  {name}: " + ", ".join(f"{s} {v['accuracy']:.3f}" for s, v in scores.items()))
-    return {"note": model.method_note, "params": C.parameter_counts(model), "account": account,
+    return {"note": model.method_note, "params": baselines.parameter_counts(model), "account": account,
             "train_time_s": train_s, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "scores": scores}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    out_path = args.output or C.RESULTS_DIR / f"accuracy_{args.scale}.json"
+    out_path = args.output or environment.RESULTS_DIR / f"accuracy_{args.scale}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("methods", "resume", "output", "device")}
-    result = {"kind": "accuracy", "scale": args.scale, "command": C.command_line(), "machine": C.machine_info(device),
+    result = {"kind": "accuracy", "scale": args.scale, "command": environment.command_line(), "machine": environment.machine_info(device),
               "settings": settings, "methods": {}}
     if args.resume and out_path.exists():
         previous = json.loads(out_path.read_text())
         if previous.get("settings") == settings:
             result["methods"] = previous["methods"]
-    scale = C.build_scale(args.scale, 0)
+    scale = scales.build_scale(args.scale, 0)
     result["scale_description"] = scale.description
     data = load_data(scale, args)
     result["chance"] = data[4]
@@ -196,7 +198,7 @@ def main(argv=None) -> dict:
         out_path.write_text(json.dumps(result, indent=2))
     print(f"{'method':<30}{'train MiB':>10}" + "".join(f"{s:>14}" for s in data[2]))
     for name, entry in result["methods"].items():
-        print(f"{name:<30}{C.mib(entry['account']['total']):>10}"
+        print(f"{name:<30}{environment.mib(entry['account']['total']):>10}"
               + "".join(f"{entry['scores'][s]['accuracy']:>14.3f}" for s in data[2]))
     print(f"wrote {out_path}")
     return result

@@ -34,8 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks` and the library
 
-from benchmarks import common as C
-from benchmarks import memory_time
+from benchmarks import baselines, environment, memory_time
 
 
 def main(argv=None) -> dict:
@@ -55,7 +54,7 @@ def main(argv=None) -> dict:
                    help="the vision tower's frozen batch norms are fused (one op each) but not folded into the "
                         "convolutions before them (every method alike)")
     p.add_argument("--time-budget", type=float, default=240.0, help="global budget in seconds")
-    p.add_argument("--methods", nargs="+", default=list(C.ALL_METHODS), choices=C.ALL_METHODS)
+    p.add_argument("--methods", nargs="+", default=list(baselines.ALL_METHODS), choices=baselines.ALL_METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", type=Path, default=None)
     a = p.parse_args(argv)
@@ -74,11 +73,11 @@ def main(argv=None) -> dict:
         time_budget=a.time_budget, skip=["live_peak"], threads=None, seed=0, cached_features=True,
         stock_batch_norm=False, unfolded_batch_norm=a.unfolded_batch_norm,
         channels_last=a.channels_last, store_head_feed_forward=a.store_head_feed_forward,
-        output=a.output or C.RESULTS_DIR / f"gpu_paper_scale_{device.type}{suffix}.json",
+        output=a.output or environment.RESULTS_DIR / f"gpu_paper_scale_{device.type}{suffix}.json",
     )
     result = memory_time.run(args)
     if device.type == "cuda":
-        print(f"peak allocated over the run: {C.mib(torch.cuda.max_memory_allocated())} MiB on "
+        print(f"peak allocated over the run: {environment.mib(torch.cuda.max_memory_allocated())} MiB on "
               f"{torch.cuda.get_device_name(device)}")
     return result
 

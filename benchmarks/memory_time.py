@@ -23,14 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks` and the library
 
 import peft_m2ist
-from benchmarks import common as C
-from peft_m2ist.towers import frozen, run_text_tower, run_vision_tower
+from benchmarks import baselines, environment, measurement, scales, timing
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=("paper", "default"), default="paper")
-    p.add_argument("--methods", nargs="+", default=list(C.ALL_METHODS), choices=C.ALL_METHODS)
+    p.add_argument("--methods", nargs="+", default=list(baselines.ALL_METHODS), choices=baselines.ALL_METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=None, help="timing batch (default: 2 on CPU, 64 on a GPU)")
     p.add_argument("--account-batches", type=int, nargs="+", default=None,
@@ -105,23 +104,23 @@ def run(args: argparse.Namespace, log=print) -> dict:
     suffix += "_stockbn" if args.stock_batch_norm else ""
     suffix += "_unfoldedbn" if args.unfolded_batch_norm else ""
     suffix += "_channelslast" if args.channels_last else ""
-    out_path = args.output or C.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"
+    out_path = args.output or environment.RESULTS_DIR / f"memory_time_{args.scale}_{device.type}{suffix}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     log(f"building the {args.scale} pair ...")
     norms = "stock" if args.stock_batch_norm else "fused" if args.unfolded_batch_norm else "folded"
-    scale = C.build_scale(args.scale, args.seed, frozen_batch_norm=norms)
+    scale = scales.build_scale(args.scale, args.seed, frozen_batch_norm=norms)
     if args.channels_last:
         scale.vision.to(memory_format=torch.channels_last)
     folded = sum(isinstance(m, peft_m2ist.FrozenBatchNormFoldedConv2d) for m in scale.vision.modules())
     fused = sum(type(m) is peft_m2ist.FusedFrozenBatchNorm2d for m in scale.vision.modules())
-    num_vision_tokens = C.count_vision_tokens(scale.vision, scale.image_size)
+    num_vision_tokens = baselines.count_vision_tokens(scale.vision, scale.image_size)
     result = {
         "kind": "memory_time",
         "scale": args.scale,
         "scale_description": scale.description,
-        "command": C.command_line(),
-        "machine": C.machine_info(device),
+        "command": environment.command_line(),
+        "machine": environment.machine_info(device),
         "settings": {
             "batch_size": batch_size, "account_batches": account_batches, "extrapolate_to": args.extrapolate_to,
             "repeats": args.repeats, "warmup": args.warmup, "inference_repeats": args.inference_repeats,
@@ -147,12 +146,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     models, optims = {}, {}
     for name in args.methods:
-        model = C.build_method(name, scale, args.seed, args.bottleneck, args.lora_rank, num_vision_tokens,
+        model = baselines.build_method(name, scale, args.seed, args.bottleneck, args.lora_rank, num_vision_tokens,
                                args.head_dropout,
                                head_gradient_checkpointing=args.head_checkpointing,
                                head_recompute_feed_forward=not args.store_head_feed_forward).to(device)
-        models[name], optims[name] = model, C.make_optimizer(model)
-        result["methods"][name] = {"note": model.method_note, "params": C.parameter_counts(model)}
+        models[name], optims[name] = model, measurement.make_optimizer(model)
+        result["methods"][name] = {"note": model.method_note, "params": baselines.parameter_counts(model)}
         log(f"  {name}: {result['methods'][name]['params']['trainable']:,} trainable parameters")
     save()
 
@@ -162,39 +161,39 @@ def run(args: argparse.Namespace, log=print) -> dict:
         for name in args.methods:
             accounts = {}
             for b in account_batches:
-                batch = C.make_batch(scale, b, device, args.seed)
-                accounts[str(b)] = C.exact_account(models[name], optims[name], batch, autocast)
+                batch = scales.make_batch(scale, b, device, args.seed)
+                accounts[str(b)] = measurement.exact_account(models[name], optims[name], batch, autocast)
             entry = result["methods"][name]
             entry["account"] = accounts
             if len(account_batches) >= 2 and args.extrapolate_to not in account_batches:
                 b0, b1 = account_batches[0], account_batches[-1]
-                entry["account_extrapolated"] = C.extrapolate(accounts[str(b0)], accounts[str(b1)], b0, b1,
+                entry["account_extrapolated"] = measurement.extrapolate(accounts[str(b0)], accounts[str(b1)], b0, b1,
                                                               args.extrapolate_to)
-            log(f"  {name}: " + ", ".join(f"b={b}: total {C.mib(a['total'])} MiB "
-                                          f"(activations {C.mib(a['activations'])})" for b, a in accounts.items()))
+            log(f"  {name}: " + ", ".join(f"b={b}: total {environment.mib(a['total'])} MiB "
+                                          f"(activations {environment.mib(a['activations'])})" for b, a in accounts.items()))
         _ratios(result, account_batches, args.extrapolate_to)
         save()
 
     # -- 2. peaks: of live tensors (any device), and the CUDA allocator's -------------------------------------------
     peak_batch = account_batches[-1] if not cuda else batch_size
     micro = max(1, peak_batch // 4)  # M2IST's frozen towers in 4 micro-batches (M2ISTConfig.tower_micro_batch_size)
-    for key, measure, wanted in (("live_peak", C.live_peak, "live_peak" not in args.skip),
-                                 ("cuda_peak", C.cuda_peak, cuda and "cuda_peak" not in args.skip)):
+    for key, measure, wanted in (("live_peak", measurement.live_peak, "live_peak" not in args.skip),
+                                 ("cuda_peak", measurement.cuda_peak, cuda and "cuda_peak" not in args.skip)):
         if not wanted:
             continue
         log(f"{key} (batch {peak_batch}; M2IST also with tower micro-batches of {micro}) ...")
-        batch = C.make_batch(scale, peak_batch, device, args.seed)
+        batch = scales.make_batch(scale, peak_batch, device, args.seed)
         for name in args.methods:
             runs = [(key, None)] + ([(key + "_tower_micro_batches", micro)] if name.startswith("m2ist_") else [])
             for entry_key, size in runs:
-                with C.tower_micro_batches(models[name], size) if size else nullcontext():
+                with measurement.tower_micro_batches(models[name], size) if size else nullcontext():
                     peak = _guarded_peak(measure, models[name], optims[name], batch, autocast)
                 peak["batch_size"] = peak_batch
                 if size:
                     peak["tower_micro_batch_size"] = size
                 result["methods"][name][entry_key] = peak
                 log(f"  {name}{f' (micro-batches of {size})' if size else ''}: "
-                    + (f"training memory {C.mib(peak.get('training_memory'))} MiB, peak at {peak.get('peak_op')}"
+                    + (f"training memory {environment.mib(peak.get('training_memory'))} MiB, peak at {peak.get('peak_op')}"
                        if "error" not in peak else peak["error"]))
         full = result["methods"].get("full", {}).get(key, {}).get("training_memory")
         lora = result["methods"].get("lora", {}).get(key, {}).get("training_memory")
@@ -209,19 +208,19 @@ def run(args: argparse.Namespace, log=print) -> dict:
     # -- 3. training-step time ----------------------------------------------------------------------------------------
     if "time" not in args.skip:
         log(f"training-step time (batch {batch_size}, {args.warmup} warm-up + {args.repeats} interleaved rounds) ...")
-        batch = C.make_batch(scale, batch_size, device, args.seed)
-        tasks = {name: (lambda m=models[name], o=optims[name]: C.train_step(m, o, batch, autocast))
+        batch = scales.make_batch(scale, batch_size, device, args.seed)
+        tasks = {name: (lambda m=models[name], o=optims[name]: measurement.train_step(m, o, batch, autocast))
                  for name in args.methods}
         if args.cached_features:
             tasks.update(_cached_feature_tasks(models, optims, batch, autocast))
         cpu_times: dict[str, list[float]] = {}
-        times = C.interleaved_times(tasks, args.repeats, args.warmup, device, time_deadline, log, cpu_times)
-        full = C.median(times.get("full", []))
-        full_cpu = C.median(cpu_times.get("full", []))
+        times = timing.interleaved_times(tasks, args.repeats, args.warmup, device, time_deadline, log, cpu_times)
+        full = timing.median(times.get("full", []))
+        full_cpu = timing.median(cpu_times.get("full", []))
         for task, values in times.items():
             key = "step_time_cached_features" if task.endswith(CACHED) else "step_time"
-            med = C.median(values)
-            med_cpu = C.median(cpu_times.get(task, []))
+            med = timing.median(values)
+            med_cpu = timing.median(cpu_times.get(task, []))
             result["methods"][task.removesuffix(CACHED)][key] = {
                 "batch_size": batch_size, "times_s": values, "median_s": med,
                 "ratio_to_full": med / full if (med is not None and full) else None,
@@ -235,14 +234,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     # -- 4. inference latency -----------------------------------------------------------------------------------------
     if "inference" not in args.skip:
         log(f"inference latency (batch {batch_size}) ...")
-        batch = C.make_batch(scale, batch_size, device, args.seed)
+        batch = scales.make_batch(scale, batch_size, device, args.seed)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         towers = (scale.vision.to(device), scale.text.to(device))
 
         def towers_only():
-            with frozen(*towers):
-                run_vision_tower(towers[0], inputs["pixel_values"], inputs["pixel_mask"])
-                run_text_tower(towers[1], inputs["input_ids"], inputs["attention_mask"])
+            baselines.run_towers(*towers, inputs)
 
         def predict(model):
             model.eval()
@@ -253,14 +250,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
         tasks.update({name: (lambda m=models[name]: predict(m)) for name in args.methods
                       if name == "head_only" or name.startswith("m2ist_")})
         cpu_times = {}
-        times = C.interleaved_times(tasks, args.inference_repeats, args.warmup, device, deadline, log, cpu_times)
-        base = C.median(times["towers_only"])
-        base_cpu = C.median(cpu_times.get("towers_only", []))
+        times = timing.interleaved_times(tasks, args.inference_repeats, args.warmup, device, deadline, log, cpu_times)
+        base = timing.median(times["towers_only"])
+        base_cpu = timing.median(cpu_times.get("towers_only", []))
         result["inference"] = {
-            name: {"times_s": values, "median_s": C.median(values),
-                   "ratio_to_towers": C.median(values) / base if (values and base) else None,
+            name: {"times_s": values, "median_s": timing.median(values),
+                   "ratio_to_towers": timing.median(values) / base if (values and base) else None,
                    "cpu_times_s": cpu_times.get(name, []),
-                   "cpu_ratio_to_towers": (C.median(cpu_times[name]) / base_cpu
+                   "cpu_ratio_to_towers": (timing.median(cpu_times[name]) / base_cpu
                                            if (cpu_times.get(name) and base_cpu) else None)}
             for name, values in times.items()
         }
@@ -302,7 +299,7 @@ def _cached_feature_tasks(models: dict, optims: dict, batch: dict, autocast) -> 
         with autocast() if autocast is not None else nullcontext():
             features = model.encode_towers(**inputs)
         cached_batch = {"tower_features": features, "labels": batch["labels"]}
-        tasks[name + CACHED] = lambda m=model, o=optims[name], b=cached_batch: C.train_step(m, o, b, autocast)
+        tasks[name + CACHED] = lambda m=model, o=optims[name], b=cached_batch: measurement.train_step(m, o, b, autocast)
     return tasks
 
 
@@ -343,8 +340,8 @@ def format_tables(result: dict) -> str:
             a, x = e["account"][b], e.get("account_extrapolated", {})
             lines.append(
                 f"{name:<28}{e['params']['trainable']:>12,}{e['params'].get('adapter_only', 0):>11,}"
-                f"{C.mib(a['weights']):>10}{C.mib(a['grads'] + a['optimizer']):>10}{C.mib(a['activations']):>10}"
-                f"{C.mib(a['total']):>10}{_fmt(a.get('ratio_to_full')):>8}{C.mib(x.get('total')):>11}"
+                f"{environment.mib(a['weights']):>10}{environment.mib(a['grads'] + a['optimizer']):>10}{environment.mib(a['activations']):>10}"
+                f"{environment.mib(a['total']):>10}{_fmt(a.get('ratio_to_full')):>8}{environment.mib(x.get('total')):>11}"
                 f"{_fmt(x.get('ratio_to_full')):>8}{_fmt(x.get('ratio_to_lora')):>8}")
     if any("step_time" in e for e in methods.values()):
         lines.append(f"{'method':<28}{'median step (s)':>16}{'x full':>8}")

@@ -11,8 +11,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from benchmarks import common as C
-from benchmarks import memory_time, report
+from benchmarks import measurement, memory_time
+from benchmarks.reporting import accuracy, base, goals, memory
 
 
 class _TwoLinears(nn.Module):
@@ -40,7 +40,7 @@ def test_exact_account_counts_grads_adamw_state_and_checkpoint_inputs():
     for checkpointed in (False, True):
         torch.manual_seed(0)
         model = _TwoLinears(checkpointed)
-        accounts[checkpointed] = C.exact_account(model, torch.optim.AdamW(model.parameters()),
+        accounts[checkpointed] = measurement.exact_account(model, torch.optim.AdamW(model.parameters()),
                                                  {"x": torch.randn(batch, 4)})
     plain, ckpt = accounts[False], accounts[True]
     param_bytes = (4 * 8 + 8 + 8 * 1 + 1) * 4
@@ -59,7 +59,7 @@ def test_exact_account_counts_grads_adamw_state_and_checkpoint_inputs():
 def test_saved_for_backward_counts_only_storages_alive_at_the_end_of_forward():
     """A tensor saved by a part of the graph the forward then drops is not kept for backward."""
     x = torch.randn(4096, requires_grad=True)
-    with C.SavedForBackward() as saved:
+    with measurement.SavedForBackward() as saved:
         dropped_input = torch.randn(4096)
         dropped = x * dropped_input  # saves `dropped_input` (16 KiB) ...
         kept = x.exp()  # saves its result (16 KiB)
@@ -71,12 +71,12 @@ def test_saved_for_backward_counts_only_storages_alive_at_the_end_of_forward():
 def test_exact_account_restores_torch_checkpoint():
     real = torch.utils.checkpoint.checkpoint
     model = _TwoLinears(checkpointed=True)
-    C.exact_account(model, torch.optim.AdamW(model.parameters()), {"x": torch.randn(2, 4)})
+    measurement.exact_account(model, torch.optim.AdamW(model.parameters()), {"x": torch.randn(2, 4)})
     assert torch.utils.checkpoint.checkpoint is real
 
 
 def test_live_tensor_peak_counts_each_new_storage_until_it_is_freed():
-    with C.LiveTensorPeak() as tracker:
+    with measurement.LiveTensorPeak() as tracker:
         a = torch.ones(1000)  # 4000 bytes
         b = a * 2  # 4000 more: 8000 live
         del a
@@ -96,12 +96,12 @@ def test_live_peak_finds_the_frozen_towers_and_micro_batches_lower_it():
     for size in (None, 2):
         torch.manual_seed(0)
         model = get_peft_model(build_pair("mobilenet_v2+bert"), tiny_config(tower_micro_batch_size=size)).train()
-        optimizer = C.make_optimizer(model)
-        peaks[size] = C.live_peak(model, optimizer, batch(size=8))
+        optimizer = measurement.make_optimizer(model)
+        peaks[size] = measurement.live_peak(model, optimizer, batch(size=8))
     whole, micro = peaks[None], peaks[2]
     # the whole batch peaks on a feature map of the frozen CNN: (batch, channels, h, w)
     assert whole["peak_op"].startswith("aten.convolution") and whole["peak_op"].endswith(")")
-    assert report._shape(whole["peak_op"])[0] == 8
+    assert memory.shape(whole["peak_op"])[0] == 8
     assert micro["step_increment"] < 0.5 * whole["step_increment"]
     for p in (whole, micro):
         assert p["training_memory"] == p["step_increment"] + p["own_weights"] + p["own_optimizer"]
@@ -122,7 +122,7 @@ def test_memory_time_records_live_peaks_and_m2ist_micro_batches_apart(tmp_path):
     assert micro["tower_micro_batch_size"] == 1
     full = methods["full"]["live_peak"]["training_memory"]
     assert micro["ratio_to_full"] == pytest.approx(micro["training_memory"] / full)
-    table = "\n".join(report.memory_time_section(result))
+    table = "\n".join(memory.memory_time_section(result))
     assert "**Peak of live tensors**" in table and "towers in micro-batches of 1†" in table
     assert "| head only (frozen towers) |" in table
 
@@ -142,7 +142,7 @@ def test_memory_time_times_m2ist_from_cached_tower_features_apart(tmp_path):
     assert len(cached["times_s"]) == 1 and cached["median_s"] > 0
     assert cached["ratio_to_full"] == pytest.approx(cached["median_s"] / methods["full"]["step_time"]["median_s"])
     result = {**json.loads(out.read_text()), "_file": out.name}
-    table = "\n".join(report.memory_time_section(result))
+    table = "\n".join(memory.memory_time_section(result))
     assert "from cached tower features*" in table and "Not like for like" in table
     assert "; vision tower channels-last (every method)" in table
 
@@ -155,9 +155,9 @@ def _accuracy_run(seed: int, scores: dict[str, float]) -> dict:
 def test_accuracy_goals_compare_means_over_shared_seeds():
     runs = [_accuracy_run(1, {"m2ist_shared_sum": 0.70, "full": 0.71, "lora": 0.60, "head_only": 0.72}),
             _accuracy_run(2, {"m2ist_shared_sum": 0.74, "head_only": 0.70})]
-    groups = report._accuracy_groups([*runs, {"kind": "memory_time"}])
+    groups = accuracy.accuracy_groups([*runs, {"kind": "memory_time"}])
     assert groups == [runs]
-    lines = report._accuracy_goals(runs, ["val"], [1, 2])
+    lines = accuracy._accuracy_goals(runs, ["val"], [1, 2])
 
     def row(goal: str) -> str:
         (line,) = [line for line in lines if f"(paper) {goal} (" in line]
@@ -170,7 +170,7 @@ def test_accuracy_goals_compare_means_over_shared_seeds():
     # the paired differences -2 and +4 points: standard deviation 4.24, standard error 4.24 / sqrt(2) = 3.0
     assert "72.0 vs 71.0 (+1.0) **met** (per seed -2.0 / +4.0; standard error 3.0)" in head and "(2 seeds)" in head
     runs[0]["methods"]["full"]["scores"]["val"]["accuracy"] = 0.75
-    rows = report._accuracy_goals(runs, ["val"], [1, 2])
+    rows = accuracy._accuracy_goals(runs, ["val"], [1, 2])
     assert any("70.0 vs 75.0 (-5.0) **missed**" in line for line in rows)
 
 
@@ -180,15 +180,15 @@ def test_accuracy_goals_pair_seeds_across_runs_and_cover_every_m2ist_variant():
     runs = [_accuracy_run(1, {"m2ist_shared_sum": 0.70, "lora": 0.72, "full": 0.60, "head_only": 0.50}),
             _accuracy_run(1, {"m2ist_cross_attention_sum": 0.75}),
             _accuracy_run(2, {"m2ist_cross_attention_sum": 0.80})]  # no baseline for seed 2: not compared
-    assert report._accuracy_groups(runs) == [runs]
-    lines = report._accuracy_goals(runs, ["val"], [1, 1, 2])
+    assert accuracy.accuracy_groups(runs) == [runs]
+    lines = accuracy._accuracy_goals(runs, ["val"], [1, 1, 2])
     assert lines[0].endswith("seeds run: [1, 2]):")
     (paper,) = [line for line in lines if "(paper) above LoRA (" in line]
     assert "70.0 vs 72.0 (-2.0) **missed**" in paper
     (cross,) = [line for line in lines if line.startswith("| M2IST cross-attention / sum above LoRA (")]
     assert "(1 seed)" in cross and "75.0 vs 72.0 (+3.0) **met**" in cross
     # the summary judges the paper's configuration only
-    (check,) = [cells for label, _, cells in report.accuracy_goal_checks(runs, ["val"]) if label == "above LoRA"]
+    (check,) = [cells for label, _, cells in accuracy.accuracy_goal_checks(runs, ["val"]) if label == "above LoRA"]
     assert check[0].mine == pytest.approx(0.70)
 
 
@@ -200,17 +200,17 @@ def _paper_run(full_ratio_at_64: float, full_ratio_at_2: float) -> dict:
             "settings": {"account_batches": [1, 2], "extrapolate_to": 64, "batch_size": 2,
                          "frozen_batch_norm": "folded into the convolutions before them (53 modules)",
                          "head_feed_forward": "hidden recomputed (...)"},
-            "machine": {"gpu": None, "torch_threads": 1}, "methods": {v: entry for v in report.VARIANTS}}
+            "machine": {"gpu": None, "torch_threads": 1}, "methods": {v: entry for v in base.VARIANTS}}
 
 
 def test_summary_judges_memory_at_the_papers_batch_only():
-    lines = report.summary_section([_paper_run(0.2, 0.3)])
+    lines = goals.summary_section([_paper_run(0.2, 0.3)])
     (memory,) = [line for line in lines if line.startswith("| training memory <= 25% of full FT |")]
     assert "0.200 met (CPU 1 thread; exact account, batch 64 extrapolated)" in memory
     assert "batch 2" not in memory and memory.endswith("| 1 of 1 |")
     (lora,) = [line for line in lines if line.startswith("| training memory <= 50% of LoRA |")]
     assert "0.400 met" in lora
-    full_table = "\n".join(report.goals_section([_paper_run(0.2, 0.3)]))
+    full_table = "\n".join(goals.goals_section([_paper_run(0.2, 0.3)]))
     assert "0.300 **missed**" in full_table  # the batch-2 row stays in the full table
 
 
@@ -219,43 +219,43 @@ def test_summary_lists_live_peaks_at_the_papers_batch():
     goal = {"params": {"adapter_only": 2_961_408}, "account_extrapolated": {"ratio_to_full": 0.1, "ratio_to_lora": 0.4},
             "live_peak": {"batch_size": 64, "ratio_to_full": None, "ratio_to_lora": 0.7},
             "live_peak_tower_micro_batches": {"batch_size": 64, "tower_micro_batch_size": 16, "ratio_to_lora": 0.45}}
-    run["methods"] = {report.GOAL_METHOD: goal}  # a peaks run measures only some methods
-    (lora,) = [line for line in report.summary_section([run])
+    run["methods"] = {base.GOAL_METHOD: goal}  # a peaks run measures only some methods
+    (lora,) = [line for line in goals.summary_section([run])
                if line.startswith("| training memory <= 50% of LoRA |")]
     assert "0.700 **missed** (CPU 1 thread; live-tensor peak, batch 64)" in lora
     # M2IST split its batch and the baselines did not: shown, not judged, not counted
     assert "0.450 not judged (CPU 1 thread; live-tensor peak, towers in micro-batches of 16, batch 64)" in lora
     assert lora.endswith("| 0 of 1 |")  # only the whole-batch peak (missed) is counted
-    table = "\n".join(report.goals_section([run]))
+    table = "\n".join(goals.goals_section([run]))
     assert "| 0.450 not judged |" in table and "0.450 **met**" not in table
-    assert not [line for line in report.summary_section([run])  # full fine-tuning's peak was not measured there
+    assert not [line for line in goals.summary_section([run])  # full fine-tuning's peak was not measured there
                 if line.startswith("| training memory <= 25% of full FT |") and "live-tensor" in line]
-    run["methods"][report.GOAL_METHOD]["live_peak"]["batch_size"] = 2
-    assert "live-tensor peak, batch" not in "\n".join(report.summary_section([run]))  # only at the paper's batch
+    run["methods"][base.GOAL_METHOD]["live_peak"]["batch_size"] = 2
+    assert "live-tensor peak, batch" not in "\n".join(goals.summary_section([run]))  # only at the paper's batch
 
 
 def test_runs_before_the_lean_head_recomputed_ffn_and_folded_batch_norms_are_labelled():
     old = _paper_run(0.2, 0.3)
     del old["settings"]["frozen_batch_norm"], old["settings"]["head_feed_forward"]
-    (memory,) = [line for line in report.summary_section([old])
+    (memory,) = [line for line in goals.summary_section([old])
                  if line.startswith("| training memory <= 25% of full FT |")]
     assert "(CPU 1 thread, stock head FFN, stock frozen BN; exact account" in memory
-    assert 'Rows marked "head FFN hidden stored"' not in "\n".join(report.goals_section([_paper_run(0.2, 0.3)]))
+    assert 'Rows marked "head FFN hidden stored"' not in "\n".join(goals.goals_section([_paper_run(0.2, 0.3)]))
     stock_bn = _paper_run(0.2, 0.3)
     stock_bn["settings"]["frozen_batch_norm"] = "stock"  # --stock-batch-norm
-    assert "(CPU 1 thread, stock frozen BN; exact account" in "\n".join(report.summary_section([stock_bn]))
-    assert 'Rows marked "frozen BN not folded" or "stock frozen BN"' in "\n".join(report.goals_section([stock_bn]))
-    assert "frozen BN" not in "\n".join(report.goals_section([_paper_run(0.2, 0.3)]))  # folded: no note
+    assert "(CPU 1 thread, stock frozen BN; exact account" in "\n".join(goals.summary_section([stock_bn]))
+    assert 'Rows marked "frozen BN not folded" or "stock frozen BN"' in "\n".join(goals.goals_section([stock_bn]))
+    assert "frozen BN" not in "\n".join(goals.goals_section([_paper_run(0.2, 0.3)]))  # folded: no note
     fused_bn = _paper_run(0.2, 0.3)
     fused_bn["settings"]["frozen_batch_norm"] = "fused (53 modules)"  # --unfolded-batch-norm, or before folding
-    assert "(CPU 1 thread, frozen BN not folded; exact account" in "\n".join(report.summary_section([fused_bn]))
+    assert "(CPU 1 thread, frozen BN not folded; exact account" in "\n".join(goals.summary_section([fused_bn]))
     for stored in ("lean (peft_m2ist.head.LeanFeedForwardEncoderLayer)", "hidden stored (...)"):  # old, flag
         run = _paper_run(0.2, 0.3)
         run["settings"]["head_feed_forward"] = stored
-        assert "(CPU 1 thread, head FFN hidden stored; exact account" in "\n".join(report.summary_section([run]))
-        assert 'Rows marked "head FFN hidden stored"' in "\n".join(report.goals_section([run]))
+        assert "(CPU 1 thread, head FFN hidden stored; exact account" in "\n".join(goals.summary_section([run]))
+        assert 'Rows marked "head FFN hidden stored"' in "\n".join(goals.goals_section([run]))
         run["settings"]["head_checkpointing"] = True  # recomputed with the whole layer: no note
-        assert "(CPU 1 thread, head checkpointing; exact account" in "\n".join(report.summary_section([run]))
+        assert "(CPU 1 thread, head checkpointing; exact account" in "\n".join(goals.summary_section([run]))
 
 
 def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
@@ -265,31 +265,31 @@ def test_peak_findings_scale_the_live_peak_to_the_gpu_batch():
                                                     "peak_op": "aten.add.Tensor -> (2, 256, 160, 160)"}}}}
     gpu = {"_file": "results/gpu.json", "settings": {"batch_size": 64},
            "methods": {"head_only": {"cuda_peak": {"step_increment": 3300 * mib}}}}
-    text = "\n".join(report.peak_findings([gpu, live]))
+    text = "\n".join(memory.peak_findings([gpu, live]))
     assert "inside the frozen towers' forward" in text
     assert "scaled linearly to batch 64 is 3,200 MiB; the GPU measured 3,300 MiB" in text
     assert "1.031x" in text
     # a bf16 run is compared with a bf16 GPU run only
     live["settings"]["bf16"] = True
-    assert "the GPU measured" not in "\n".join(report.peak_findings([gpu, live]))
-    assert "(`results/live.json`, bf16 autocast, frozen batch norms" in "\n".join(report.peak_findings([gpu, live]))
+    assert "the GPU measured" not in "\n".join(memory.peak_findings([gpu, live]))
+    assert "(`results/live.json`, bf16 autocast, frozen batch norms" in "\n".join(memory.peak_findings([gpu, live]))
     gpu["settings"]["bf16"] = True
-    assert "the GPU measured 3,300 MiB" in "\n".join(report.peak_findings([gpu, live]))
+    assert "the GPU measured 3,300 MiB" in "\n".join(memory.peak_findings([gpu, live]))
     gpu["settings"] = {"batch_size": 64}
     # a GPU run made with other frozen batch norms is not compared with
     live["settings"] = {"frozen_batch_norm": "fused (53 modules)", "head_feed_forward": "lean"}
-    text = "\n".join(report.peak_findings([gpu, live]))
+    text = "\n".join(memory.peak_findings([gpu, live]))
     assert "the GPU measured" not in text
     assert "Its step increment scaled linearly to batch 64: 3,200 MiB; no GPU run with this implementation yet." in text
     # the head's implementation does not matter for a peak inside the towers, but does for one in the head
     gpu["settings"]["frozen_batch_norm"] = "fused (53 modules)"
-    assert "the GPU measured 3,300 MiB" in "\n".join(report.peak_findings([gpu, live]))
+    assert "the GPU measured 3,300 MiB" in "\n".join(memory.peak_findings([gpu, live]))
     live["methods"]["head_only"]["live_peak"]["peak_op"] = "aten.mul.Tensor -> (2, 421, 2048)"
-    assert "the GPU measured" not in "\n".join(report.peak_findings([gpu, live]))
+    assert "the GPU measured" not in "\n".join(memory.peak_findings([gpu, live]))
     live["settings"] = {}
     # a peak in the head (3-D tokens) is not attributed to the towers
     live["methods"]["head_only"]["live_peak"]["peak_op"] = "aten.add.Tensor -> (2, 400, 256)"
-    text = "\n".join(report.peak_findings([gpu, live]))
+    text = "\n".join(memory.peak_findings([gpu, live]))
     assert "frozen towers' forward" not in text and "`aten.add.Tensor -> (2, 400, 256)`. " in text
 
 
@@ -321,7 +321,34 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
 
 def test_head_only_share_of_lora_is_stated_as_the_floor():
     methods = {"head_only": {"account_extrapolated": {"ratio_to_lora": 0.4853, "batch_size": 64}}}
-    text = report._head_only_floor(methods, extrapolated=True)
+    text = memory.head_only_floor(methods, extrapolated=True)
     assert "Head only is itself at 0.485x LoRA at batch 64" in text
-    assert report._head_only_floor(methods, extrapolated=False) == ""
-    assert report._head_only_floor({"head_only": {}}, extrapolated=True) == ""
+    assert memory.head_only_floor(methods, extrapolated=False) == ""
+    assert memory.head_only_floor({"head_only": {}}, extrapolated=True) == ""
+
+
+def test_accuracy_schedule_warms_up_from_the_first_step_then_decays_by_a_half_cosine():
+    import math
+
+    from benchmarks.accuracy import lr_scheduler
+
+    steps, warmup, lr = 10, 4, 3e-4
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = lr_scheduler(optimizer, steps, warmup)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [lr * (s + 1) / warmup if s < warmup else lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) /
+                                                                                   (steps - warmup)))
+                for s in range(steps)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[0] == pytest.approx(lr / warmup) and rates[warmup - 1] == rates[warmup] == pytest.approx(lr)
+
+
+def test_results_md_is_its_template_filled_from_the_committed_results():
+    from benchmarks import report
+
+    figure = "results/memory_accuracy.png" if (base.HERE / "results" / "memory_accuracy.png").exists() else None
+    assert report.render(base.load_results(), figure) == report.RESULTS_MD.read_text()
