@@ -110,11 +110,12 @@ class ReferringExpressionGrounder:
     """
 
     def __init__(self, model: torch.nn.Module, collator: RECCollator, device: torch.device,
-                 towers: dict[str, str]) -> None:
+                 towers: dict[str, str], adapter: str = "") -> None:
         self.model = model
         self.collator = collator
         self.device = device
         self.towers = towers
+        self.adapter = adapter
 
     @classmethod
     def from_pretrained(
@@ -167,7 +168,7 @@ class ReferringExpressionGrounder:
         config = model.peft_config[model.active_adapter]
         collator = RECCollator.from_image_processor(tokenizer, image_processor, image_size=config.image_size,
                                                     max_text_tokens=config.max_text_tokens)
-        return cls(model.to(device).eval(), collator, device, towers)
+        return cls(model.to(device).eval(), collator, device, towers, adapter)
 
     @torch.no_grad()
     def __call__(self, images: ImageInput | Sequence[ImageInput], phrases: str | Sequence[str],

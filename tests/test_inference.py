@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import transformers as tf
-from peft import get_peft_model
 from PIL import Image
-from tiny_towers import SMALL, tiny_config
+from tiny_adapter import save_tiny_adapter
 from transformers.image_transforms import center_to_corners_format
 
-from peft_m2ist import VisionTextPair
 from peft_m2ist.data import RECCollator
 from peft_m2ist.data.sample_photos import SAMPLE_PHOTOS
 from peft_m2ist.inference import (
@@ -25,27 +22,13 @@ from peft_m2ist.inference import (
     load_image,
     resolve_towers,
 )
-from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER, minilm_path
-from peft_m2ist.pretrained.towers_file import TOWERS_FILE, towers_record
+from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER
+from peft_m2ist.pretrained.towers_file import TOWERS_FILE
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> SimpleNamespace:
-    """A tiny MobileNetV2 + BERT saved as folders, and an adapter for them with its towers.json."""
-    root = tmp_path_factory.mktemp("inference")
-    torch.manual_seed(0)
-    vision = tf.MobileNetV2Model(tf.MobileNetV2Config(depth_multiplier=0.35, image_size=32))
-    vision.save_pretrained(root / "vision")
-    tf.MobileNetV2ImageProcessor().save_pretrained(root / "vision")
-    text = tf.BertModel(tf.BertConfig(**SMALL))
-    text.save_pretrained(root / "text")
-    tf.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(root / "text")
-    model = get_peft_model(VisionTextPair(vision.eval(), text.eval()), tiny_config())
-    model.save_pretrained(root / "adapter")
-    (root / "adapter" / TOWERS_FILE).write_text(json.dumps(towers_record(str(root / "vision"), str(root / "text"),
-                                                                         "float32")))
-    return SimpleNamespace(root=root, adapter=root / "adapter", model=model.eval(), vision=root / "vision",
-                           text=root / "text")
+    return save_tiny_adapter(tmp_path_factory.mktemp("inference"))
 
 
 @pytest.fixture(scope="module")

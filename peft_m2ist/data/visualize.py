@@ -44,3 +44,21 @@ def plot_samples(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+PREDICTION_COLOUR = (230, 30, 30)
+TRUTH_COLOUR = (20, 170, 60)
+
+
+def draw_box(image, box: Sequence[float], colour: tuple[int, int, int] = PREDICTION_COLOUR, width: int | None = None):
+    """A copy of the PIL ``image`` with ``box`` (``[x0, y0, x1, y1]`` pixels) drawn as a rectangle.
+
+    ``width`` defaults to about 0.5% of the image's long side (at least 2 px), so the box shows at any size.
+    """
+    from PIL import ImageDraw
+
+    out = image.convert("RGB")
+    if width is None:
+        width = max(2, round(max(out.size) / 200))
+    ImageDraw.Draw(out).rectangle([float(c) for c in box], outline=colour, width=width)
+    return out

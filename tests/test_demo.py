@@ -1,0 +1,131 @@
+"""examples/demo.py served on a free local port: driven through gradio_client and through headless Chromium.
+
+Both compare what the page shows with the inference API's answer for the same image and phrase. The browser test
+saves a screenshot (to ``M2IST_DEMO_SCREENSHOT`` when set, as docs/images/demo.png was made). Chromium and its
+driver come from Debian (``scripts/install.sh test`` installs them); without them the browser test fails, it is
+not skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tiny_adapter import save_tiny_adapter
+
+from peft_m2ist.data.sample_photos import SAMPLE_PHOTOS
+from peft_m2ist.inference import ReferringExpressionGrounder
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The demo on the tiny adapter (or ``M2IST_DEMO_ADAPTER``), serving on 127.0.0.1; yields (url, adapter, image)."""
+    root = tmp_path_factory.mktemp("demo")
+    adapter = os.environ.get("M2IST_DEMO_ADAPTER") or str(save_tiny_adapter(root).adapter)
+    image = root / "coffee.png"
+    SAMPLE_PHOTOS[4].image().save(image)  # PNG: the upload decodes to the same pixels
+    port = free_port()
+    log = open(root / "demo.log", "w")  # noqa: SIM115 - closed below, after the server stops
+    server = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo.py"), "--adapter", adapter,
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the demo did not start:\n{(root / 'demo.log').read_text()}") from None
+                time.sleep(0.5)
+        yield url, adapter, image
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def api_answer(served):
+    _, adapter, image = served
+    grounder = ReferringExpressionGrounder.from_pretrained(adapter, device="cpu")
+    return {phrase: grounder(image, phrase) for phrase in ("the cup of coffee", "the spoon on the right")}
+
+
+def test_the_demo_answers_through_gradio_client_as_the_api_does(served, api_answer):
+    from gradio_client import Client, handle_file
+
+    url, _, image = served
+    client = Client(url, verbose=False)
+    output, coordinates = client.predict(handle_file(str(image)), "the cup of coffee", api_name="/ground")
+    expected = api_answer["the cup of coffee"]
+    assert coordinates["box_xyxy_pixels"] == pytest.approx(expected.box, abs=0.051)
+    assert coordinates["image_size"] == list(expected.image_size)
+    assert Path(output).is_file()
+    with pytest.raises(Exception, match="phrase is empty"):  # shown as an error; the server keeps running
+        client.predict(handle_file(str(image)), "   ", api_name="/ground")
+    again = client.predict(handle_file(str(image)), "the spoon on the right", api_name="/ground")[1]
+    assert again["box_xyxy_pixels"] == pytest.approx(api_answer["the spoon on the right"].box, abs=0.051)
+
+
+def test_the_demo_in_a_real_browser(served, api_answer, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert browser and driver_path, "Chromium and chromedriver are missing: run `bash scripts/install.sh test`"
+    url, _, image = served
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 120)
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#input-image input[type=file]")))
+        upload.send_keys(str(image))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#input-image img")))
+        box = driver.find_element(By.CSS_SELECTOR, "#phrase textarea")
+        box.send_keys("the cup of coffee")
+        driver.find_element(By.ID, "find").click()
+        wait.until(lambda d: "box_xyxy_pixels" in d.find_element(By.ID, "coordinates").text)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#output-image img")))
+        shown = driver.find_element(By.ID, "coordinates").text
+        text = shown[shown.index("{"):] if "{" in shown else shown
+        screenshot = Path(os.environ.get("M2IST_DEMO_SCREENSHOT") or tmp_path / "demo.png")
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(screenshot))
+        assert screenshot.stat().st_size > 10_000
+    finally:
+        driver.quit()
+    numbers = _numbers_after(text, "box_xyxy_pixels", 4)
+    assert numbers == pytest.approx(api_answer["the cup of coffee"].box, abs=0.051), shown
+
+
+def _numbers_after(text: str, key: str, count: int) -> list[float]:
+    """The first ``count`` numbers after ``key`` in the page's rendering of the coordinates JSON."""
+    import re
+
+    tail = text[text.index(key) + len(key):]
+    return [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", tail)[:count]]
