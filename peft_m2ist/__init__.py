@@ -18,6 +18,7 @@ from .outputs import ReferringExpressionOutput
 from .pair import VisionTextPair
 from .peft_model import PeftModelForReferringExpressionComprehension
 from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE, register
+from .tower_features import TowerFeatures
 
 register()
 
@@ -34,6 +35,7 @@ __all__ = [
     "M2ISTTapLayer",
     "PeftModelForReferringExpressionComprehension",
     "ReferringExpressionOutput",
+    "TowerFeatures",
     "VisionTextPair",
     "fold_frozen_batch_norms",
     "fuse_frozen_batch_norms",

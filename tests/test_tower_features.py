@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 from tiny_towers import batch, build_pair, tiny_config
 
-from peft_m2ist.tower_features import TowerFeatures
+from peft_m2ist import TowerFeatures
 
 
 def _features(vision_mask: bool = True) -> TowerFeatures:
