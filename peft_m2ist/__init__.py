@@ -13,10 +13,12 @@ from .frozen_batch_norm import (
     fuse_frozen_batch_norms,
 )
 from .layer import M2ISTTapLayer
-from .model import M2ISTModel, ReferringExpressionOutput
+from .model import M2ISTModel
+from .outputs import ReferringExpressionOutput
 from .pair import VisionTextPair
 from .peft_model import PeftModelForReferringExpressionComprehension
 from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE, register
+from .tower_features import TowerFeatures
 
 register()
 
@@ -33,6 +35,7 @@ __all__ = [
     "M2ISTTapLayer",
     "PeftModelForReferringExpressionComprehension",
     "ReferringExpressionOutput",
+    "TowerFeatures",
     "VisionTextPair",
     "fold_frozen_batch_norms",
     "fuse_frozen_batch_norms",

@@ -10,11 +10,11 @@ from typing import Any, Literal
 
 from peft import PeftConfig
 
+from .head import BOX_HEADS
 from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE
 
 INTERACTION_MODES = ("shared", "cross_attention")
 MIXTURE_MODES = ("sum", "gated")
-BOX_HEADS = ("pointer", "mlp")
 # Field names of releases before 0.2, renamed to the words transformers configs use; adapter configs saved with the
 # old names still load (`M2ISTConfig.from_pretrained`, `PeftModel.from_pretrained`), with a FutureWarning.
 RENAMED_FIELDS = {

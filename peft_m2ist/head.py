@@ -16,8 +16,10 @@ import torch
 from torch import nn
 from torch.utils import checkpoint as activation_checkpoint
 
-from .config import BOX_HEADS
 from .feed_forward import LeanFeedForwardEncoderLayer
+
+BOX_HEADS = ("pointer", "mlp")
+"""The ways to read the box off the head's transformer (`GroundingHead(box_head=...)`)."""
 
 
 def sine_grid_encoding(grid: tuple[int, int], dim: int) -> torch.Tensor:

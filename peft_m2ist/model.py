@@ -3,140 +3,36 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from accelerate import init_empty_weights
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from transformers.utils import ModelOutput
 
 from .config import M2ISTConfig
 from .head import GroundingHead
 from .layer import M2ISTTapLayer, TapRecorder
 from .loss import box_losses
-from .probe import AdapterPlan, plan_adapter
-from .side_network import M2ISTSideNetwork
-from .towers import (
-    Tokens,
-    TowerOutput,
-    frozen,
-    get_tower,
-    match_grid,
-    run_text_tower,
-    run_vision_tower,
-    to_tokens,
+from .outputs import ReferringExpressionOutput
+from .probe import (
+    AdapterPlan,
+    check_plan_matches_config,
+    check_saved_shapes_are_complete,
+    plan_adapter,
+    record_plan,
 )
+from .side_network import M2ISTSideNetwork
+from .tokens import match_grid, to_tokens
+from .tower_features import TowerFeatures
+from .tower_forward import frozen, run_text_tower, run_vision_tower
+from .tower_layouts import get_tower
+from .validation import check_devices, validate_image_size, validate_inputs, validate_labels
 
 SIDE_KEY = "m2ist_side"
 HEAD_KEY = "m2ist_head"
 # keyword arguments the forward accepts and ignores: the collator's per-phrase metadata, and the token count that
 # transformers' Trainer passes to models whose forward takes **kwargs
 IGNORED_FORWARD_KWARGS = frozenset({"phrase_type", "num_items_in_batch"})
-
-
-@dataclass
-class ReferringExpressionOutput(ModelOutput):
-    """Output of an M2IST referring-expression model.
-
-    Attributes:
-        loss: weighted L1 + GIoU loss, when `labels` were given.
-        pred_boxes: `(batch, 4)` predicted boxes, `cxcywh` normalised to [0, 1] of the (padded) input image.
-        loss_l1: the L1 part (summed over coordinates, averaged over the batch), when `labels` were given.
-        loss_giou: the (1 - GIoU) part, averaged over the batch, when `labels` were given.
-        vision_last_hidden_state: the vision tower's final tokens, only with adapters disabled.
-        text_last_hidden_state: the text tower's final tokens, only with adapters disabled.
-    """
-
-    loss: torch.Tensor | None = None
-    pred_boxes: torch.Tensor | None = None
-    loss_l1: torch.Tensor | None = None
-    loss_giou: torch.Tensor | None = None
-    vision_last_hidden_state: torch.Tensor | None = None
-    text_last_hidden_state: torch.Tensor | None = None
-
-
-def _check_tensor(name: str, value: object, ndim: int, shape_doc: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor {shape_doc}, got {type(value).__name__}.")
-    if value.dim() != ndim:
-        raise ValueError(f"`{name}` must have shape {shape_doc}, got a tensor of shape {tuple(value.shape)}.")
-    return value
-
-
-def _check_devices(tower: nn.Module, inputs: dict[str, torch.Tensor | None], kind: str) -> None:
-    """Inputs must be on the device of the tower that reads them; a `ValueError` names the argument."""
-    param = next(tower.parameters(), None)
-    if param is None:
-        return
-    for name, tensor in inputs.items():
-        if tensor is not None and tensor.device != param.device:
-            raise ValueError(
-                f"`{name}` is on {tensor.device} but the {kind} tower is on {param.device}; move the batch there "
-                f"first (e.g. `{{k: v.to('{param.device}') for k, v in batch.items()}}`)."
-            )
-
-
-def validate_inputs(
-    pixel_values: object,
-    input_ids: object,
-    attention_mask: object,
-    pixel_mask: object,
-    labels: object,
-    max_text_tokens: int,
-) -> None:
-    """Check ranks, batch sizes and label ranges of a REC batch; raises `TypeError`/`ValueError` naming the argument."""
-    pixel_values = _check_tensor("pixel_values", pixel_values, 4, "(batch, channels, height, width)")
-    if not pixel_values.is_floating_point():
-        raise TypeError(
-            f"`pixel_values` must be floating point, normalised as the vision tower's image processor returns them, "
-            f"got dtype {pixel_values.dtype} (raw pixels?)."
-        )
-    input_ids = _check_tensor("input_ids", input_ids, 2, "(batch, tokens)")
-    if input_ids.is_floating_point():
-        raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
-    batch = pixel_values.shape[0]
-    if input_ids.shape[0] != batch:
-        raise ValueError(
-            f"Batch sizes differ: `pixel_values` has {batch} images but `input_ids` has {input_ids.shape[0]} phrases."
-        )
-    if input_ids.shape[1] == 0:
-        raise ValueError("`input_ids` has no tokens: every phrase needs at least one (e.g. the tokenizer's [CLS]).")
-    if input_ids.shape[1] > max_text_tokens:
-        raise ValueError(
-            f"`input_ids` has {input_ids.shape[1]} tokens but the adapter was built for at most {max_text_tokens} "
-            "(`M2ISTConfig.max_text_tokens`); truncate the phrases when tokenizing."
-        )
-    if attention_mask is not None:
-        attention_mask = _check_tensor("attention_mask", attention_mask, 2, "(batch, tokens)")
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape "
-                f"{tuple(input_ids.shape)}."
-            )
-    if pixel_mask is not None:
-        pixel_mask = _check_tensor("pixel_mask", pixel_mask, 3, "(batch, height, width)")
-        if pixel_mask.shape != (batch, *pixel_values.shape[-2:]):
-            raise ValueError(
-                f"`pixel_mask` shape {tuple(pixel_mask.shape)} must be (batch, height, width) = "
-                f"{(batch, *pixel_values.shape[-2:])}."
-            )
-    if labels is not None:
-        validate_labels(labels, batch)
-
-
-def validate_labels(labels: object, batch: int) -> None:
-    """`labels` must be a float `(batch, 4)` tensor of `cxcywh` boxes in [0, 1] with width and height > 0."""
-    if labels is not None:
-        labels = _check_tensor("labels", labels, 2, "(batch, 4) cxcywh")
-        if labels.shape != (batch, 4):
-            raise ValueError(f"`labels` must have shape (batch, 4) = {(batch, 4)} (cxcywh), got {tuple(labels.shape)}.")
-        if not labels.is_floating_point():
-            raise TypeError(f"`labels` must be a float tensor of cxcywh boxes, got dtype {labels.dtype}.")
-        if not torch.isfinite(labels).all() or (labels < 0).any() or (labels > 1).any():
-            raise ValueError("`labels` must be cxcywh boxes normalised to [0, 1]; found values outside [0, 1].")
-        if (labels[:, 2:] <= 0).any():
-            raise ValueError("`labels` must have width and height > 0 (cxcywh, normalised).")
 
 
 class M2ISTModel(BaseTuner):
@@ -189,72 +85,58 @@ class M2ISTModel(BaseTuner):
         if not adapter_name or "." in adapter_name:
             raise ValueError(f"Adapter names must be non-empty and contain no '.', got {adapter_name!r}.")
         config: M2ISTConfig = self.peft_config[adapter_name]
+        check_saved_shapes_are_complete(config)
         try:
-            plan = self._plan_as_saved(plan_adapter(model, config), config)
-            self._check_plan_matches_config(plan, config)
+            plan = plan_adapter(model, config)
+            check_plan_matches_config(plan, config)
         except ValueError as err:
             if not config.tower_shapes:
                 raise
             raise ValueError(f"This adapter does not fit these towers: {err}") from None
-        self._record_plan(plan, config)
+        record_plan(plan, config)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, None)
         ctx = init_empty_weights if low_cpu_mem_usage else nullcontext
         with ctx():
-            side = M2ISTSideNetwork(config, plan.vision, plan.text, plan.vision_taps, plan.text_taps)
-            head = GroundingHead(config.head_hidden_size, config.head_num_hidden_layers, config.head_num_attention_heads, config.head_intermediate_size,
-                                 config.head_dropout, config.max_text_tokens, plan.vision.num_tokens,
-                                 attention_dropout=config.head_attention_dropout,
-                                 vision_grid=tuple(plan.vision.grid) if plan.vision.grid else None,
-                                 vision_prefix_tokens=plan.vision.prefix_tokens,
-                                 box_head=config.box_head,
-                                 gradient_checkpointing=config.head_gradient_checkpointing,
-                                 recompute_feed_forward=config.head_recompute_feed_forward)
-        param = next(get_tower(model, config.vision_tower, "vision_tower").parameters(), None)
+            side = self._build_side_network(config, plan)
+            head = self._build_head(config, plan)
+        vision_tower = get_tower(model, config.vision_tower, "vision_tower")
+        param = next(vision_tower.parameters(), None)
         if param is not None and not low_cpu_mem_usage:
             side.to(param.device)
             head.to(param.device)
         self.m2ist_side[adapter_name] = side
         self.m2ist_head[adapter_name] = head
         self._set_side_requires_grad()
+        self._keep_towers_in_eval()
 
     @staticmethod
-    def _plan_as_saved(plan: AdapterPlan, config: M2ISTConfig) -> AdapterPlan:
-        """Build a saved adapter the way it was built: one whose patch tower was read as a plain token sequence
-        (saved before patch grids existed, or with `patch_grid: false`) keeps its head without the patch grid."""
-        saved = (config.tower_shapes or {}).get("vision")
-        if saved and plan.vision.patch_grid and saved.get("grid") is None and not saved.get("patch_grid", False):
-            plan.vision = plan.vision.without_patch_grid()
-        return plan
+    def _build_side_network(config: M2ISTConfig, plan: AdapterPlan) -> M2ISTSideNetwork:
+        vision, text = plan.vision, plan.text
+        return M2ISTSideNetwork(
+            plan.vision_taps, plan.text_taps, vision.stream_dim, text.stream_dim,
+            vision.ffn_dims, vision.attention_dims, text.ffn_dims, text.attention_dims,
+            head_hidden_size=config.head_hidden_size,
+            bottleneck_dim=config.bottleneck_dim,
+            interaction_dim=config.resolved_interaction_dim,
+            expert_scale=config.expert_scale,
+            expert_dropout=config.expert_dropout,
+            interaction=config.interaction,
+            interaction_heads=config.interaction_heads,
+            gated=config.mixture == "gated",
+        )
 
     @staticmethod
-    def _check_plan_matches_config(plan: AdapterPlan, config: M2ISTConfig) -> None:
-        """An adapter saved for other tower shapes must not be loaded onto this pair."""
-        saved = config.tower_shapes
-        if not saved:
-            return
-        current = {"vision": plan.vision.to_dict(), "text": plan.text.to_dict()}
-        defaults = {"prefix_tokens": 0, "patch_grid": False}  # keys that adapters saved by older versions lack
-        for tower in ("vision", "text"):
-            for key in ("stream_dim", "num_tokens", "grid", "ffn_dims", "attention_dims", "has_embedding",
-                        *defaults):
-                saved_value = saved.get(tower, {}).get(key, defaults.get(key))
-                if saved_value != current[tower][key]:
-                    raise ValueError(
-                        f"it was built for a {tower} tower with {key}={saved_value!r}, but the given "
-                        f"pair has {key}={current[tower][key]!r}."
-                    )
-
-    @staticmethod
-    def _record_plan(plan: AdapterPlan, config: M2ISTConfig) -> None:
-        """Write the resolved taps and shapes into the config, so the saved adapter rebuilds exactly the same."""
-        v, t = len(config.vision_tower) + 1, len(config.text_tower) + 1
-        config.vision_layers = [n[v:] for n in plan.vision_taps.ffn]
-        config.vision_attention_layers = [n[v:] for n in plan.vision_taps.attention]
-        config.text_layers = [n[t:] for n in plan.text_taps.ffn]
-        config.text_attention_layers = [n[t:] for n in plan.text_taps.attention]
-        config.image_size = plan.image_size
-        config.target_modules = plan.target_modules
-        config.tower_shapes = {"vision": plan.vision.to_dict(), "text": plan.text.to_dict()}
+    def _build_head(config: M2ISTConfig, plan: AdapterPlan) -> GroundingHead:
+        return GroundingHead(
+            config.head_hidden_size, config.head_num_hidden_layers, config.head_num_attention_heads,
+            config.head_intermediate_size, config.head_dropout, config.max_text_tokens, plan.vision.num_tokens,
+            attention_dropout=config.head_attention_dropout,
+            vision_grid=tuple(plan.vision.grid) if plan.vision.grid else None,
+            vision_prefix_tokens=plan.vision.prefix_tokens,
+            box_head=config.box_head,
+            gradient_checkpointing=config.head_gradient_checkpointing,
+            recompute_feed_forward=config.head_recompute_feed_forward,
+        )
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kw):
         if isinstance(target, M2ISTTapLayer):
@@ -268,6 +150,28 @@ class M2ISTModel(BaseTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for param in model.parameters():
             param.requires_grad = False
+
+    # ------------------------------------------------------------------ train / eval
+    def _towers(self) -> list[nn.Module]:
+        """The vision and text towers every adapter reads (each once)."""
+        towers: dict[int, nn.Module] = {}
+        for config in self.peft_config.values():
+            for path, field_name in ((config.vision_tower, "vision_tower"), (config.text_tower, "text_tower")):
+                tower = get_tower(self.model, path, field_name)
+                towers[id(tower)] = tower
+        return list(towers.values())
+
+    def _keep_towers_in_eval(self) -> None:
+        for tower in self._towers():
+            tower.eval()
+
+    def train(self, mode: bool = True) -> M2ISTModel:
+        """Side networks and heads follow `mode` (their dropout); the towers stay in eval mode, as they run frozen:
+        no tower dropout, and batch norms keep their running statistics even when a tower is called on its own."""
+        super().train(mode)
+        if "peft_config" in self.__dict__:
+            self._keep_towers_in_eval()
+        return self
 
     # ------------------------------------------------------------------ adapters
     def _set_side_requires_grad(self) -> None:
@@ -349,53 +253,49 @@ class M2ISTModel(BaseTuner):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run both frozen towers once and return everything the side network reads, as a flat dict of tensors.
+    ) -> TowerFeatures:
+        """Run both frozen towers once and return everything the active adapter's side network reads.
 
-        Keys: `vision` `(batch, Nv, Dv)` and `text` `(batch, Nt, Dt)` final tokens, `text_mask` `(batch, Nt)`,
-        `vision_mask` `(batch, Nv)` when the vision tower yields a feature map, and `tap:<module name>` for every
-        tap, vision taps already pooled onto the final grid. The towers are frozen, so these features can be
-        cached and fed back with `forward(tower_features=...)` to skip the towers in later epochs. With
-        `M2ISTConfig.tower_micro_batch_size` the towers run on that many samples at a time, each micro-batch's
-        outputs written into the whole-batch tensors.
+        Returns `TowerFeatures`: the final tokens `vision` `(batch, Nv, Dv)` and `text` `(batch, Nt, Dt)`, `text_mask`
+        `(batch, Nt)`, `vision_mask` `(batch, Nv)` for vision tokens on a grid (else `None`), and `taps`, full module
+        name -> `(batch, tokens, dim)`, vision taps already pooled onto the final grid. The towers are frozen, so
+        these features can be cached (`TowerFeatures.to_tensors()`) and fed back with `forward(tower_features=...)`
+        to skip the towers in later epochs. With `M2ISTConfig.tower_micro_batch_size` the towers run on that many
+        samples at a time, each micro-batch's outputs written into the whole-batch tensors.
         """
         config: M2ISTConfig = self.peft_config[self.active_adapters[0]]
         validate_inputs(pixel_values, input_ids, attention_mask, pixel_mask, None, config.max_text_tokens)
-        if tuple(pixel_values.shape[-2:]) != (config.image_size, config.image_size):
-            raise ValueError(
-                f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but the adapter was built for "
-                f"{config.image_size}x{config.image_size} images (`M2ISTConfig.image_size`); resize and pad to it."
-            )
+        validate_image_size(pixel_values, config.image_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vision_tower = get_tower(self.model, config.vision_tower, "vision_tower")
         text_tower = get_tower(self.model, config.text_tower, "text_tower")
-        _check_devices(vision_tower, {"pixel_values": pixel_values, "pixel_mask": pixel_mask}, "vision")
-        _check_devices(text_tower, {"input_ids": input_ids, "attention_mask": attention_mask}, "text")
+        check_devices(vision_tower, {"pixel_values": pixel_values, "pixel_mask": pixel_mask}, "vision")
+        check_devices(text_tower, {"input_ids": input_ids, "attention_mask": attention_mask}, "text")
         batch = input_ids.shape[0]
         step = config.tower_micro_batch_size or batch
-        features: dict[str, torch.Tensor] = {}
         with frozen(vision_tower, text_tower):
             if step >= batch:
-                return self._encode_chunk(config, vision_tower, text_tower, pixel_values, input_ids, attention_mask,
+                return self._encode_chunk(vision_tower, text_tower, pixel_values, input_ids, attention_mask,
                                           pixel_mask)
+            whole: dict[str, torch.Tensor] = {}
             for i in range(0, batch, step):
                 chunk = self._encode_chunk(
-                    config, vision_tower, text_tower, pixel_values[i : i + step], input_ids[i : i + step],
+                    vision_tower, text_tower, pixel_values[i : i + step], input_ids[i : i + step],
                     attention_mask[i : i + step], None if pixel_mask is None else pixel_mask[i : i + step],
-                )
+                ).to_tensors()
                 # each micro-batch's outputs go straight into whole-batch tensors, so no two copies coexist
                 for key, value in chunk.items():
-                    if key not in features:
-                        features[key] = value.new_empty((batch, *value.shape[1:]))
-                    features[key][i : i + step] = value
+                    if key not in whole:
+                        whole[key] = value.new_empty((batch, *value.shape[1:]))
+                    whole[key][i : i + step] = value
                 del chunk
-        return features
+        return TowerFeatures.from_tensors(whole)
 
-    def _encode_chunk(self, config: M2ISTConfig, vision_tower: nn.Module, text_tower: nn.Module,
-                      pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      pixel_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """`encode_towers` on one micro-batch, with the towers already frozen."""
+    def _encode_chunk(self, vision_tower: nn.Module, text_tower: nn.Module, pixel_values: torch.Tensor,
+                      input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_mask: torch.Tensor | None) -> TowerFeatures:
+        """`encode_towers` on one micro-batch, with the towers already frozen; only the active adapter's taps record."""
         recorder = self._m2ist_recorder
         if recorder.taken_over:
             raise RuntimeError(
@@ -403,34 +303,23 @@ class M2ISTModel(BaseTuner):
                 "on the same pair), and their taps now feed that newer model. Use the newer model, or give each model "
                 "its own pair (e.g. `copy.deepcopy(pair)`)."
             )
+        side = self.m2ist_side[self.active_adapters[0]]
         if not self._m2ist_disabled:
-            recorder.start()
+            recorder.start(side.tap_names())
         try:
             vision = run_vision_tower(vision_tower, pixel_values, pixel_mask)
             text = run_text_tower(text_tower, input_ids, attention_mask)
         finally:
             records = recorder.stop()
-        features = {"vision": vision.tokens.tensor, "text": text.tokens.tensor, "text_mask": text.mask}
-        if vision.mask is not None:
-            features["vision_mask"] = vision.mask
-        vision_prefix = config.vision_tower + "."
+        vision_taps = set(side.vision_taps.all())
+        taps = {}
         for name, tensor in records.items():
             tokens = to_tokens(tensor)
-            if name.startswith(vision_prefix):
-                features[f"tap:{name}"] = match_grid(tokens, vision.tokens.num_tokens, vision.tokens.grid)
+            if name in vision_taps:  # feature-map taps pooled onto the final grid, once, here
+                taps[name] = match_grid(tokens, vision.tokens.num_tokens, vision.tokens.grid)
             else:
-                features[f"tap:{name}"] = tokens.tensor
-        return features
-
-    @staticmethod
-    def _unpack(features: dict[str, torch.Tensor], config: M2ISTConfig):
-        shapes = (config.tower_shapes or {}).get("vision", {})
-        grid = tuple(shapes["grid"]) if shapes.get("grid") else None
-        vision = TowerOutput(Tokens(features["vision"], grid, shapes.get("prefix_tokens", 0) if grid else 0),
-                             features.get("vision_mask"), patches=bool(shapes.get("patch_grid")))
-        text = TowerOutput(Tokens(features["text"]), features["text_mask"])
-        records = {k[4:]: v for k, v in features.items() if k.startswith("tap:")}
-        return vision, text, records
+                taps[name] = tokens.tensor
+        return TowerFeatures(vision.tokens.tensor, text.tokens.tensor, text.mask, vision.mask, taps)
 
     def forward(
         self,
@@ -439,7 +328,7 @@ class M2ISTModel(BaseTuner):
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        tower_features: dict[str, torch.Tensor] | None = None,
+        tower_features: TowerFeatures | dict[str, torch.Tensor] | None = None,
         return_dict: bool = True,
         **kwargs,
     ) -> ReferringExpressionOutput | tuple[torch.Tensor, ...]:
@@ -451,13 +340,17 @@ class M2ISTModel(BaseTuner):
             attention_mask: `(batch, L)`, 1 = real token (default: all ones).
             pixel_mask: `(batch, S, S)`, 1 = real pixel, 0 = padding (default: all real).
             labels: `(batch, 4)` target boxes, `cxcywh` normalised to [0, 1].
-            tower_features: the output of `encode_towers` (for instance from a feature cache); replaces
-                `pixel_values`, `input_ids`, `attention_mask` and `pixel_mask`.
+            tower_features: the `TowerFeatures` of `encode_towers`, or the flat dict of its `to_tensors()` (for
+                instance a batch collated from a feature cache); replaces `pixel_values`, `input_ids`,
+                `attention_mask` and `pixel_mask`.
             return_dict: False returns the output's non-None fields as a tuple, in field order (transformers'
                 convention), e.g. `(loss, pred_boxes, loss_l1, loss_giou)` with `labels`.
             kwargs: only `phrase_type` (a `RECCollator` batch's metadata) and `num_items_in_batch` (from
                 transformers' `Trainer`), both ignored; any other name raises a `TypeError` (a misspelt `labels`
                 would otherwise give no loss).
+
+        Returns:
+            `ReferringExpressionOutput` with `pred_boxes` `(batch, 4)`, `cxcywh` normalised to [0, 1].
         """
         unknown = sorted(set(kwargs) - IGNORED_FORWARD_KWARGS)
         if unknown:
@@ -468,22 +361,22 @@ class M2ISTModel(BaseTuner):
         adapter = self.active_adapters[0]
         config: M2ISTConfig = self.peft_config[adapter]
         if tower_features is None:
-            tower_features = self.encode_towers(pixel_values, input_ids, attention_mask, pixel_mask)
-        elif not isinstance(tower_features, dict) or not {"vision", "text", "text_mask"} <= set(tower_features):
-            raise ValueError("`tower_features` must be the dict returned by `encode_towers`.")
+            features = self.encode_towers(pixel_values, input_ids, attention_mask, pixel_mask)
+        else:
+            features = TowerFeatures.coerce(tower_features)
         if self._m2ist_disabled:
             if labels is not None:
                 raise ValueError(
                     "`labels` were given inside `disable_adapter()`: the towers run alone there, with no grounding "
                     "head, so there are no boxes to score. Call without `labels` to get the towers' own outputs."
                 )
-            out = ReferringExpressionOutput(vision_last_hidden_state=tower_features["vision"],
-                                            text_last_hidden_state=tower_features["text"])
+            out = ReferringExpressionOutput(vision_last_hidden_state=features.vision,
+                                            text_last_hidden_state=features.text)
             return out if return_dict else out.to_tuple()
-        vision, text, records = self._unpack(tower_features, config)
-        validate_labels(labels, vision.tokens.tensor.shape[0])
-        vision_tokens, text_tokens = self.m2ist_side[adapter](records, vision, text)
-        pred_boxes = self.m2ist_head[adapter](text_tokens, text.mask, vision_tokens, vision.mask)
+        validate_labels(labels, features.batch_size)
+        vision_tokens, text_tokens = self.m2ist_side[adapter](features.taps, features.vision, features.text,
+                                                              features.vision_mask, features.text_mask)
+        pred_boxes = self.m2ist_head[adapter](text_tokens, features.text_mask, vision_tokens, features.vision_mask)
         if labels is None:
             out = ReferringExpressionOutput(pred_boxes=pred_boxes)
             return out if return_dict else out.to_tuple()
@@ -493,24 +386,40 @@ class M2ISTModel(BaseTuner):
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------ state dict keys
+    @staticmethod
+    def _adapter_name_position(key: str, adapter_name: str) -> int | None:
+        """Where `adapter_name` sits in a key of its side network or head (`...m2ist_side.<adapter>.<param>`), as
+        an index into `key.split(".")`; `None` for any other key."""
+        parts = key.split(".")
+        for i in range(len(parts) - 2):
+            if parts[i] in (SIDE_KEY, HEAD_KEY) and parts[i + 1] == adapter_name:
+                return i + 1
+        return None
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        keys = (f"{SIDE_KEY}.{adapter_name}.", f"{HEAD_KEY}.{adapter_name}.")
-        return {k: v for k, v in state_dict.items() if any(key in k for key in keys)}
+        return {k: v for k, v in state_dict.items() if cls._adapter_name_position(k, adapter_name) is not None}
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        for container in (SIDE_KEY, HEAD_KEY):
-            key = key.replace(f"{container}.{adapter_name}.", f"{container}.")
-        return key
+        position = cls._adapter_name_position(key, adapter_name)
+        if position is None:
+            return key
+        parts = key.split(".")
+        return ".".join(parts[:position] + parts[position + 1 :])
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = {}
-        for key, value in state_dict.items():
-            for container in (SIDE_KEY, HEAD_KEY):
-                marker = f"{container}."
-                if marker in key and f"{marker}{adapter_name}." not in key:
-                    key = key.replace(marker, f"{marker}{adapter_name}.", 1)
-            remapped[key] = value
-        return remapped
+        """Checkpoint keys (no adapter name) -> the model's keys, built from the model's own side-network and head
+        keys with `_remove_adapter_name_from_key`, so that saving and loading are symmetric whatever the adapter's
+        name (as peft's own remapping is)."""
+        checkpoint_to_model: dict[str, str] = {}
+        peft_prefix = "base_model."
+        for model_key in model.state_dict():
+            if cls._adapter_name_position(model_key, adapter_name) is None:
+                continue
+            checkpoint_key = cls._remove_adapter_name_from_key(model_key, adapter_name)
+            checkpoint_to_model[checkpoint_key] = model_key
+            if not model_key.startswith(peft_prefix):  # the tuner itself, not wrapped in a PeftModel
+                checkpoint_to_model[peft_prefix + checkpoint_key] = model_key
+        return {checkpoint_to_model.get(k, k): v for k, v in state_dict.items()}

@@ -8,7 +8,8 @@ import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel
 
-from .model import ReferringExpressionOutput
+from .outputs import ReferringExpressionOutput
+from .tower_features import TowerFeatures
 
 
 class PeftModelForReferringExpressionComprehension(PeftModel):
@@ -26,7 +27,7 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        tower_features: dict[str, torch.Tensor] | None = None,
+        tower_features: TowerFeatures | dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> ReferringExpressionOutput:
         with self._enable_peft_forward_hooks(**kwargs):
@@ -88,7 +89,13 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
             card.text = card.text + section
         card.save(card_path)
 
-    def encode_towers(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> dict:
+    def encode_towers(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
+    ) -> TowerFeatures:
         """The frozen towers' outputs the side network reads; see `M2ISTModel.encode_towers`."""
         return self.base_model.encode_towers(pixel_values, input_ids, attention_mask, pixel_mask)
 

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from .config import M2ISTConfig
-from .side_network import StreamShapes, TapNames
-from .towers import (
-    count_blocks,
+from .shapes import StreamShapes, TapNames
+from .tokens import output_tensor, to_tokens
+from .tower_forward import (
+    TowerOutput,
     default_image_size,
     frozen,
-    get_tower,
     num_channels,
-    output_tensor,
-    resolve_taps,
     run_text_tower,
     run_vision_tower,
-    to_tokens,
 )
+from .tower_layouts import count_blocks, get_tower, resolve_taps
+
+SHAPE_KEYS = tuple(f.name for f in fields(StreamShapes))
+"""The keys of each tower's entry in `M2ISTConfig.tower_shapes` (every one saved since 0.1.0)."""
 
 
 @dataclass
@@ -42,7 +44,7 @@ def _full(tower_path: str, names: list[str]) -> list[str]:
     return [f"{tower_path}.{name}" for name in names]
 
 
-def _probe(container: nn.Module, names: list[str], run) -> tuple[dict[str, torch.Tensor], object]:
+def _probe(container: nn.Module, names: list[str], run: Callable[[], object]) -> tuple[dict[str, torch.Tensor], object]:
     """Run `run()` with forward hooks on `names`; returns the recorded outputs and run()'s result."""
     records: dict[str, torch.Tensor] = {}
     handles = []
@@ -61,7 +63,7 @@ def _probe(container: nn.Module, names: list[str], run) -> tuple[dict[str, torch
     return records, result
 
 
-def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final, prefix: str) -> StreamShapes:
+def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final: TowerOutput, prefix: str) -> StreamShapes:
     num_tokens, grid = final.tokens.num_tokens, final.tokens.grid
     ffn_dims, attention_dims = [], []
     for kind, names, dims in (("", taps.ffn, ffn_dims), ("attention_", taps.attention, attention_dims)):
@@ -85,7 +87,7 @@ def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final, pref
     if not has_embedding:
         taps.embeddings = None
     return StreamShapes(final.tokens.dim, num_tokens, list(grid) if grid else None, ffn_dims, attention_dims,
-                        has_embedding, final.tokens.prefix, final.patches)
+                        has_embedding, final.tokens.prefix, final.patch_grid)
 
 
 def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
@@ -139,3 +141,44 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
     vision_shapes = _stream_shapes(records, vision_taps, v_out, "vision")
     text_shapes = _stream_shapes(records, text_taps, t_out, "text")
     return AdapterPlan(vision_taps, text_taps, vision_shapes, text_shapes, image_size)
+
+
+def check_saved_shapes_are_complete(config: M2ISTConfig) -> None:
+    """Every saved tower shape has all of `SHAPE_KEYS`; adapters saved before 0.1.0 lack some and are refused."""
+    saved = config.tower_shapes
+    if not saved:
+        return
+    missing = [f"{tower}.{key}" for tower in ("vision", "text") for key in SHAPE_KEYS if key not in saved.get(tower, {})]
+    if missing:
+        raise ValueError(
+            f"This adapter was saved by a pre-release version of peft-m2ist: its `tower_shapes` lack {missing}, so "
+            "it cannot be rebuilt as it was trained. Retrain it (or resave it with peft-m2ist 0.1.0, which works only "
+            "where its vision tower yields a feature map)."
+        )
+
+
+def check_plan_matches_config(plan: AdapterPlan, config: M2ISTConfig) -> None:
+    """An adapter saved for other tower shapes (`config.tower_shapes`) must not be loaded onto this pair."""
+    saved = config.tower_shapes
+    if not saved:
+        return
+    current = {"vision": plan.vision.to_dict(), "text": plan.text.to_dict()}
+    for tower in ("vision", "text"):
+        for key in SHAPE_KEYS:
+            if saved[tower][key] != current[tower][key]:
+                raise ValueError(
+                    f"it was built for a {tower} tower with {key}={saved[tower][key]!r}, but the given "
+                    f"pair has {key}={current[tower][key]!r}."
+                )
+
+
+def record_plan(plan: AdapterPlan, config: M2ISTConfig) -> None:
+    """Write the resolved taps and shapes into the config, so the saved adapter rebuilds exactly the same."""
+    v, t = len(config.vision_tower) + 1, len(config.text_tower) + 1
+    config.vision_layers = [n[v:] for n in plan.vision_taps.ffn]
+    config.vision_attention_layers = [n[v:] for n in plan.vision_taps.attention]
+    config.text_layers = [n[t:] for n in plan.text_taps.ffn]
+    config.text_attention_layers = [n[t:] for n in plan.text_taps.attention]
+    config.image_size = plan.image_size
+    config.target_modules = plan.target_modules
+    config.tower_shapes = {"vision": plan.vision.to_dict(), "text": plan.text.to_dict()}

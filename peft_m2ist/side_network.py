@@ -2,131 +2,141 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .config import M2ISTConfig
 from .experts import M3ISA
-from .towers import TowerOutput, match_grid, to_tokens
-
-
-@dataclass
-class StreamShapes:
-    """Shapes of one tower as seen by the side network (recorded in `M2ISTConfig.tower_shapes`).
-
-    `grid` is the `(height, width)` grid of the last `height * width` output tokens, if they tile the image;
-    `prefix_tokens` counts the output tokens before it (a ViT's [CLS]); `patch_grid` is True when the grid is a
-    patch tower's patch layout rather than a feature map's.
-    """
-
-    stream_dim: int
-    num_tokens: int
-    grid: list[int] | None
-    ffn_dims: list[int]
-    attention_dims: list[int]
-    has_embedding: bool
-    prefix_tokens: int = 0
-    patch_grid: bool = False
-
-    def without_patch_grid(self) -> StreamShapes:
-        """The same shapes with a patch tower's tokens read as a plain sequence (no grid, no prefix)."""
-        if not self.patch_grid:
-            return self
-        return replace(self, grid=None, prefix_tokens=0, patch_grid=False)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class TapNames:
-    """Full names (in the container) of one tower's taps, one per tapped layer, plus its embedding tap if any."""
-
-    ffn: list[str]
-    attention: list[str]
-    embeddings: str | None
-
-    def all(self) -> list[str]:
-        """Every tapped module name, embeddings included."""
-        return [*self.ffn, *self.attention, *([self.embeddings] if self.embeddings else [])]
+from .shapes import TapNames
 
 
 class M2ISTSideNetwork(nn.Module):
     """Turns the recorded tap outputs and the towers' final tokens into head-width token streams.
 
-    For each tower: stream = final tokens + input embedding (when its shape matches) + the experts' stream
-    corrections; head tokens = Linear(stream) + the experts' head-space corrections. Feature-map taps with more tokens
-    than the final map are average-pooled onto the final grid before their expert.
+    For each tower: stream = final tokens + input embedding (when its tap is read) + the experts' stream corrections;
+    head tokens = Linear(stream) + the experts' head-space corrections. Every tap must already have its tower's final
+    token count (`encode_towers` pools feature-map taps onto the final grid).
+
+    Args:
+        vision_taps, text_taps: the full names of the taps each M3ISA block reads, one per tapped layer pair, and the
+            embedding tap added to the stream (`None`: none).
+        vision_dim, text_dim: widths of the towers' final tokens (the streams).
+        vision_ffn_dims, vision_attention_dims, text_ffn_dims, text_attention_dims: widths of each tapped output.
+        head_hidden_size: width of the tokens handed to the grounding head.
+        bottleneck_dim, interaction_dim, expert_scale, expert_dropout, interaction, interaction_heads, gated: the
+            M3ISA experts' settings (see `M3ISA`).
     """
 
-    def __init__(self, config: M2ISTConfig, vision: StreamShapes, text: StreamShapes,
-                 vision_taps: TapNames, text_taps: TapNames) -> None:
+    def __init__(
+        self,
+        vision_taps: TapNames,
+        text_taps: TapNames,
+        vision_dim: int,
+        text_dim: int,
+        vision_ffn_dims: Sequence[int],
+        vision_attention_dims: Sequence[int],
+        text_ffn_dims: Sequence[int],
+        text_attention_dims: Sequence[int],
+        *,
+        head_hidden_size: int,
+        bottleneck_dim: int,
+        interaction_dim: int,
+        expert_scale: float,
+        expert_dropout: float,
+        interaction: str,
+        interaction_heads: int,
+        gated: bool,
+    ) -> None:
         super().__init__()
         self.vision_taps = vision_taps
         self.text_taps = text_taps
-        self.vision_grid = tuple(vision.grid) if vision.grid else None
+        layer_dims = zip(vision_ffn_dims, vision_attention_dims, text_ffn_dims, text_attention_dims)
         self.blocks = nn.ModuleList(
             M3ISA(
-                vf, va, vision.stream_dim, tf, ta, text.stream_dim,
-                bottleneck_dim=config.bottleneck_dim,
-                interaction_dim=config.resolved_interaction_dim,
-                head_hidden_size=config.head_hidden_size,
-                scale=config.expert_scale,
-                dropout=config.expert_dropout,
-                interaction=config.interaction,
-                interaction_heads=config.interaction_heads,
-                gated=config.mixture == "gated",
+                vision_ffn_dim, vision_attention_dim, vision_dim, text_ffn_dim, text_attention_dim, text_dim,
+                bottleneck_dim=bottleneck_dim,
+                interaction_dim=interaction_dim,
+                head_hidden_size=head_hidden_size,
+                scale=expert_scale,
+                dropout=expert_dropout,
+                interaction=interaction,
+                interaction_heads=interaction_heads,
+                gated=gated,
             )
-            for vf, va, tf, ta in zip(vision.ffn_dims, vision.attention_dims, text.ffn_dims, text.attention_dims)
+            for vision_ffn_dim, vision_attention_dim, text_ffn_dim, text_attention_dim in layer_dims
         )
-        self.vision_proj = nn.Linear(vision.stream_dim, config.head_hidden_size)
-        self.text_proj = nn.Linear(text.stream_dim, config.head_hidden_size)
+        self.vision_proj = nn.Linear(vision_dim, head_hidden_size)
+        self.text_proj = nn.Linear(text_dim, head_hidden_size)
+
+    def tap_names(self) -> list[str]:
+        """Every tap this side network reads (vision, then text)."""
+        return [*self.vision_taps.all(), *self.text_taps.all()]
 
     @staticmethod
-    def _tap(records: dict[str, torch.Tensor], name: str, num_tokens: int, grid: tuple[int, int] | None,
-             dtype: torch.dtype) -> torch.Tensor:
-        if name not in records:
+    def _tap(taps: dict[str, torch.Tensor], name: str, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+        if name not in taps:
             raise RuntimeError(f"Tap '{name}' recorded nothing during the tower forward; was its module skipped?")
-        return match_grid(to_tokens(records[name]), num_tokens, grid).to(dtype)
-
-    def forward(self, records: dict[str, torch.Tensor], vision: TowerOutput,
-                text: TowerOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns vision tokens `(batch, Nv, head_hidden_size)` and text tokens `(batch, Nt, head_hidden_size)`."""
-        dtype = self.vision_proj.weight.dtype
-        nv, grid = vision.tokens.num_tokens, vision.tokens.grid or self.vision_grid
-        nt = text.tokens.num_tokens
-        vision_stream = vision.tokens.tensor.to(dtype)
-        text_stream = text.tokens.tensor.to(dtype)
-        if self.vision_taps.embeddings:
-            vision_stream = vision_stream + self._tap(records, self.vision_taps.embeddings, nv, grid, dtype)
-        if self.text_taps.embeddings:
-            text_stream = text_stream + self._tap(records, self.text_taps.embeddings, nt, None, dtype)
-        vision_head: list[torch.Tensor] = []
-        text_head: list[torch.Tensor] = []
-        layer_names = zip(self.vision_taps.ffn, self.vision_taps.attention, self.text_taps.ffn, self.text_taps.attention)
-        for block, (vf, va, tf, ta) in zip(self.blocks, layer_names):
-            vs, vh, ts, th = block(
-                self._tap(records, vf, nv, grid, dtype),
-                self._tap(records, va, nv, grid, dtype),
-                self._tap(records, tf, nt, None, dtype),
-                self._tap(records, ta, nt, None, dtype),
-                vision.mask,
-                text.mask,
+        tensor = taps[name]
+        if tensor.dim() != 3 or tensor.shape[1] != num_tokens:
+            raise ValueError(
+                f"Tap '{name}' has shape {tuple(tensor.shape)}; the side network reads (batch, {num_tokens}, dim), "
+                "its tower's final token count (as `encode_towers` returns the taps)."
             )
-            vision_stream = vision_stream + vs
-            text_stream = text_stream + ts
-            if vh is not None:
-                vision_head.append(vh)
-            if th is not None:
-                text_head.append(th)
+        return tensor.to(dtype)
+
+    def forward(
+        self,
+        taps: dict[str, torch.Tensor],
+        vision: torch.Tensor,
+        text: torch.Tensor,
+        vision_mask: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Correct the towers' final tokens with the experts' outputs.
+
+        Args:
+            taps: full tap name -> recorded output `(batch, tokens, dim)`, at its tower's final token count.
+            vision: the vision tower's final tokens `(batch, Nv, vision_dim)`.
+            text: the text tower's final tokens `(batch, Nt, text_dim)`.
+            vision_mask: `(batch, Nv)`, 1 = real image content, or `None` (all real).
+            text_mask: `(batch, Nt)`, 1 = real token, or `None` (all real).
+
+        Returns:
+            vision tokens `(batch, Nv, head_hidden_size)` and text tokens `(batch, Nt, head_hidden_size)`.
+        """
+        dtype = self.vision_proj.weight.dtype
+        num_vision, num_text = vision.shape[1], text.shape[1]
+        vision_stream = vision.to(dtype)
+        text_stream = text.to(dtype)
+        if self.vision_taps.embeddings:
+            vision_stream = vision_stream + self._tap(taps, self.vision_taps.embeddings, num_vision, dtype)
+        if self.text_taps.embeddings:
+            text_stream = text_stream + self._tap(taps, self.text_taps.embeddings, num_text, dtype)
+        vision_head_corrections: list[torch.Tensor] = []
+        text_head_corrections: list[torch.Tensor] = []
+        layer_taps = zip(self.vision_taps.ffn, self.vision_taps.attention, self.text_taps.ffn, self.text_taps.attention)
+        for block, (vision_ffn, vision_attention, text_ffn, text_attention) in zip(self.blocks, layer_taps):
+            vision_correction, vision_head_correction, text_correction, text_head_correction = block(
+                self._tap(taps, vision_ffn, num_vision, dtype),
+                self._tap(taps, vision_attention, num_vision, dtype),
+                self._tap(taps, text_ffn, num_text, dtype),
+                self._tap(taps, text_attention, num_text, dtype),
+                vision_mask,
+                text_mask,
+            )
+            vision_stream = vision_stream + vision_correction
+            text_stream = text_stream + text_correction
+            if vision_head_correction is not None:
+                vision_head_corrections.append(vision_head_correction)
+            if text_head_correction is not None:
+                text_head_corrections.append(text_head_correction)
         vision_tokens = self.vision_proj(vision_stream)
         text_tokens = self.text_proj(text_stream)
-        if vision_head:
-            vision_tokens = vision_tokens + torch.stack(vision_head).sum(0)
-        if text_head:
-            text_tokens = text_tokens + torch.stack(text_head).sum(0)
+        if vision_head_corrections:
+            vision_tokens = vision_tokens + torch.stack(vision_head_corrections).sum(0)
+        if text_head_corrections:
+            text_tokens = text_tokens + torch.stack(text_head_corrections).sum(0)
         return vision_tokens, text_tokens
 
     def adapter_parameters(self) -> int:

@@ -8,7 +8,7 @@ from peft import get_peft_model
 from tiny_towers import batch, build_pair, tiny_config
 
 from peft_m2ist import M2ISTTapLayer
-from peft_m2ist.towers import frozen, run_text_tower, run_vision_tower
+from peft_m2ist.tower_forward import frozen, run_text_tower, run_vision_tower
 
 
 def _towers_alone(pair, inputs):
@@ -103,3 +103,53 @@ def test_the_head_recomputes_its_feed_forward_as_configured(recompute):
     model = get_peft_model(build_pair("vit+bert"), tiny_config(head_recompute_feed_forward=recompute))
     layers = model.base_model.m2ist_head["default"].encoder.layers
     assert [layer.recompute_hidden for layer in layers] == [recompute] * len(layers)
+
+
+def test_towers_stay_in_eval_mode_while_the_side_network_and_head_train():
+    pair = build_pair("mobilenet_v2+bert")
+    model = get_peft_model(pair, tiny_config(expert_dropout=0.1, head_dropout=0.1))
+    side, head = model.base_model.m2ist_side["default"], model.base_model.m2ist_head["default"]
+    towers = (pair.vision_model, pair.text_model)
+    model.train()
+    assert not any(m.training for tower in towers for m in tower.modules())
+    assert all(m.training for m in (*side.modules(), *head.modules()))
+    # a tower called on its own keeps its batch norms' running statistics
+    statistics = {name: buffer.clone() for name, buffer in pair.vision_model.named_buffers()}
+    assert any("running_mean" in name for name in statistics)
+    with torch.no_grad():
+        pair.vision_model(pixel_values=batch()["pixel_values"])
+    for name, buffer in pair.vision_model.named_buffers():
+        assert torch.equal(buffer, statistics[name]), name
+    model.eval()
+    assert not any(m.training for m in (*side.modules(), *head.modules()))
+    assert not any(m.training for tower in towers for m in tower.modules())
+
+
+def test_only_the_active_adapters_taps_record(monkeypatch):
+    model = get_peft_model(build_pair("vit+bert"), tiny_config(num_tapped_layers=1)).eval()  # the last block
+    inputs = batch(labels=False)
+    before = model(**inputs).pred_boxes
+    # a second adapter tapping the first block of both towers
+    first_block = {field: [name.replace(".1.", ".0.") for name in getattr(model.peft_config["default"], field)]
+                   for field in ("vision_layers", "vision_attention_layers", "text_layers", "text_attention_layers")}
+    model.add_adapter("other", tiny_config(**first_block))
+    model.eval()
+    default_taps = set(model.peft_config["default"].target_modules)
+    other_taps = set(model.peft_config["other"].target_modules)
+    assert other_taps - default_taps and default_taps - other_taps
+
+    recorder = model.base_model._m2ist_recorder
+    stored: list[set[str]] = []
+    stop = recorder.stop
+
+    def recording_stop():
+        records = stop()
+        stored.append(set(records))
+        return records
+
+    monkeypatch.setattr(recorder, "stop", recording_stop)
+    assert torch.equal(model(**inputs).pred_boxes, before)
+    assert stored == [default_taps]
+    model.set_adapter("other")
+    model(**inputs)
+    assert stored[-1] == other_taps

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 from tiny_towers import PAIRS, batch, build_pair, tiny_config
 
-from peft_m2ist.towers import get_tower
+from peft_m2ist.tower_layouts import get_tower
 
 
 @pytest.mark.parametrize("pair_name", list(PAIRS))
@@ -16,7 +16,7 @@ def test_cached_features_give_the_same_boxes_and_loss(pair_name):
     inputs = batch()
     labels = inputs.pop("labels")
     direct = model(**inputs, labels=labels)
-    features = model.encode_towers(**inputs)
+    features = model.encode_towers(**inputs).to_tensors()
     assert not any(t.requires_grad for t in features.values())
     # per-sample slices restack to the same batch (what a dataset cache does)
     restacked = {k: torch.stack([v[i] for i in range(v.shape[0])]) for k, v in features.items()}
@@ -67,7 +67,7 @@ def test_tower_micro_batches_give_the_same_features_boxes_and_gradients(pair_nam
         handle = tower.register_forward_hook(
             lambda _m, _args, kwargs, _out, calls=calls: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
         )
-        features = model.encode_towers(**inputs)
+        features = model.encode_towers(**inputs).to_tensors()
         handle.remove()
         assert calls == ([5] if size is None else [2, 2, 1])
         out = model(**inputs, labels=labels)

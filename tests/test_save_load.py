@@ -124,32 +124,49 @@ def test_loading_onto_a_pair_with_other_sizes_fails_clearly(tmp_path):
     assert not any(type(m).__name__ == "M2ISTTapLayer" for m in other.modules())
 
 
-def test_a_patch_tower_adapter_saved_without_its_patch_grid_loads_as_built(tmp_path):
-    """Adapters saved before patch grids existed read a ViT's tokens as a plain sequence, with learned pointer
-    centres; they must load as they were built, and stay so when saved again."""
-    shapes = get_peft_model(build_pair("vit+bert"), tiny_config()).peft_config["default"].tower_shapes
-    vision = {k: v for k, v in shapes["vision"].items() if k not in ("prefix_tokens", "patch_grid")}
-    old_shapes = {"vision": {**vision, "grid": None}, "text": shapes["text"]}
-    model = get_peft_model(build_pair("vit+bert"), tiny_config(tower_shapes=old_shapes))
-    assert isinstance(model.base_model.m2ist_head["default"].pointer.token_centres, torch.nn.Parameter)
-    _train(model, steps=1)
-    model.save_pretrained(tmp_path)
+def test_an_adapter_saved_by_a_pre_release_version_is_refused_clearly(tmp_path):
+    """Adapters saved before 0.1.0 lack `prefix_tokens` and `patch_grid` in their `tower_shapes`."""
+    get_peft_model(build_pair("vit+bert"), tiny_config()).save_pretrained(tmp_path)
     config_file = tmp_path / "adapter_config.json"
-    assert json.loads(config_file.read_text())["tower_shapes"]["vision"]["patch_grid"] is False
-    inputs = batch(seed=3, labels=False)
-    expected = model(**inputs).pred_boxes
-    resaved = tmp_path / "resaved"
-    for folder in (tmp_path, resaved):  # as saved, then as saved again after loading
-        loaded = PeftModel.from_pretrained(build_pair("vit+bert"), folder).eval()
-        torch.testing.assert_close(loaded(**inputs).pred_boxes, expected, rtol=0, atol=1e-6)
-        loaded.save_pretrained(resaved)
-    # as an older version wrote it: without the new keys at all
     config = json.loads(config_file.read_text())
     for key in ("prefix_tokens", "patch_grid"):
         del config["tower_shapes"]["vision"][key]
     config_file.write_text(json.dumps(config))
-    loaded = PeftModel.from_pretrained(build_pair("vit+bert"), tmp_path).eval()
-    torch.testing.assert_close(loaded(**inputs).pred_boxes, expected, rtol=0, atol=1e-6)
+    pair = build_pair("vit+bert")
+    with pytest.raises(ValueError, match=r"pre-release version.*'vision.prefix_tokens', 'vision.patch_grid'.*Retrain"):
+        PeftModel.from_pretrained(pair, tmp_path)
+    assert not any(type(m).__name__ == "M2ISTTapLayer" for m in pair.modules())
+
+
+ADAPTER_NAMES = ["default", "blocks", "encoder", "head", "vision_model", "pointer"]
+
+
+@pytest.mark.parametrize("box_head", ["pointer", "mlp"])
+def test_an_adapter_loads_exactly_under_any_name(tmp_path, box_head):
+    """Names that are also module names inside the side network or head (`blocks`, `encoder`, `pointer`, ...)."""
+    model = get_peft_model(build_pair("vit+bert"), tiny_config(interaction="cross_attention", mixture="gated",
+                                                               box_head=box_head))
+    _train(model, steps=1)
+    model.save_pretrained(tmp_path)
+    inputs = batch(seed=3, labels=False)
+    with torch.no_grad():
+        expected = model(**inputs).pred_boxes
+    saved = {k: v for k, v in model.base_model.state_dict().items() if k.startswith(("m2ist_side.", "m2ist_head."))}
+    for name in ADAPTER_NAMES:
+        loaded = PeftModel.from_pretrained(build_pair("vit+bert"), tmp_path, adapter_name=name).eval()
+        state = loaded.base_model.state_dict()
+        for key, value in saved.items():
+            container, _, rest = key.split(".", 2)
+            assert torch.equal(state[f"{container}.{name}.{rest}"], value), (name, key)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).pred_boxes, expected, rtol=0, atol=1e-6)
+        # and as a second adapter of a model
+        other = get_peft_model(build_pair("vit+bert"), tiny_config(box_head=box_head), adapter_name="first")
+        other.load_adapter(tmp_path, adapter_name=name)
+        other.set_adapter(name)
+        other.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(other(**inputs).pred_boxes, expected, rtol=0, atol=1e-6)
 
 
 def test_config_round_trips_through_json(tmp_path):

@@ -236,7 +236,7 @@ def test_feature_cache_holds_each_samples_tower_outputs_in_order(train_rec):
     rows = [{**{k: v[i] for k, v in inputs.items()}, "labels": torch.full((4,), i / 10), "phrase_type": f"type{i}"}
             for i in range(5)]
     cache = train_rec.cache_tower_features(model, DataLoader(rows, batch_size=2), Accelerator(cpu=True), "test")
-    expected = model.encode_towers(**inputs)
+    expected = model.encode_towers(**inputs).to_tensors()
     assert len(cache) == 5 and set(cache.features) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(cache.features[key], value, rtol=0, atol=1e-6)

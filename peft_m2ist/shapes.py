@@ -1,0 +1,47 @@
+"""What the probe measures on a pair: each tower's shapes (`StreamShapes`) and its tap names (`TapNames`).
+
+`probe.plan_adapter` fills them; `M2ISTModel` builds the side network and the grounding head from them and saves
+the shapes in `M2ISTConfig.tower_shapes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class StreamShapes:
+    """Shapes of one tower as seen by the side network (recorded in `M2ISTConfig.tower_shapes`).
+
+    `stream_dim` and `num_tokens` are the width and count of the final tokens `(batch, num_tokens, stream_dim)`;
+    `grid` is the `[height, width]` grid of the last `height * width` final tokens, if they tile the image;
+    `prefix_tokens` counts the final tokens before it (a ViT's [CLS]); `patch_grid` is True when the grid is a patch
+    tower's patch grid rather than a feature map's. `ffn_dims` / `attention_dims` are the widths of each FFN /
+    attention tap; `has_embedding` says whether the embedding tap is read. The field names are the JSON keys saved
+    in adapter configs.
+    """
+
+    stream_dim: int
+    num_tokens: int
+    grid: list[int] | None
+    ffn_dims: list[int]
+    attention_dims: list[int]
+    has_embedding: bool
+    prefix_tokens: int = 0
+    patch_grid: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TapNames:
+    """Full names (in the container) of one tower's taps, one per tapped layer, plus its embedding tap if any."""
+
+    ffn: list[str]
+    attention: list[str]
+    embeddings: str | None
+
+    def all(self) -> list[str]:
+        """Every tapped module name, embeddings included."""
+        return [*self.ffn, *self.attention, *([self.embeddings] if self.embeddings else [])]

@@ -1,0 +1,102 @@
+"""Checks of a REC batch before it reaches the towers: types, ranks, batch sizes, devices and label ranges.
+
+Each check raises a `TypeError` or `ValueError` that names the argument to fix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def check_tensor(name: str, value: object, ndim: int, shape_doc: str) -> torch.Tensor:
+    """`value` must be a tensor with `ndim` dimensions; `shape_doc` (e.g. `"(batch, tokens)"`) goes into the error."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor {shape_doc}, got {type(value).__name__}.")
+    if value.dim() != ndim:
+        raise ValueError(f"`{name}` must have shape {shape_doc}, got a tensor of shape {tuple(value.shape)}.")
+    return value
+
+
+def check_devices(tower: nn.Module, inputs: dict[str, torch.Tensor | None], kind: str) -> None:
+    """Inputs must be on the device of the tower that reads them; a `ValueError` names the argument."""
+    param = next(tower.parameters(), None)
+    if param is None:
+        return
+    for name, tensor in inputs.items():
+        if tensor is not None and tensor.device != param.device:
+            raise ValueError(
+                f"`{name}` is on {tensor.device} but the {kind} tower is on {param.device}; move the batch there "
+                f"first (e.g. `{{k: v.to('{param.device}') for k, v in batch.items()}}`)."
+            )
+
+
+def validate_inputs(
+    pixel_values: object,
+    input_ids: object,
+    attention_mask: object,
+    pixel_mask: object,
+    labels: object,
+    max_text_tokens: int,
+) -> None:
+    """Check ranks, batch sizes and label ranges of a REC batch; raises `TypeError`/`ValueError` naming the argument."""
+    pixel_values = check_tensor("pixel_values", pixel_values, 4, "(batch, channels, height, width)")
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"`pixel_values` must be floating point, normalised as the vision tower's image processor returns them, "
+            f"got dtype {pixel_values.dtype} (raw pixels?)."
+        )
+    input_ids = check_tensor("input_ids", input_ids, 2, "(batch, tokens)")
+    if input_ids.is_floating_point():
+        raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+    batch = pixel_values.shape[0]
+    if input_ids.shape[0] != batch:
+        raise ValueError(
+            f"Batch sizes differ: `pixel_values` has {batch} images but `input_ids` has {input_ids.shape[0]} phrases."
+        )
+    if input_ids.shape[1] == 0:
+        raise ValueError("`input_ids` has no tokens: every phrase needs at least one (e.g. the tokenizer's [CLS]).")
+    if input_ids.shape[1] > max_text_tokens:
+        raise ValueError(
+            f"`input_ids` has {input_ids.shape[1]} tokens but the adapter was built for at most {max_text_tokens} "
+            "(`M2ISTConfig.max_text_tokens`); truncate the phrases when tokenizing."
+        )
+    if attention_mask is not None:
+        attention_mask = check_tensor("attention_mask", attention_mask, 2, "(batch, tokens)")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape "
+                f"{tuple(input_ids.shape)}."
+            )
+    if pixel_mask is not None:
+        pixel_mask = check_tensor("pixel_mask", pixel_mask, 3, "(batch, height, width)")
+        if pixel_mask.shape != (batch, *pixel_values.shape[-2:]):
+            raise ValueError(
+                f"`pixel_mask` shape {tuple(pixel_mask.shape)} must be (batch, height, width) = "
+                f"{(batch, *pixel_values.shape[-2:])}."
+            )
+    if labels is not None:
+        validate_labels(labels, batch)
+
+
+def validate_labels(labels: object, batch: int) -> None:
+    """`labels` must be a float `(batch, 4)` tensor of `cxcywh` boxes in [0, 1] with width and height > 0."""
+    if labels is not None:
+        labels = check_tensor("labels", labels, 2, "(batch, 4) cxcywh")
+        if labels.shape != (batch, 4):
+            raise ValueError(f"`labels` must have shape (batch, 4) = {(batch, 4)} (cxcywh), got {tuple(labels.shape)}.")
+        if not labels.is_floating_point():
+            raise TypeError(f"`labels` must be a float tensor of cxcywh boxes, got dtype {labels.dtype}.")
+        if not torch.isfinite(labels).all() or (labels < 0).any() or (labels > 1).any():
+            raise ValueError("`labels` must be cxcywh boxes normalised to [0, 1]; found values outside [0, 1].")
+        if (labels[:, 2:] <= 0).any():
+            raise ValueError("`labels` must have width and height > 0 (cxcywh, normalised).")
+
+
+def validate_image_size(pixel_values: torch.Tensor, image_size: int) -> None:
+    """`pixel_values` `(batch, channels, S, S)` must have the `S = image_size` the adapter was built for."""
+    if tuple(pixel_values.shape[-2:]) != (image_size, image_size):
+        raise ValueError(
+            f"`pixel_values` are {tuple(pixel_values.shape[-2:])} but the adapter was built for "
+            f"{image_size}x{image_size} images (`M2ISTConfig.image_size`); resize and pad to it."
+        )
