@@ -29,7 +29,7 @@ from benchmarks.scales import Scale
 from peft_m2ist.head import GroundingHead
 from peft_m2ist.loss import box_losses
 from peft_m2ist.model import ReferringExpressionOutput
-from peft_m2ist.towers import frozen, run_text_tower, run_vision_tower
+from peft_m2ist.tower_forward import frozen, run_text_tower, run_vision_tower
 
 BASELINES = ("full", "lora", "adapter", "head_only")
 M2IST_VARIANTS = tuple(

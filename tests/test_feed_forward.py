@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import LiveTensorPeak, SavedForBackward
+from benchmarks.measurement import LiveTensorPeak, SavedForBackward
 from peft_m2ist.feed_forward import LeanFeedForwardEncoderLayer, RecomputedReLUFeedForward
 
 DIM, FFN, BATCH, TOKENS = 16, 128, 3, 7
@@ -19,7 +19,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 def _saved_bytes(fn, exclude: frozenset[int] = frozenset()):
-    """`fn()` and the bytes autograd keeps for backward while it runs (`benchmarks.common.SavedForBackward`),
+    """`fn()` and the bytes autograd keeps for backward while it runs (`benchmarks.measurement.SavedForBackward`),
     storages in `exclude` (data pointers) left out."""
     with SavedForBackward(exclude) as saved:
         out = fn()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
-from benchmarks.common import LiveTensorPeak, SavedForBackward
+from benchmarks.measurement import LiveTensorPeak, SavedForBackward
 from peft_m2ist import (
     FoldedFrozenBatchNorm2d,
     FrozenBatchNormFoldedConv2d,

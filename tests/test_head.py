@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import SavedForBackward
+from benchmarks.measurement import SavedForBackward
 from peft_m2ist.head import (
     GroundingHead,
     PointerBox,
@@ -113,7 +113,7 @@ def test_wrong_sizes_raise():
 
 
 def _saved_bytes(fn):
-    """`fn()` and the bytes autograd keeps for backward while it runs (`benchmarks.common.SavedForBackward`)."""
+    """`fn()` and the bytes autograd keeps for backward while it runs (`benchmarks.measurement.SavedForBackward`)."""
     with SavedForBackward() as saved:
         out = fn()
     return out, saved.nbytes
