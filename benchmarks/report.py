@@ -21,6 +21,7 @@ from benchmarks.reporting.base import ENVIRONMENT, GOAL_METHOD, HERE, load_resul
 from benchmarks.reporting.figure import make_figure
 from benchmarks.reporting.goals import goals_section, summary_section
 from benchmarks.reporting.memory import memory_time_section
+from benchmarks.reporting.overview import overview_section
 
 RESULTS_MD = HERE / "RESULTS.md"
 
@@ -38,6 +39,7 @@ def render(results: list[dict], figure: str | None) -> str:
     reference = json.loads((HERE / "reference_paper.json").read_text())
     return ENVIRONMENT.get_template("RESULTS.md.j2").render(
         goal_method=GOAL_METHOD,
+        overview="\n".join(overview_section(results)),
         summary="\n".join(summary_section(results)),
         goals="\n".join(goals_section(results)),
         reference_source=reference["source"],

@@ -352,3 +352,19 @@ def test_results_md_is_its_template_filled_from_the_committed_results():
 
     figure = "results/memory_accuracy.png" if (base.HERE / "results" / "memory_accuracy.png").exists() else None
     assert report.render(base.load_results(), figure) == report.RESULTS_MD.read_text()
+
+
+def test_results_md_opens_with_one_table_of_every_method_against_full_fine_tuning():
+    from benchmarks.reporting import overview
+
+    results = base.load_results()
+    lines = overview.overview_section(results)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert set(rows) >= {base.LABELS[m] for m in ("full", "lora", "head_only", "m2ist_shared_sum")}
+    assert rows[base.LABELS["full"]].count("(1.000)") >= 4  # full against itself, in every memory and time column
+    gpu = next(r for r in results if r["_file"] == overview.GPU_RUN)["methods"]["m2ist_shared_sum"]
+    paper = rows[base.LABELS["m2ist_shared_sum"]]
+    assert f"({gpu['account']['64']['ratio_to_full']:.3f})" in paper
+    assert f"({gpu['step_time']['ratio_to_full']:.3f})" in paper
+    text = (base.HERE / "RESULTS.md").read_text()
+    assert text.index("## At a glance") < text.index("memory_accuracy.png") < text.index("## Summary")
