@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from peft_m2ist.pretrained import (
     load_text_tower,
     load_vision_tower,
 )
+from peft_m2ist.training.atomic import write_json as write_json_atomic
 
 logger = logging.getLogger("predict")
 
@@ -279,21 +279,6 @@ def prediction_entries(rows: list[dict[str, Any]], boxes: torch.Tensor) -> list[
             entry["true_box_xyxy_pixels"] = [float(c) for c in row["bbox"]] if row.get("bbox") else None
         entries.append(entry)
     return entries
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as JSON to `path` through a temporary sibling and `os.replace` (never a half-written file)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,92 +1,132 @@
-"""examples/train_rec.py checkpoints: resuming at an epoch's end, run state, used output folders, atomic writes.
+"""examples/train_rec.py killed and resumed: the same adapters, bytes for bytes; run state; used output folders.
 
-The runs are tiny (48 training rows, 6 steps an epoch, 2 epochs) and run in this process through `main`; a crash is
-the script's own `--crash_after_steps` with `os._exit` turned into an exception.
+A crash is real: train_rec.py runs as a subprocess (`subprocess.Popen`), the test waits until a given checkpoint
+folder exists (polling every 5 ms; a checkpoint is renamed to `step_N` only once complete) and sends SIGKILL, so
+the script gets no chance to clean up. The run is then resumed with `--resume_from_checkpoint latest` and must
+end with the final (and best) adapter of an uninterrupted run, byte for byte, and the same history. The runs are
+tiny (48 training rows, 6 steps an epoch, 2 epochs, a checkpoint every 2 steps).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import test_train_script as script_tests
-import torch
 from safetensors.torch import load_file
+
+from peft_m2ist.training import resolve_checkpoint
 
 towers = script_tests.towers  # the tiny local towers, saved once per module
 train_rec = script_tests.train_rec  # the script as a module, accelerate set up for one CPU process
+_args, _run, SCRIPT, ROOT = script_tests._args, script_tests._run, script_tests.SCRIPT, script_tests.ROOT
 
 
-class Crash(Exception):
-    """Raised instead of `os._exit` by `--crash_after_steps`."""
+def _start_and_kill(args: list[str], when: Path, log: Path, timeout: float = 600) -> None:
+    """Start train_rec.py on `args` and send it SIGKILL as soon as `when` exists.
+
+    Fails if the run ends before `when` appears, or had already finished when the kill was sent: the kill must
+    land mid-run.
+    """
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not when.exists():
+            assert proc.poll() is None, f"ended ({proc.returncode}) before {when} existed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {when} after {timeout} s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()  # nothing left running if an assertion failed (a no-op after the SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"finished ({proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
 
 
-def _args(towers, out: Path, *extra: str) -> list[str]:
-    return script_tests._args(towers, out, *extra)
+def _resume(towers, out: Path) -> int:
+    """Resume `out` with `--resume_from_checkpoint latest` in a subprocess; the step of the checkpoint it took."""
+    proc = _run(_args(towers, out, "--resume_from_checkpoint", "latest"))
+    return int(re.search(r"Resumed from \S+step_(\d+) \(step", proc.stdout + proc.stderr).group(1))
 
 
-def _crash(monkeypatch) -> None:
-    def exit_(status: int) -> None:
-        raise Crash(status)
-
-    monkeypatch.setattr(os, "_exit", exit_)  # the module the script calls it from
+def _bytes(out: Path, adapter: str) -> bytes:
+    return (out / adapter / "adapter_model.safetensors").read_bytes()
 
 
-def _adapter(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "adapter_model.safetensors")
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
 
 
-def _assert_same_adapter(a: Path, b: Path) -> None:
-    wa, wb = _adapter(a), _adapter(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
-
-
-def _assert_same_history(got: list[dict], expected: list[dict]) -> None:
-    assert [(h["epoch"], h["step"]) for h in got] == [(h["epoch"], h["step"]) for h in expected]
-    for g, e in zip(got, expected):
-        assert g.keys() == e.keys()
-        for key in e:
-            assert g[key] == pytest.approx(e[key], rel=1e-6, abs=1e-9), key
+def _assert_same_run(out: Path, straight: Path) -> None:
+    """`out` ended as the uninterrupted `straight`: adapters byte for byte, history and best score exactly."""
+    assert _bytes(out, "final_adapter") == _bytes(straight, "final_adapter")
+    assert _bytes(out, "best_adapter") == _bytes(straight, "best_adapter")
+    got, expected = _results(out), _results(straight)
+    assert got["history"] == expected["history"] and [h["epoch"] for h in got["history"]] == [0, 1]
+    assert got["best"] == expected["best"] == json.loads((out / "best.json").read_text())
+    assert got["steps"] == 12
 
 
 @pytest.fixture(scope="module")
-def straight(towers, train_rec, tmp_path_factory) -> tuple[Path, dict]:
-    """An uninterrupted run: its folder and results (12 steps, checkpoints step_10 and step_12 kept)."""
+def straight(towers, tmp_path_factory) -> Path:
+    """An uninterrupted run, in a subprocess like the killed ones: its folder (checkpoints step_10 and step_12)."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    return out, train_rec.main(_args(towers, out))
+    _run(_args(towers, out))
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crash_step", [6, 12], ids=["end-of-first-epoch", "last-step"])
-def test_a_checkpoint_on_an_epochs_last_step_is_evaluated_after_resuming(towers, train_rec, straight, tmp_path,
-                                                                          monkeypatch, crash_step):
-    """Saved on epoch 0's last step (6) or the run's last (12), before that epoch's evaluation: the resumed run
-    evaluates it first and ends with the uninterrupted run's history, best score, best and final adapters."""
-    straight_dir, expected = straight
-    assert [h["epoch"] for h in expected["history"]] == [0, 1]
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_adapter_bytes(towers, straight, tmp_path):
+    """Killed once step_8 (mid-epoch 1) is saved; `latest` continues from the newest complete checkpoint."""
+    # 12 steps, a checkpoint every 2, the newest 2 kept (--checkpoints_total_limit)
+    assert sorted(d.name for d in (straight / "checkpoints").iterdir()) == ["step_10", "step_12"]
     out = tmp_path / "run"
-    _crash(monkeypatch)
-    with pytest.raises(Crash):
-        train_rec.main(_args(towers, out, "--crash_after_steps", str(crash_step)))
-    assert (out / "checkpoints" / f"step_{crash_step}").is_dir() and not (out / "results.json").exists()
-    saved = json.loads((out / "checkpoints" / f"step_{crash_step}" / "run_state.json").read_text())
-    assert saved["step"] == crash_step and saved["elapsed_s"] > 0
-    monkeypatch.undo()
+    _start_and_kill(_args(towers, out), out / "checkpoints" / "step_8", tmp_path / "killed.log")
+    assert not (out / "final_adapter").exists() and not (out / "results.json").exists()
+    assert _resume(towers, out) >= 8
+    _assert_same_run(out, straight)
+    # the adapter folder holds the side network and head only
+    weights = load_file(out / "final_adapter" / "adapter_model.safetensors")
+    assert weights and all(".m2ist_side." in k or ".m2ist_head." in k for k in weights)
 
-    resumed = train_rec.main(_args(towers, out, "--resume_from_checkpoint", "latest"))
-    assert resumed["steps"] == 12
-    _assert_same_history(resumed["history"], expected["history"])
-    assert resumed["best"] == pytest.approx(expected["best"]) and resumed["best"]["accuracy"] >= 0
-    assert json.loads((out / "results.json").read_text())["history"] == resumed["history"]
-    assert json.loads((out / "best.json").read_text()) == resumed["best"]
-    _assert_same_adapter(out / "best_adapter", straight_dir / "best_adapter")
-    _assert_same_adapter(out / "final_adapter", straight_dir / "final_adapter")
-    assert resumed["elapsed_s"] >= saved["elapsed_s"]  # goes on from the checkpoint's instead of restarting
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_step", [6, 12], ids=["end-of-first-epoch", "last-step"])
+def test_a_checkpoint_on_an_epochs_last_step_is_evaluated_after_resuming(towers, straight, tmp_path, kill_step):
+    """Saved on epoch 0's last step (6) or the run's last (12), before that epoch's evaluation, and killed during
+    it: the resumed run evaluates that epoch first and ends with the uninterrupted run's history, best score, best
+    and final adapters."""
+    out = tmp_path / "run"
+    _start_and_kill(_args(towers, out), out / "checkpoints" / f"step_{kill_step}", tmp_path / "killed.log")
+    assert not (out / "results.json").exists()
+    saved = json.loads((out / "checkpoints" / f"step_{kill_step}" / "run_state.json").read_text())
+    assert saved["step"] == kill_step and saved["elapsed_s"] > 0
+    assert saved["evaluated_epoch"] == {6: -1, 12: 0}[kill_step]  # the epoch ending there was not evaluated yet
+
+    assert _resume(towers, out) == kill_step
+    _assert_same_run(out, straight)
+    assert _results(out)["elapsed_s"] >= saved["elapsed_s"]  # goes on from the checkpoint's instead of restarting
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_saving_a_checkpoint_resumes_from_the_one_before(towers, straight, tmp_path):
+    """Killed as soon as `step_10.tmp` appears (the save takes a while: weights, optimiser, RNG states, the best
+    adapter, run_state.json); a `.tmp` folder left behind is no checkpoint, and the resumed run drops it."""
+    out = tmp_path / "run"
+    _start_and_kill(_args(towers, out), out / "checkpoints" / "step_10.tmp", tmp_path / "killed.log")
+    left = {d.name for d in (out / "checkpoints").iterdir()}
+    assert {"step_6", "step_8"} <= left or {"step_8", "step_10"} <= left, left
+    step = _resume(towers, out)
+    assert step == (10 if "step_10" in left else 8)  # the save may just have finished before the kill landed
+    assert not (out / "checkpoints" / "step_10.tmp").exists()
+    _assert_same_run(out, straight)
 
 
 @pytest.mark.slow
@@ -94,22 +134,20 @@ def test_resuming_a_finished_run_keeps_its_history_and_skips_a_half_written_chec
                                                                                        tmp_path):
     """`latest` passes over a checkpoint folder without run_state.json (its save never finished); resuming the
     finished run re-evaluates its last epoch and trains no further."""
-    straight_dir, expected = straight
     out = tmp_path / "run"
-    shutil.copytree(straight_dir, out)
+    shutil.copytree(straight, out)
     half = out / "checkpoints" / "step_14"  # a save killed after the weights, before the optimiser state
     half.mkdir()
     shutil.copy(out / "checkpoints" / "step_12" / "model.safetensors", half)
-    assert train_rec.resolve_checkpoint("latest", out) == out / "checkpoints" / "step_12"
+    assert resolve_checkpoint("latest", out) == out / "checkpoints" / "step_12"
 
     resumed = train_rec.main(_args(towers, out, "--resume_from_checkpoint", "latest"))
-    assert resumed["steps"] == 12
-    _assert_same_history(resumed["history"], expected["history"])
+    assert resumed["steps"] == 12 and resumed["history"] == _results(straight)["history"]
     assert resumed["elapsed_s"] >= json.loads((out / "checkpoints" / "step_12" / "run_state.json").read_text())[
         "elapsed_s"]
-    _assert_same_adapter(out / "final_adapter", straight_dir / "final_adapter")
+    assert _bytes(out, "final_adapter") == _bytes(straight, "final_adapter")
     assert not half.exists()  # newer than the checkpoint resumed from: dropped
-    assert json.loads((out / "results.json").read_text())["history"] == resumed["history"]
+    assert _results(out)["history"] == resumed["history"]
 
 
 def _old_run(out: Path) -> None:
@@ -133,10 +171,10 @@ def test_an_output_dir_with_an_earlier_runs_outputs_is_refused_unless_overwritte
 
     result = train_rec.main(_args(towers, out, "--max_train_steps", "4", "--overwrite_output_dir"))
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
-    assert train_rec.resolve_checkpoint("latest", out).name == "step_4"
+    assert resolve_checkpoint("latest", out).name == "step_4"
     best = json.loads((out / "best.json").read_text())
     assert best == result["best"] and best["step"] == 4 and best["accuracy"] < 0.99
-    assert json.loads((out / "results.json").read_text())["steps"] == 4
+    assert _results(out)["steps"] == 4
 
 
 def test_overwrite_output_dir_and_resume_latest_exclude_each_other(train_rec, capsys):
@@ -146,39 +184,10 @@ def test_overwrite_output_dir_and_resume_latest_exclude_each_other(train_rec, ca
     assert "--overwrite_output_dir would delete the checkpoints --resume_from_checkpoint latest" in capsys.readouterr().err
 
 
-def test_only_complete_folders_named_step_n_are_checkpoints_in_step_order(train_rec, tmp_path):
-    root = tmp_path / "checkpoints"
-    for name in ("step_9", "step_10", "step_1000", "step_final", "step_200_v2", "step_11.tmp", "step_12", "old"):
-        (root / name).mkdir(parents=True)
-        (root / name / "run_state.json").write_text("{}")
-    (root / "step_12" / "run_state.json").unlink()  # interrupted before its state was written
-    (root / "step_13").write_text("")  # a file, not a folder
-    assert [d.name for d in train_rec.checkpoint_dirs(tmp_path)] == ["step_9", "step_10", "step_1000"]
-    assert train_rec.resolve_checkpoint("latest", tmp_path) == root / "step_1000"
-    assert train_rec.checkpoint_step(root / "step_200_v2") is None
-    with pytest.raises(FileNotFoundError, match=r"no run_state\.json"):
-        train_rec.resolve_checkpoint(str(root / "step_12"), tmp_path)
-
-
-def test_json_state_is_replaced_whole_or_not_at_all(train_rec, tmp_path, monkeypatch):
-    path = tmp_path / "best.json"
-    train_rec.write_json(path, {"accuracy": 0.5})
-
-    def crash(fd: int) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError, match="disk full"):
-        train_rec.write_json(path, {"accuracy": 0.75, "history": list(range(10000))})
-    assert json.loads(path.read_text()) == {"accuracy": 0.5}
-    assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
-
-
 @pytest.mark.slow
 def test_a_damaged_state_file_is_named_in_the_error(towers, train_rec, straight, tmp_path):
-    straight_dir, _ = straight
     out = tmp_path / "run"
-    shutil.copytree(straight_dir, out)
+    shutil.copytree(straight, out)
     for damaged in (out / "best.json", out / "checkpoints" / "step_12" / "run_state.json"):
         damaged.write_text(damaged.read_text()[:20])  # cut short, as by a crash mid-write
     with pytest.raises(ValueError, match=r"step_12/run_state\.json is not valid JSON"):

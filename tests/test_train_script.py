@@ -1,4 +1,7 @@
-"""examples/train_rec.py on tiny local towers: resume after a crash, 2-process evaluation, the feature cache."""
+"""examples/train_rec.py on tiny local towers: 2-process evaluation, bf16 towers, predict.py, its arguments.
+
+`tests/test_train_resume.py` (killed and resumed runs) shares the tiny towers and the tiny run's arguments.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 from peft_m2ist.pretrained import minilm_path
+from peft_m2ist.training import feature_cache_message
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_rec.py"
@@ -59,26 +63,6 @@ without an MPI hostfile starts only one."""
 CPU = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_resume_after_crash_ends_with_the_same_adapter(towers, tmp_path):
-    straight = tmp_path / "straight"
-    _run(_args(towers, straight))
-    # 12 steps, a checkpoint every 2, the newest 2 kept (--checkpoints_total_limit)
-    assert sorted(d.name for d in (straight / "checkpoints").iterdir()) == ["step_10", "step_12"]
-    crashed = tmp_path / "crashed"
-    first = _run(_args(towers, crashed, "--crash_after_steps", "9"), check=False)
-    assert first.returncode == 3, first.stderr[-2000:]
-    assert not (crashed / "final_adapter").exists()
-    resumed = _run(_args(towers, crashed, "--resume_from_checkpoint", "latest"))
-    assert "Resumed from" in resumed.stdout + resumed.stderr
-    a = load_file(straight / "final_adapter" / "adapter_model.safetensors")
-    b = load_file(crashed / "final_adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    # the adapter folder holds the side network and head only
-    assert all(".m2ist_side." in k or ".m2ist_head." in k for k in a)
-
-
 def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
     out = tmp_path / "run"
     _run(_args(towers, out, "--max_train_steps", "2"))
@@ -113,61 +97,6 @@ def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
 
     with Image.open(png) as image:
         assert image.size == (3 * 256, 284)
-
-
-EVALUATE_DRIVER = """
-import importlib.util, json, sys
-from types import SimpleNamespace
-
-import torch
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
-
-spec = importlib.util.spec_from_file_location("train_rec", sys.argv[1])
-train_rec = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_rec)
-
-
-class Echo(torch.nn.Module):
-    def forward(self, pred):
-        return SimpleNamespace(pred_boxes=pred)
-
-
-def collate(rows):
-    labels = torch.tensor([[0.5, 0.5, 0.2, 0.2]] * len(rows))
-    miss = torch.tensor([0.1, 0.1, 0.05, 0.05])
-    pred = torch.stack([label if row["hit"] else miss for row, label in zip(rows, labels)])
-    return {"pred": pred, "labels": labels, "phrase_type": [row["type"] for row in rows]}
-
-
-accelerator = Accelerator(cpu=True)
-loader = accelerator.prepare(DataLoader(json.loads(sys.argv[2]), batch_size=2, collate_fn=collate))
-scores = train_rec.evaluate(Echo(), loader, accelerator)
-if accelerator.is_main_process:
-    print(json.dumps({"processes": accelerator.num_processes, "scores": scores}))
-"""
-
-
-def test_two_processes_keep_each_phrase_type_with_its_own_samples(tmp_path):
-    """The processes meet the phrase types in different orders (process 0's batches start with 'attribute', process
-    1's with 'relation'); each type's accuracy is still its own. Types outside the benchmark's are kept, the padding
-    of the uneven last batch is dropped, and no metric cache file is left behind."""
-    hits = {"attribute": True, "relation": False, "position": True, "ordinal": False, "custom": True}
-    order = ["attribute", "relation", "relation", "attribute", "position", "custom", "ordinal", "position", "relation"]
-    rows = [{"type": t, "hit": hits[t]} for t in order]  # 9 rows, batches of 2: process 0 gets batches 0, 2, 4
-    driver = tmp_path / "evaluate_driver.py"
-    driver.write_text(EVALUATE_DRIVER)
-    cache = tmp_path / "metrics_cache"
-    env = {**os.environ, **CPU, "HF_METRICS_CACHE": str(cache)}
-    proc = subprocess.run([*TWO_CPU_PROCESSES, str(driver), str(SCRIPT), json.dumps(rows)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-    assert out["processes"] == 2
-    assert out["scores"] == {"accuracy": pytest.approx(5 / 9), "mean_iou": pytest.approx(5 / 9), "accuracy_attribute": 1.0,
-                      "accuracy_relation": 0.0, "accuracy_position": 1.0, "accuracy_ordinal": 0.0,
-                      "accuracy_custom": 1.0}
-    assert not list(cache.rglob("*.arrow"))  # the metric is only fed and computed on the main process, in memory
 
 
 def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
@@ -223,37 +152,6 @@ def test_build_model_folds_a_detr_towers_frozen_batch_norms(towers, tmp_path, tr
     assert folded == {"--fold_frozen_batch_norms": 12, "--no-fold_frozen_batch_norms": 0}
 
 
-def test_feature_cache_holds_each_samples_tower_outputs_in_order(train_rec):
-    from accelerate import Accelerator
-    from peft import get_peft_model
-    from torch.utils.data import DataLoader
-
-    from tests.tiny_towers import batch, build_pair, tiny_config
-
-    model = get_peft_model(build_pair("vit+bert"), tiny_config()).eval()
-    inputs = batch(size=5, labels=False)
-    inputs["pixel_mask"][1, :, 16:] = 0
-    rows = [{**{k: v[i] for k, v in inputs.items()}, "labels": torch.full((4,), i / 10), "phrase_type": f"type{i}"}
-            for i in range(5)]
-    cache = train_rec.cache_tower_features(model, DataLoader(rows, batch_size=2), Accelerator(cpu=True), "test")
-    expected = model.encode_towers(**inputs).to_tensors()
-    assert len(cache) == 5 and set(cache.features) == set(expected)
-    for key, value in expected.items():
-        torch.testing.assert_close(cache.features[key], value, rtol=0, atol=1e-6)
-    assert cache[3]["phrase_type"] == "type3" and cache[3]["labels"][0] == pytest.approx(0.3)
-
-
-def test_a_feature_cache_that_does_not_fit_in_ram_is_refused_before_allocating(train_rec):
-    first = {"vision": torch.zeros(2, 65, 384), "vision_mask": torch.ones(2, 65, dtype=torch.long)}
-    per_sample = 65 * 384 * 4 + 65 * 8
-    cache = train_rec.allocate_feature_cache(first, 10, 1, "caching", available=10 * per_sample * 2)
-    assert {k: (tuple(v.shape), v.dtype) for k, v in cache.items()} == {
-        "vision": ((10, 65, 384), torch.float32), "vision_mask": ((10, 65), torch.long)}
-    refusal = r"caching: the tower-feature cache needs .* 2 process\(es\).*--no-cache_features"
-    with pytest.raises(MemoryError, match=refusal):
-        train_rec.allocate_feature_cache(first, 10, 2, "caching", available=10 * per_sample * 2)
-
-
 def _usage_error(train_rec, argv: list[str], capsys) -> str:
     """`parse_args(argv)` must stop with argparse's usage error (exit status 2); returns its message."""
     with pytest.raises(SystemExit) as stopped:
@@ -270,9 +168,9 @@ def test_cache_features_defaults_to_on_without_augment_and_off_with_it(train_rec
         chosen[" ".join(argv)] = (args.augment, args.cache_features)
     assert chosen == {"": (False, True), "--augment": (True, False), "--no-augment": (False, True),
                       "--no-cache_features": (False, False), "--augment --no-cache_features": (True, False)}
-    assert "on" in train_rec.feature_cache_message(train_rec.parse_args([]))
-    assert "off: --augment" in train_rec.feature_cache_message(train_rec.parse_args(["--augment"]))
-    assert "off (--no-cache_features)" in train_rec.feature_cache_message(train_rec.parse_args(["--no-cache_features"]))
+    for argv, expected in ([], "on"), (["--augment"], "off: --augment"), (["--no-cache_features"], "off (--no-"):
+        args = train_rec.parse_args(argv)
+        assert expected in feature_cache_message(args.cache_features, args.augment)
 
     augment = tmp_path / "augment.yaml"
     augment.write_text("augment: true\n")
@@ -313,3 +211,12 @@ def test_config_values_outside_a_flags_choices_are_refused(train_rec, tmp_path, 
                                                                                      "mlp")
     config.write_text("mixed_precision: null\n")  # the flag's own default
     assert train_rec.parse_args(["--config", str(config)]).mixed_precision is None
+
+
+def test_every_flag_is_in_the_training_guide_and_the_test_only_crash_flag_is_gone(train_rec, capsys):
+    guide = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    flags = [option for action in train_rec.build_parser()._actions for option in action.option_strings
+             if option.startswith("--") and not option.startswith("--no-") and option != "--help"]
+    assert len(flags) == 51 and not [flag for flag in flags if f"`{flag}" not in guide]
+    assert "unrecognized arguments: --crash_after_steps" in _usage_error(train_rec, ["--crash_after_steps", "9"],
+                                                                         capsys)

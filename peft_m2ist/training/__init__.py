@@ -1,0 +1,83 @@
+"""The machinery behind `examples/train_rec.py`, one job per module.
+
+- `atomic`: JSON files and folders replaced whole or not at all (`write_json`, `read_json`, `replace_dir`).
+- `checkpoints`: `OUTPUT/checkpoints/step_N` written whole, the newest few kept, `latest` resolved.
+- `run_state`: what a checkpoint records besides accelerate's state, and where a resumed run picks up.
+- `outputs`: the output folder: adapters with their `towers.json`, `best.json`, the check of a used folder.
+- `feature_cache`: the in-RAM cache of the frozen towers' outputs, with its memory check.
+- `config_file`: flag values from a YAML `--config` file, checked like the command line.
+- `evaluation`: Acc@0.5, mean IoU and per-phrase-type accuracy, gathered across processes.
+- `tracking`: which experiment trackers `--report_to` means.
+"""
+
+from .atomic import fresh_tmp_dir, read_json, replace_dir, write_json
+from .checkpoints import (
+    CHECKPOINTS_DIR,
+    RUN_STATE_FILE,
+    checkpoint_dirs,
+    checkpoint_step,
+    drop_checkpoints_after,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config_file import config_values, parse_args_with_config
+from .evaluation import evaluate
+from .feature_cache import (
+    CachedTowerFeatures,
+    allocate_feature_cache,
+    cache_tower_features,
+    cached_loaders,
+    feature_cache_message,
+)
+from .outputs import (
+    BEST_ADAPTER,
+    BEST_FILE,
+    FINAL_ADAPTER,
+    RESULTS_FILE,
+    RUN_OUTPUTS,
+    TOWERS_FILE,
+    earlier_outputs,
+    prepare_output_dir,
+    restore_best_adapter,
+    save_adapter,
+    save_best,
+)
+from .run_state import RunState, epoch_to_evaluate_first, resumed_batches
+from .tracking import trackers
+
+__all__ = [
+    "BEST_ADAPTER",
+    "BEST_FILE",
+    "CHECKPOINTS_DIR",
+    "FINAL_ADAPTER",
+    "RESULTS_FILE",
+    "RUN_OUTPUTS",
+    "RUN_STATE_FILE",
+    "TOWERS_FILE",
+    "CachedTowerFeatures",
+    "RunState",
+    "allocate_feature_cache",
+    "cache_tower_features",
+    "cached_loaders",
+    "checkpoint_dirs",
+    "checkpoint_step",
+    "config_values",
+    "drop_checkpoints_after",
+    "earlier_outputs",
+    "epoch_to_evaluate_first",
+    "evaluate",
+    "feature_cache_message",
+    "fresh_tmp_dir",
+    "parse_args_with_config",
+    "prepare_output_dir",
+    "read_json",
+    "replace_dir",
+    "resolve_checkpoint",
+    "restore_best_adapter",
+    "resumed_batches",
+    "save_adapter",
+    "save_best",
+    "save_checkpoint",
+    "trackers",
+    "write_json",
+]

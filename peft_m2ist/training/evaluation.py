@@ -1,0 +1,36 @@
+"""Referring-expression evaluation across data-parallel processes: Acc@0.5, mean IoU and accuracy per phrase type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from peft_m2ist.metrics import load_rec_metric
+
+
+def evaluate(model: Any, loader: Any, accelerator: Accelerator, desc: str = "eval") -> dict[str, float]:
+    """Acc@0.5, mean IoU and per-phrase-type accuracy of `model` on a prepared `loader`, gathered across processes.
+
+    Every process runs its share of `loader` (batches with `labels` and `phrase_type`); boxes and labels are
+    gathered with `gather_for_metrics`, the phrase types as strings with `gather_for_metrics(...,
+    use_gather_object=True)` (same order, same duplicates dropped), so each type stays with its own samples whatever
+    order the processes see them in. Only the main process feeds and computes the metric, held in memory (no cache
+    files); it returns the scores, the other processes `{}`. The model is left in train mode.
+    """
+    model.eval()
+    metric = load_rec_metric(keep_in_memory=True) if accelerator.is_main_process else None
+    gathered_types: list[str] = []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        types = [str(t) for t in batch.pop("phrase_type")]
+        with torch.no_grad():
+            boxes = model(**{k: v for k, v in batch.items() if k != "labels"}).pred_boxes
+        boxes, labels = accelerator.gather_for_metrics((boxes, batch["labels"]))
+        types = accelerator.gather_for_metrics(types, use_gather_object=True)
+        if metric is not None:
+            metric.add_batch(predictions=boxes.float().cpu().tolist(), references=labels.float().cpu().tolist())
+            gathered_types += types
+    model.train()
+    return metric.compute(phrase_types=gathered_types) if metric is not None else {}
