@@ -38,6 +38,7 @@ from transformers import get_scheduler
 from peft_m2ist import M2ISTConfig, VisionTextPair, fold_frozen_batch_norms, pretrained, training
 from peft_m2ist.config import BOX_HEADS, INTERACTION_MODES, MIXTURE_MODES
 from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level, load_shapes_benchmark
+from peft_m2ist.pretrained.towers_file import towers_record
 
 logger = get_logger(__name__)
 
@@ -210,8 +211,8 @@ def evaluate_epoch(model, val_loader, accelerator: Accelerator, run: training.Ru
 
 
 def towers_of(args: argparse.Namespace) -> dict[str, str]:
-    """What `towers.json` records next to each adapter (and `examples/predict.py` reloads)."""
-    return {"vision": args.vision_model, "text": args.text_model, "dtype": args.tower_dtype}
+    """What `towers.json` records next to each adapter (and the inference API reloads)."""
+    return towers_record(args.vision_model, args.text_model, args.tower_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------- main

@@ -138,3 +138,29 @@ def test_a_missing_adapter_or_towers_that_do_not_load_are_named(tiny, tmp_path, 
         ReferringExpressionGrounder.from_pretrained(DEFAULT_ADAPTER)
     with pytest.raises(ValueError, match="cannot load the towers"):
         ReferringExpressionGrounder.from_pretrained(tiny.adapter, vision_model=str(tmp_path / "no_such_tower"))
+
+
+class _FixedBoxes(torch.nn.Module):
+    """Predicts the same normalised cxcywh box for every sample."""
+
+    def __init__(self, box: list[float]):
+        super().__init__()
+        self.box = torch.nn.Parameter(torch.tensor(box), requires_grad=False)
+
+    def forward(self, **batch) -> SimpleNamespace:
+        return SimpleNamespace(pred_boxes=self.box.expand(batch["pixel_values"].shape[0], 4))
+
+
+@pytest.mark.parametrize("size", [(200, 50), (50, 200)])
+def test_boxes_are_clamped_to_the_image_not_the_padded_canvas(tiny, size):
+    collator = RECCollator(tf.AutoTokenizer.from_pretrained(tiny.text), image_size=32, max_text_tokens=6)
+    image = Image.new("RGB", size)
+
+    def box(pred: list[float]) -> list[float]:
+        return list(ReferringExpressionGrounder(_FixedBoxes(pred), collator, torch.device("cpu"), {})(
+            image, "everything").box)
+
+    assert box([0.5, 0.5, 1.0, 1.0]) == [0.0, 0.0, float(size[0]), float(size[1])]  # the whole canvas
+    long_side = max(size)  # a box half outside the canvas
+    expected = [min(0.7 * long_side, size[0]), min(0.7 * long_side, size[1]), float(size[0]), float(size[1])]
+    assert box([0.9, 0.9, 0.4, 0.4]) == pytest.approx(expected)

@@ -15,7 +15,6 @@ from PIL import Image
 from tiny_towers import SMALL, tiny_config
 
 from peft_m2ist import VisionTextPair
-from peft_m2ist.data import RECCollator
 from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER, minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,32 +196,6 @@ def test_images_are_seen_upright_as_displayed(predict_script, tmp_path):
     assert row["image"].getpixel((15, 5))[2] > 150 and row["image"].getpixel((5, 5))[2] < 100
 
 
-class _FixedBoxes(torch.nn.Module):
-    """Predicts the same normalised cxcywh box for every sample and records the devices of its inputs."""
-
-    def __init__(self, box: list[float]):
-        super().__init__()
-        self.box = torch.nn.Parameter(torch.tensor(box), requires_grad=False)
-        self.devices: set[torch.device] = set()
-
-    def forward(self, **batch) -> SimpleNamespace:
-        self.devices |= {v.device for v in batch.values() if isinstance(v, torch.Tensor)}
-        return SimpleNamespace(pred_boxes=self.box.expand(batch["pixel_values"].shape[0], 4))
-
-
-@pytest.mark.parametrize("size", [(200, 50), (50, 200)])
-def test_boxes_are_clamped_to_the_image_not_the_padded_canvas(predict_script, tiny, size):
-    collator = RECCollator(tf.AutoTokenizer.from_pretrained(tiny.text), image_size=32, max_text_tokens=6)
-    rows = [{"image": Image.new("RGB", size), "phrase": "everything"}]
-    # the whole canvas, and a box half outside it
-    boxes = predict_script.predict(_FixedBoxes([0.5, 0.5, 1.0, 1.0]), collator, rows)
-    assert boxes.tolist() == [[0.0, 0.0, float(size[0]), float(size[1])]]
-    boxes = predict_script.predict(_FixedBoxes([0.9, 0.9, 0.4, 0.4]), collator, rows)
-    long_side = max(size)
-    expected = [min(0.7 * long_side, size[0]), min(0.7 * long_side, size[1]), float(size[0]), float(size[1])]
-    assert boxes[0].tolist() == pytest.approx(expected)
-
-
 def test_end_to_end_writes_png_and_json_with_boxes_in_the_displayed_image(predict_script, tiny, tmp_path, capsys):
     wide = _image(tmp_path / "wide.png", (90, 30))
     phone = _image(tmp_path / "phone.jpg", (60, 20), orientation=8)
@@ -252,3 +225,21 @@ def test_write_json_atomic_keeps_the_old_file_when_writing_fails(predict_script,
         predict_script.write_json_atomic(target, [{"phrase": object()}])
     assert json.loads(target.read_text()) == [{"phrase": "a"}]
     assert [p.name for p in tmp_path.iterdir()] == ["boxes.json"]
+
+
+@pytest.mark.parametrize("phrase", ["", "   "])
+def test_an_empty_phrase_is_an_argparse_error(predict_script, tmp_path, capsys, phrase):
+    image = _image(tmp_path / "img.png")
+    with pytest.raises(SystemExit) as exit_info:
+        predict_script.parse_args(["--adapter", str(_empty_adapter(tmp_path)), "--image", str(image), "--phrase",
+                                   phrase])
+    assert exit_info.value.code == 2 and "the phrase is empty" in capsys.readouterr().err
+
+
+def test_an_image_too_thin_for_the_canvas_is_named_not_a_traceback(predict_script, tiny, tmp_path):
+    thin = _image(tmp_path / "thin.png", (20000, 20))
+    out_json = tmp_path / "boxes.json"
+    with pytest.raises(SystemExit, match=r"20000x20 pixels.*short side would be under one pixel"):
+        predict_script.main(["--adapter", str(tiny.adapter), "--vision_model", str(tiny.vision), "--text_model",
+                             str(tiny.text), "--device", "cpu", "--image", str(thin), "--phrase", "the red part",
+                             "--output_json", str(out_json)])

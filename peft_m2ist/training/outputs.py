@@ -14,13 +14,12 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from ..pretrained.towers_file import TOWERS_FILE
 from .atomic import fresh_tmp_dir, replace_dir, write_json
 from .checkpoints import CHECKPOINTS_DIR, drop_checkpoints_after
 
 logger = logging.getLogger(__name__)
 
-TOWERS_FILE = "towers.json"
-"""Written next to each saved adapter: the towers it was trained on, which `examples/predict.py` reloads."""
 BEST_ADAPTER = "best_adapter"
 """`OUTPUT/best_adapter/`: the adapter with the best evaluation so far."""
 BEST_FILE = "best.json"
