@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from .model import AdapterWeightsError
 from .outputs import ReferringExpressionOutput
 from .tower_features import TowerFeatures
 
@@ -51,6 +55,38 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
                 raise ValueError(f"M2IST predicts with one adapter at a time; got {names}.")
             adapter_name = names[0]
         super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
+        """peft's `load_adapter`, all or nothing: the saved tensors must be exactly the adapter's side network and head
+        (names and shapes), else a `ValueError` naming the keys and the file, raised before any weight changes. A
+        failed load leaves the model as it was: an adapter this call added is removed again (taps, side network,
+        head, config), and so is one built from a saved config whose weights never loaded (what
+        `PeftModel.from_pretrained` builds), which leaves the container without taps."""
+        tuner = self.base_model
+        added = adapter_name not in self.peft_config
+        requires_grad = {name: p.requires_grad for name, p in self.named_parameters()}
+        try:
+            result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        except Exception as err:
+            if adapter_name in self.peft_config and (added or adapter_name in tuner._m2ist_awaiting_weights):
+                self._discard_adapter(adapter_name)
+                for name, param in self.named_parameters():
+                    if name in requires_grad:
+                        param.requires_grad_(requires_grad[name])
+            if isinstance(err, AdapterWeightsError):
+                raise AdapterWeightsError(f"{_weights_file(model_id, kwargs)}: {err}") from None
+            raise
+        tuner._m2ist_awaiting_weights.discard(adapter_name)
+        tuner.move_adapter_to_tower_device(adapter_name)
+        return result
+
+    def _discard_adapter(self, adapter_name: str) -> None:
+        """Remove a half-made adapter; the last one takes the taps and peft's bookkeeping off the container too."""
+        if len(self.peft_config) > 1:
+            self.delete_adapter(adapter_name)  # not the active one: the active adapter stays as it is
+            return
+        del self.peft_config[adapter_name]
+        self.base_model.unload()
 
     def tower_names(self) -> list[str]:
         """The `name_or_path` of each tower, where its config knows one."""
@@ -112,3 +148,12 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
             f"adapter + head params: {counts['adapter_and_head']:,} ({100 * counts['adapter_and_head'] / total:.2f}%)"
             f" || all params: {total:,}"
         )
+
+
+def _weights_file(model_id: str | os.PathLike, kwargs: dict[str, Any]) -> str:
+    """The adapter weights file `load_adapter` read, for error messages."""
+    folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(model_id)
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return f"{folder}/{SAFETENSORS_WEIGHTS_NAME} (Hugging Face Hub)"
