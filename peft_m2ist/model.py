@@ -27,6 +27,7 @@ from .tokens import match_grid, to_tokens
 from .tower_features import TowerFeatures
 from .tower_forward import frozen, run_text_tower, run_vision_tower
 from .tower_layouts import get_tower
+from .trainer_support import declare_rec_signature, restore_container_class
 from .validation import (
     check_devices,
     check_finite_pixels,
@@ -142,6 +143,7 @@ class M2ISTModel(BaseTuner):
         self.m2ist_head[adapter_name] = head
         self._set_side_requires_grad()
         self._keep_towers_in_eval()
+        declare_rec_signature(model)  # what transformers' Trainer reads (peft_m2ist.trainer_support)
 
     @staticmethod
     def _build_side_network(config: M2ISTConfig, plan: AdapterPlan) -> M2ISTSideNetwork:
@@ -297,6 +299,7 @@ class M2ISTModel(BaseTuner):
         self._m2ist_awaiting_weights.clear()
         if "peft_config" in self.model.__dict__:
             del self.model.peft_config
+        restore_container_class(self.model)
         return self.model
 
     # ------------------------------------------------------------------ parameters
