@@ -58,6 +58,45 @@ def _check_tap_spec(name: str, value: Any) -> None:
     raise TypeError(f"`{name}` must be None, a regex string or a list of module names, got {type(value).__name__}.")
 
 
+def _is_count(value: Any, minimum: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# what each saved key of `tower_shapes[tower]` must hold (the fields of `shapes.StreamShapes`)
+_TOWER_SHAPE_CHECKS: dict[str, tuple[str, Any]] = {
+    "stream_dim": ("a positive integer", _is_count),
+    "num_tokens": ("a positive integer", _is_count),
+    "grid": ("null or a [height, width] list of positive integers",
+             lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_count, v)))),
+    "ffn_dims": ("a list of positive integers", lambda v: isinstance(v, (list, tuple)) and all(map(_is_count, v))),
+    "attention_dims": ("a list of positive integers",
+                       lambda v: isinstance(v, (list, tuple)) and all(map(_is_count, v))),
+    "has_embedding": ("true or false", lambda v: isinstance(v, bool)),
+    "prefix_tokens": ("a non-negative integer", lambda v: _is_count(v, 0)),
+    "patch_grid": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _check_tower_shapes(value: Any) -> None:
+    """`tower_shapes` is filled by the tuner: None, or {"vision": {...}, "text": {...}} with the keys of
+    `shapes.StreamShapes`. A hand-edited or damaged value gets a `ValueError` naming what is wrong (missing keys are
+    reported when the adapter is built, with what they mean)."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) != {"vision", "text"}:
+        raise ValueError(
+            "`tower_shapes` is filled automatically and must be None or a mapping with exactly the keys 'vision' and "
+            f"'text', got {value!r}. Leave it unset for a new adapter."
+        )
+    for tower in ("vision", "text"):
+        shapes = value[tower]
+        if not isinstance(shapes, dict):
+            raise ValueError(f"`tower_shapes['{tower}']` must be a mapping of shape names to values, got {shapes!r}.")
+        for key, (doc, check) in _TOWER_SHAPE_CHECKS.items():
+            if key in shapes and not check(shapes[key]):
+                raise ValueError(f"`tower_shapes['{tower}']['{key}']` must be {doc}, got {shapes[key]!r}.")
+
+
 @dataclass
 class M2ISTConfig(PeftConfig):
     """Configuration of an M2IST (Multi-Modal Interactive Side-Tuning) adapter.
@@ -249,6 +288,7 @@ class M2ISTConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"`{name}` must be a non-empty dotted module path, got {value!r}.")
+        _check_tower_shapes(self.tower_shapes)
         for name in ("vision_layers", "text_layers", "vision_attention_layers", "text_attention_layers"):
             _check_tap_spec(name, getattr(self, name))
             if isinstance(getattr(self, name), tuple):

@@ -9,6 +9,7 @@ from accelerate import init_empty_weights
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .budget import check_parameter_budget
 from .config import M2ISTConfig
 from .head import GroundingHead
 from .layer import M2ISTTapLayer, TapRecorder
@@ -26,7 +27,30 @@ from .tokens import match_grid, to_tokens
 from .tower_features import TowerFeatures
 from .tower_forward import frozen, run_text_tower, run_vision_tower
 from .tower_layouts import get_tower
-from .validation import check_devices, validate_image_size, validate_inputs, validate_labels
+from .trainer_support import declare_rec_signature, restore_container_class
+from .validation import (
+    check_devices,
+    check_finite_pixels,
+    check_token_ids,
+    text_vocab_size,
+    validate_image_size,
+    validate_inputs,
+    validate_labels,
+)
+
+
+class AdapterWeightsError(ValueError):
+    """The saved weights of an adapter do not match the side network and head its config builds."""
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
+
+
+def tower_device(tower: nn.Module) -> torch.device | None:
+    param = next(tower.parameters(), None)
+    return None if param is None else param.device
+
 
 SIDE_KEY = "m2ist_side"
 HEAD_KEY = "m2ist_head"
@@ -66,6 +90,8 @@ class M2ISTModel(BaseTuner):
             self.m2ist_head = nn.ModuleDict()
             self._m2ist_recorder = TapRecorder()
             self._m2ist_disabled = False
+            # adapters built from a saved config whose weights were never loaded: a failed `load_adapter` removes them
+            self._m2ist_awaiting_weights: set[str] = set()
 
     def _check_new_adapter_config(self, config: M2ISTConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -93,21 +119,31 @@ class M2ISTModel(BaseTuner):
             if not config.tower_shapes:
                 raise
             raise ValueError(f"This adapter does not fit these towers: {err}") from None
+        from_saved_config = bool(config.tower_shapes)
         record_plan(plan, config)
+        check_parameter_budget({
+            "side network": lambda: self._build_side_network(config, plan),
+            "grounding head": lambda: self._build_head(config, plan),
+        })
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, None)
         ctx = init_empty_weights if low_cpu_mem_usage else nullcontext
         with ctx():
             side = self._build_side_network(config, plan)
             head = self._build_head(config, plan)
-        vision_tower = get_tower(model, config.vision_tower, "vision_tower")
-        param = next(vision_tower.parameters(), None)
-        if param is not None and not low_cpu_mem_usage:
-            side.to(param.device)
-            head.to(param.device)
+        # under `low_cpu_mem_usage` (also PeftModel's own `init_empty_weights`) the weights are on 'meta' until the
+        # saved ones are assigned; `move_adapter_to_tower_device` moves them once loaded
+        if not (low_cpu_mem_usage or has_meta_tensors(side) or has_meta_tensors(head)):
+            device = tower_device(get_tower(model, config.vision_tower, "vision_tower"))
+            if device is not None:
+                side.to(device)
+                head.to(device)
+        if from_saved_config:  # built from a saved adapter: its weights come next (`load_adapter`)
+            self._m2ist_awaiting_weights.add(adapter_name)
         self.m2ist_side[adapter_name] = side
         self.m2ist_head[adapter_name] = head
         self._set_side_requires_grad()
         self._keep_towers_in_eval()
+        declare_rec_signature(model)  # what transformers' Trainer reads (peft_m2ist.trainer_support)
 
     @staticmethod
     def _build_side_network(config: M2ISTConfig, plan: AdapterPlan) -> M2ISTSideNetwork:
@@ -151,6 +187,26 @@ class M2ISTModel(BaseTuner):
         for param in model.parameters():
             param.requires_grad = False
 
+    def _require_adapter(self) -> str:
+        """The active adapter's name; a clear error when every adapter was deleted (instead of an IndexError)."""
+        active = [name for name in self.active_adapters if name in self.peft_config]
+        if not active:
+            raise ValueError(
+                "This M2IST model has no adapter: every adapter was deleted. Add one (`add_adapter(name, config)` or "
+                "`load_adapter(path, adapter_name=name)`) and select it with `set_adapter(name)`, or use `unload()` "
+                "to get the container back."
+            )
+        return active[0]
+
+    def move_adapter_to_tower_device(self, adapter_name: str) -> None:
+        """Move an adapter's side network and head onto the vision tower's device (after loading its weights with
+        `low_cpu_mem_usage`, which assigns them where they were loaded)."""
+        config: M2ISTConfig = self.peft_config[adapter_name]
+        device = tower_device(get_tower(self.model, config.vision_tower, "vision_tower"))
+        for module in (self.m2ist_side[adapter_name], self.m2ist_head[adapter_name]):
+            if device is not None and not has_meta_tensors(module):
+                module.to(device)
+
     # ------------------------------------------------------------------ train / eval
     def _towers(self) -> list[nn.Module]:
         """The vision and text towers every adapter reads (each once)."""
@@ -180,6 +236,17 @@ class M2ISTModel(BaseTuner):
             self.m2ist_side[name].requires_grad_(trainable)
             self.m2ist_head[name].requires_grad_(trainable)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' side networks and heads on (or off); their weights live on the tuner,
+        not in tuner layers, so peft's layer-wise version would find nothing to change."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} do not exist; known adapters: {sorted(self.peft_config)}.")
+        for name in names:
+            self.m2ist_side[name].requires_grad_(requires_grad)
+            self.m2ist_head[name].requires_grad_(requires_grad)
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if len(names) != 1:
@@ -201,6 +268,7 @@ class M2ISTModel(BaseTuner):
         super().delete_adapter(adapter_name)
         del self.m2ist_side[adapter_name]
         del self.m2ist_head[adapter_name]
+        self._m2ist_awaiting_weights.discard(adapter_name)
         for name, module in list(self.model.named_modules()):
             if isinstance(module, M2ISTTapLayer) and not module.m2ist_tapped_by:
                 self._restore(name, module)
@@ -221,18 +289,23 @@ class M2ISTModel(BaseTuner):
         self.merge_and_unload()
 
     def unload(self) -> nn.Module:
-        """Remove every tap and every side network; returns the untouched container with its towers."""
+        """Remove every tap and every side network; returns the untouched container with its towers (without the
+        `peft_config` attribute peft put on it, so it can be wrapped again without a warning)."""
         for name, module in list(self.model.named_modules()):
             if isinstance(module, M2ISTTapLayer):
                 self._restore(name, module)
         self.m2ist_side.clear()
         self.m2ist_head.clear()
+        self._m2ist_awaiting_weights.clear()
+        if "peft_config" in self.model.__dict__:
+            del self.model.peft_config
+        restore_container_class(self.model)
         return self.model
 
     # ------------------------------------------------------------------ parameters
     def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
         """Parameter counts of one adapter: experts only (the paper's measure), projections + head, towers."""
-        adapter_name = adapter_name or self.active_adapters[0]
+        adapter_name = adapter_name or self._require_adapter()
         side, head = self.m2ist_side[adapter_name], self.m2ist_head[adapter_name]
         experts = side.adapter_parameters()
         side_total = sum(p.numel() for p in side.parameters())
@@ -263,7 +336,7 @@ class M2ISTModel(BaseTuner):
         to skip the towers in later epochs. With `M2ISTConfig.tower_micro_batch_size` the towers run on that many
         samples at a time, each micro-batch's outputs written into the whole-batch tensors.
         """
-        config: M2ISTConfig = self.peft_config[self.active_adapters[0]]
+        config: M2ISTConfig = self.peft_config[self._require_adapter()]
         validate_inputs(pixel_values, input_ids, attention_mask, pixel_mask, None, config.max_text_tokens)
         validate_image_size(pixel_values, config.image_size)
         if attention_mask is None:
@@ -272,6 +345,8 @@ class M2ISTModel(BaseTuner):
         text_tower = get_tower(self.model, config.text_tower, "text_tower")
         check_devices(vision_tower, {"pixel_values": pixel_values, "pixel_mask": pixel_mask}, "vision")
         check_devices(text_tower, {"input_ids": input_ids, "attention_mask": attention_mask}, "text")
+        check_finite_pixels(pixel_values)
+        check_token_ids(input_ids, text_vocab_size(text_tower))
         batch = input_ids.shape[0]
         step = config.tower_micro_batch_size or batch
         with frozen(vision_tower, text_tower):
@@ -303,7 +378,7 @@ class M2ISTModel(BaseTuner):
                 "on the same pair), and their taps now feed that newer model. Use the newer model, or give each model "
                 "its own pair (e.g. `copy.deepcopy(pair)`)."
             )
-        side = self.m2ist_side[self.active_adapters[0]]
+        side = self.m2ist_side[self._require_adapter()]
         if not self._m2ist_disabled:
             recorder.start(side.tap_names())
         try:
@@ -358,7 +433,8 @@ class M2ISTModel(BaseTuner):
                 f"M2IST forward got unexpected keyword argument(s) {unknown}; it takes pixel_values, input_ids, "
                 f"attention_mask, pixel_mask, labels and tower_features (and ignores {sorted(IGNORED_FORWARD_KWARGS)})."
             )
-        adapter = self.active_adapters[0]
+        adapter = self._require_adapter()
+        self._m2ist_awaiting_weights.discard(adapter)  # in use: a later failed load must not remove it
         config: M2ISTConfig = self.peft_config[adapter]
         if tower_features is None:
             features = self.encode_towers(pixel_values, input_ids, attention_mask, pixel_mask)
@@ -422,4 +498,40 @@ class M2ISTModel(BaseTuner):
             checkpoint_to_model[checkpoint_key] = model_key
             if not model_key.startswith(peft_prefix):  # the tuner itself, not wrapped in a PeftModel
                 checkpoint_to_model[peft_prefix + checkpoint_key] = model_key
-        return {checkpoint_to_model.get(k, k): v for k, v in state_dict.items()}
+        remapped = {checkpoint_to_model.get(k, k): v for k, v in state_dict.items()}
+        cls._check_adapter_weights(model, adapter_name, remapped, checkpoint_to_model)
+        return remapped
+
+    @classmethod
+    def _check_adapter_weights(cls, model, adapter_name: str, remapped: dict[str, torch.Tensor],
+                               checkpoint_to_model: dict[str, str]) -> None:
+        """All or nothing: every tensor of the adapter's side network and head must be in `remapped`, with its shape,
+        and nothing else; else `AdapterWeightsError`, raised before peft copies any weight into the model."""
+        expected = {k: v.shape for k, v in model.state_dict().items()
+                    if cls._adapter_name_position(k, adapter_name) is not None}
+        model_to_checkpoint = {}
+        for checkpoint_key, model_key in checkpoint_to_model.items():
+            model_to_checkpoint.setdefault(model_key, checkpoint_key)
+        missing = sorted(model_to_checkpoint.get(k, k) for k in expected if k not in remapped)
+        unexpected = sorted(k for k in remapped if k not in expected)
+        wrong_shape = [
+            f"{model_to_checkpoint.get(k, k)}: {tuple(v.shape)} in the file, {tuple(expected[k])} in the model"
+            for k, v in sorted(remapped.items()) if k in expected and tuple(v.shape) != tuple(expected[k])
+        ]
+        if not (missing or unexpected or wrong_shape):
+            return
+        def listed(items: list[str], limit: int = 8) -> str:
+            shown = ", ".join(repr(item) for item in items[:limit])
+            return f"[{shown}" + (f", ... and {len(items) - limit} more]" if len(items) > limit else "]")
+
+        problems = []
+        if missing:
+            problems.append(f"missing keys {listed(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {listed(unexpected)}")
+        if wrong_shape:
+            problems.append(f"tensors of another shape [{'; '.join(wrong_shape[:8])}]")
+        raise AdapterWeightsError(
+            f"The saved weights do not match the side network and head of adapter '{adapter_name}' ("
+            + ", ".join(problems) + "); nothing was loaded. The file is damaged or belongs to another adapter config."
+        )

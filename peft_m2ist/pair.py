@@ -19,7 +19,12 @@ class VisionTextPair(nn.Module):
         names = [getattr(getattr(m, "config", None), "_name_or_path", "") for m in (vision_model, text_model)]
         self.name_or_path = " + ".join(n for n in names if n) or None
 
-    def forward(self, *args, **kwargs):
+    # transformers' Trainer reads the container's forward signature (which dataset columns to keep, `labels` as the
+    # label name) and `accepts_loss_kwargs` (M2IST's loss is a batch mean: scale it under gradient accumulation)
+    accepts_loss_kwargs = False
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, pixel_mask=None, labels=None):
+        """Not callable: the arguments are those of the M2IST model that wraps the pair, which runs the towers."""
         raise TypeError(
             "VisionTextPair has no forward of its own: wrap it with `get_peft_model(pair, M2ISTConfig(...))`."
         )

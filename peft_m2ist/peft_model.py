@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-from huggingface_hub import ModelCard
 from peft import PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from .model import AdapterWeightsError
+from .model_card import build_model_card, check_model_card_info, read_model_card_info, write_model_card_info
 from .outputs import ReferringExpressionOutput
 from .tower_features import TowerFeatures
 
@@ -52,6 +57,91 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
             adapter_name = names[0]
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
+        """peft's `load_adapter`, all or nothing: the saved tensors must be exactly the adapter's side network and head
+        (names and shapes), else a `ValueError` naming the keys and the file, raised before any weight changes. A
+        failed load leaves the model as it was: an adapter this call added is removed again (taps, side network,
+        head, config), and so is one built from a saved config whose weights never loaded (what
+        `PeftModel.from_pretrained` builds), which leaves the container without taps."""
+        tuner = self.base_model
+        added = adapter_name not in self.peft_config
+        requires_grad = {name: p.requires_grad for name, p in self.named_parameters()}
+        try:
+            result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        except Exception as err:
+            if adapter_name in self.peft_config and (added or adapter_name in tuner._m2ist_awaiting_weights):
+                self._discard_adapter(adapter_name)
+                for name, param in self.named_parameters():
+                    if name in requires_grad:
+                        param.requires_grad_(requires_grad[name])
+            if isinstance(err, AdapterWeightsError):
+                raise AdapterWeightsError(f"{_weights_file(model_id, kwargs)}: {err}") from None
+            raise
+        tuner._m2ist_awaiting_weights.discard(adapter_name)
+        tuner.move_adapter_to_tower_device(adapter_name)
+        if self.model_card_info is None:
+            info = read_model_card_info(model_id, kwargs.get("subfolder"))
+            if info:
+                self.model_card_info = info
+        return result
+
+    def _discard_adapter(self, adapter_name: str) -> None:
+        """Remove a half-made adapter; the last one takes the taps and peft's bookkeeping off the container too."""
+        if len(self.peft_config) > 1:
+            self.delete_adapter(adapter_name)  # not the active one: the active adapter stays as it is
+            return
+        del self.peft_config[adapter_name]
+        self.base_model.unload()
+
+    def save_pretrained(
+        self,
+        save_directory: str,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        model_card_info: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """peft's `save_pretrained`, with the M2IST model card (`peft_m2ist.model_card`).
+
+        `model_card_info` (`training_data`, `training_command`, `evaluation`) fills the card's training and
+        evaluation sections for this save; `model.model_card_info = {...}` does so for every later save and
+        `push_to_hub`. No tower weight is saved: `save_embedding_layers` is `False` ("auto" would ask the Hub for a
+        config at the container's name, a name of two towers); `True` raises a `ValueError`.
+        """
+        if save_embedding_layers is True:
+            raise ValueError("M2IST never saves tower weights: the towers are frozen and loaded separately, so "
+                             "`save_embedding_layers=True` is not supported.")
+        info = check_model_card_info(self.model_card_info if model_card_info is None else model_card_info)
+        previous = self.__dict__.get("_m2ist_card_info_for_save")
+        self.__dict__["_m2ist_card_info_for_save"] = info
+        try:
+            super().save_pretrained(
+                save_directory,
+                safe_serialization=safe_serialization,
+                selected_adapters=selected_adapters,
+                save_embedding_layers=False,
+                is_main_process=is_main_process,
+                path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
+                **kwargs,
+            )
+        finally:
+            self.__dict__["_m2ist_card_info_for_save"] = previous
+        if is_main_process:
+            write_model_card_info(save_directory, info)
+
+    @property
+    def model_card_info(self) -> dict[str, Any] | None:
+        """Training data, command and evaluation for the model card (see `peft_m2ist.model_card`); `None` if unset.
+        Read back from a local adapter folder by `load_adapter` / `PeftModel.from_pretrained`."""
+        return self.__dict__.get("_m2ist_model_card_info")
+
+    @model_card_info.setter
+    def model_card_info(self, info: Mapping[str, Any] | None) -> None:
+        self.__dict__["_m2ist_model_card_info"] = check_model_card_info(info) if info is not None else None
+
     def tower_names(self) -> list[str]:
         """The `name_or_path` of each tower, where its config knows one."""
         adapter = self.active_adapter
@@ -65,29 +155,13 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
         return names
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        """peft's model card, with both towers as `base_model` and an M2IST section."""
-        super().create_or_update_model_card(output_dir)
-        card_path = Path(output_dir) / "README.md"
-        card = ModelCard.load(card_path)
-        towers = self.tower_names()
-        if towers:
-            card.data.base_model = towers if len(towers) > 1 else towers[0]
-        tags = [t for t in (card.data.tags or []) if not t.startswith("base_model:adapter:None")]
-        tags += [f"base_model:adapter:{t}" for t in towers] + ["m2ist", "referring-expression-comprehension"]
-        card.data.tags = list(dict.fromkeys(tags))
-        counts = self.get_parameter_counts()
-        section = (
-            "\n## M2IST adapter\n\n"
-            f"- Towers (frozen): {', '.join(towers) or 'built from configs (no name)'}\n"
-            f"- Adapter-only parameters (M3ISA experts): {counts['adapter_only']:,}\n"
-            f"- Trainable parameters (experts + projections + grounding head): {counts['adapter_and_head']:,}\n"
-            "- Load with `import peft_m2ist` first, then `PeftModel.from_pretrained(pair, path)`.\n"
-        )
-        if getattr(self, "card_results", None):
-            section += f"\n## Results\n\n{self.card_results}"
-        if "## M2IST adapter" not in card.text:
-            card.text = card.text + section
-        card.save(card_path)
+        """Write the M2IST model card (`peft_m2ist.model_card.build_model_card`) to `output_dir/README.md`, in place
+        of peft's template; peft calls this from `save_pretrained` (and so from `push_to_hub`)."""
+        info = self.__dict__.get("_m2ist_card_info_for_save")
+        if info is None:
+            info = self.model_card_info or {}
+        card = build_model_card(self, info, legacy_results=self.__dict__.get("card_results"))
+        card.save(Path(output_dir) / "README.md")
 
     def encode_towers(
         self,
@@ -112,3 +186,12 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
             f"adapter + head params: {counts['adapter_and_head']:,} ({100 * counts['adapter_and_head'] / total:.2f}%)"
             f" || all params: {total:,}"
         )
+
+
+def _weights_file(model_id: str | os.PathLike, kwargs: dict[str, Any]) -> str:
+    """The adapter weights file `load_adapter` read, for error messages."""
+    folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(model_id)
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return f"{folder}/{SAFETENSORS_WEIGHTS_NAME} (Hugging Face Hub)"

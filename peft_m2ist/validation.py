@@ -50,6 +50,8 @@ def validate_inputs(
     if input_ids.is_floating_point():
         raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
     batch = pixel_values.shape[0]
+    if batch == 0:
+        raise ValueError("`pixel_values` holds no images (batch size 0): pass at least one image and phrase.")
     if input_ids.shape[0] != batch:
         raise ValueError(
             f"Batch sizes differ: `pixel_values` has {batch} images but `input_ids` has {input_ids.shape[0]} phrases."
@@ -77,6 +79,44 @@ def validate_inputs(
             )
     if labels is not None:
         validate_labels(labels, batch)
+
+
+def check_finite_pixels(pixel_values: torch.Tensor) -> None:
+    """`pixel_values` must hold no NaN or infinity (checked once they are known to be on the vision tower's device)."""
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError(
+            "`pixel_values` contains NaN or infinite values; check the image loading and normalisation (a division "
+            "by a zero standard deviation?)."
+        )
+
+
+def text_vocab_size(text_tower: nn.Module) -> int | None:
+    """How many token ids the text tower embeds: its input embedding's rows, else its config's `vocab_size`."""
+    get_embeddings = getattr(text_tower, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    if isinstance(embeddings, nn.Embedding):
+        return embeddings.num_embeddings
+    size = getattr(getattr(text_tower, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int | None) -> None:
+    """Token ids must lie in `[0, vocab_size)` of the text tower; else a `ValueError` naming `input_ids` (instead of
+    an index error deep inside the tower, or a device-side assert on CUDA)."""
+    if input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0:
+        raise ValueError(f"`input_ids` contains the negative token id {low}; token ids must be >= 0 (padding with "
+                         "-100 is for labels, not inputs: pad with the tokenizer's pad token).")
+    if vocab_size is not None and high >= vocab_size:
+        raise ValueError(
+            f"`input_ids` contains the token id {high} but the text tower's vocabulary has {vocab_size} tokens "
+            f"(ids 0-{vocab_size - 1}); tokenize with the text tower's own tokenizer."
+        )
 
 
 def validate_labels(labels: object, batch: int) -> None:
