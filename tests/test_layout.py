@@ -18,7 +18,7 @@ def _tables() -> tuple[dict[str, set[str]], dict[str, str]]:
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 2 and cells[0] not in ("room", "---"):
-            rules[cells[0]] = {r.strip() for r in cells[1].split(",")}
+            rules[cells[0]] = {r.strip() for r in re.sub(r"\(.*?\)", "", cells[1]).split(",")}
         elif len(cells) == 3 and cells[0].startswith("`"):
             rooms[cells[0].strip("`")] = cells[1]
     return rules, rooms
