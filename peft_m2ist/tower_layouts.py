@@ -20,7 +20,8 @@ class TowerLayout:
     Attributes:
         blocks: candidate dotted paths of the `nn.ModuleList` holding the tower's blocks (first existing one wins;
             several because module names moved between transformers releases).
-        ffn: child of a block whose output feeds the modality expert (`""`: the block itself).
+        ffn: child of a block whose output feeds the modality expert (`""`: the block itself): the FFN's output before
+            the residual and any norm.
         attention: child of a block whose output feeds the interactive expert (`""`: the block itself).
         embeddings: dotted path of the module whose output is the tower's input embedding, added to the side stream,
             or candidate paths of it (first existing one wins, as for `blocks`); `None`: none.
@@ -58,8 +59,10 @@ TOWER_LAYOUTS: dict[str, TowerLayout] = {
     "clip_vision_model": TowerLayout(("encoder.layers", "vision_model.encoder.layers"), "mlp", "self_attn",
                                      "pre_layrnorm"),
     "clip_text_model": TowerLayout(("encoder.layers", "text_model.encoder.layers"), "mlp", "self_attn", "embeddings"),
-    "bert": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
-    "roberta": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
+    # BERT-family blocks: the FFN tap is `output.dense`, the FFN's output before the dropout, the residual and the
+    # LayerNorm of `output` (as every other family's `mlp` tap, and as the authors' language expert reads it)
+    "bert": TowerLayout(("encoder.layer",), "output.dense", "attention", "embeddings"),
+    "roberta": TowerLayout(("encoder.layer",), "output.dense", "attention", "embeddings"),
     "mobilenet_v2": TowerLayout(("layer",), "", "", None),
     "resnet": TowerLayout(("encoder.stages",), "", "", None),
     "detr": TowerLayout(("encoder.layers",), "mlp", "self_attn", "input_projection"),
@@ -70,7 +73,7 @@ TOWER_LAYOUTS: dict[str, TowerLayout] = {
     "siglip2_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
     # Chinese-CLIP: a CLIP vision tower and a BERT text tower
     "chinese_clip_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _CLIP_PRE_NORM),
-    "chinese_clip_text_model": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
+    "chinese_clip_text_model": TowerLayout(("encoder.layer",), "output.dense", "attention", "embeddings"),
     "clipseg_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _CLIP_PRE_NORM),
     "clipseg_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
     "owlvit_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _OWL_PRE_NORM),
