@@ -286,3 +286,28 @@ def test_head_positions_in_attention_checkpoint_to_the_same_gradients():
         grads.append([p.grad.clone() for p in head.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_preset_adapter_saves_without_tower_weights_and_reloads_to_the_same_boxes(tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    pair = VisionTextPair(tiny_detr(), tiny_bert()).eval()
+    fresh = copy.deepcopy(pair)
+    model = get_peft_model(pair, paper_tiny_config())
+    model.eval()
+    batch = inputs()
+    with torch.no_grad():
+        expected = model(**batch).pred_boxes
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sum(t.numel() for t in saved.values()) == model.get_parameter_counts()["adapter_and_head"]
+    assert not any("LayerNorm" in k for k in saved)  # BERT's frozen norms stay the tower's
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    assert loaded.peft_config["default"].preset == "paper"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).pred_boxes, expected, rtol=0, atol=1e-6)
