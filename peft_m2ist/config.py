@@ -170,7 +170,8 @@ class M2ISTConfig(PeftConfig):
         default=6,
         metadata={
             "help": "Layer pairs to tap when the layers are auto-resolved: evenly spaced blocks ending at the last "
-            "one, min(num_tapped_layers, depth of either tower) in both towers."
+            "one (tap_layer_spacing='first': the first blocks), min(num_tapped_layers, depth of either tower) in "
+            "both towers."
         },
     )
     bottleneck_dim: int = field(default=128, metadata={"help": "Width of every expert's bottleneck."})
