@@ -76,7 +76,7 @@ def paper_scale() -> Scale:
         m2ist_taps=dict(
             vision_layers=[f"encoder.layers.{i}.mlp" for i in layers],
             vision_attention_layers=[f"encoder.layers.{i}.self_attn" for i in layers],
-            text_layers=[f"encoder.layer.{i}.output" for i in layers],
+            text_layers=[f"encoder.layer.{i}.output.dense" for i in layers],
             text_attention_layers=[f"encoder.layer.{i}.attention" for i in layers],
         ),
         lora_targets=r"(vision_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from peft import PeftConfig
@@ -148,6 +148,24 @@ class M2ISTConfig(PeftConfig):
             vision tower config's `image_size`, else 640.
         l1_weight (`float`): Weight of the L1 box loss.
         giou_weight (`float`): Weight of the (1 - GIoU) box loss.
+        preset (`str`, *optional*): `"paper"` builds the authors' M2IST: every fidelity field below, `box_head` and
+            `head_attention_dropout` take the authors' value (docs/fidelity.md); `None`: the library's defaults.
+        tap_layer_spacing (`str`): Auto-resolved taps on `"even"`ly spaced blocks or on the `"first"` blocks.
+        expert_init (`str`): `"zero_up"` (up-projections start at zero) or `"kaiming"` (the authors' init).
+        expert_norm (`str`): `"non_affine"` or `"affine"` LayerNorm in front of the vision and language experts.
+        language_expert_output_norm (`str`): `"tower"` passes the language expert's output through the text block's
+            frozen FFN LayerNorm (the authors'); `"none"`.
+        interaction_width (`str`): Interaction width when `interaction_dim` is None: `"head"` or `"vision"`.
+        interaction_input_norm (`bool`): LayerNorm before the interactive expert's down-projections.
+        interaction_scaled (`bool`): Scale the interactive expert's output by `expert_scale`.
+        interaction_text_path (`str`): `"to_head"` or `"concat"` (the authors' text path of the interactive expert).
+        interaction_text_output_norm (`str`): `"tower"` passes the concatenated text output through the text block's
+            frozen attention LayerNorm (the authors'); `"none"`.
+        head_input_norm (`bool`): LayerNorm over the head's input tokens.
+        head_grid_encoding (`str`): `"sine"` grid encoding on vision positions, or `"none"`.
+        head_positions (`str`): Positions added once to the `"input"`, or to queries and keys in every layer
+            (`"attention"`, TransVG's).
+        head_init (`str`): `"trunc_normal"` or `"transvg"` initialisation of the head.
     """
 
     vision_tower: str = field(
@@ -191,7 +209,8 @@ class M2ISTConfig(PeftConfig):
         default=6,
         metadata={
             "help": "Layer pairs to tap when the layers are auto-resolved: evenly spaced blocks ending at the last "
-            "one, min(num_tapped_layers, depth of either tower) in both towers."
+            "one (tap_layer_spacing='first': the first blocks), min(num_tapped_layers, depth of either tower) in "
+            "both towers."
         },
     )
     bottleneck_dim: int = field(default=128, metadata={"help": "Width of every expert's bottleneck."})
@@ -267,6 +286,118 @@ class M2ISTConfig(PeftConfig):
     )
     l1_weight: float = field(default=1.0, metadata={"help": "Weight of the L1 loss on cxcywh boxes."})
     giou_weight: float = field(default=1.0, metadata={"help": "Weight of the (1 - generalized IoU) loss."})
+    # ---------------------------------------------------------------- fidelity to the authors' code
+    # Each field below is one place where the library departs from the authors' released M2IST code
+    # (docs/fidelity.md). The defaults are the library's behaviour; `preset="paper"` sets every one of them to the
+    # authors' choice.
+    preset: Literal["paper"] | None = field(
+        default=None,
+        metadata={
+            "help": "'paper' builds the authors' M2IST (their released code, DETR-R50 + BERT-base): every fidelity "
+            "field below, box_head and head_attention_dropout are set to the authors' choice (docs/fidelity.md). A "
+            "field left at its library default takes the authors' value; a field set to anything else raises a "
+            "ValueError. None: the library's defaults."
+        },
+    )
+    tap_layer_spacing: Literal["even", "first"] = field(
+        default="even",
+        metadata={
+            "help": "Which blocks auto-resolved taps use: 'even' (evenly spaced blocks ending at the last one) or "
+            "'first' (the first num_tapped_layers blocks, as the authors tap layers 0-5 of DETR and BERT)."
+        },
+    )
+    expert_init: Literal["zero_up", "kaiming"] = field(
+        default="zero_up",
+        metadata={
+            "help": "Initialisation of the experts' projections: 'zero_up' (down-projections as torch's Linear, "
+            "up-projections at zero, so an untrained side network adds nothing) or 'kaiming' (the authors': every "
+            "down- and up-projection kaiming-uniform (a=sqrt(5)) with biases drawn from U(0, 1))."
+        },
+    )
+    expert_norm: Literal["non_affine", "affine"] = field(
+        default="non_affine",
+        metadata={
+            "help": "LayerNorm in front of the vision and language experts: 'non_affine' (no parameters) or 'affine' "
+            "(the authors': a learned scale and shift, 2 x width parameters; applied after the plain normalisation, "
+            "so autograd still keeps no tower tensor)."
+        },
+    )
+    language_expert_output_norm: Literal["none", "tower"] = field(
+        default="none",
+        metadata={
+            "help": "'tower' passes each language expert's output through the frozen LayerNorm that ends the tapped "
+            "text block's FFN (BERT's output.LayerNorm), as the authors do (it also undoes expert_scale); 'none' "
+            "adds it as it is. 'tower' needs a post-norm BERT-family text tower."
+        },
+    )
+    interaction_width: Literal["head", "vision"] = field(
+        default="head",
+        metadata={
+            "help": "Width of the interactive expert's shared up-projection when interaction_dim is None: 'head' "
+            "(head_hidden_size) or 'vision' (the vision tower's token width, the authors': 256 for DETR)."
+        },
+    )
+    interaction_input_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "Normalise the attention taps (non-affine LayerNorm) before the interactive expert's "
+            "down-projections. The authors' interactive expert has no norm (False)."
+        },
+    )
+    interaction_scaled: bool = field(
+        default=True,
+        metadata={
+            "help": "Multiply the interactive expert's output by expert_scale. The authors' shared up-projection "
+            "is not scaled (False)."
+        },
+    )
+    interaction_text_path: Literal["to_head", "concat"] = field(
+        default="to_head",
+        metadata={
+            "help": "Where the interactive expert's text output goes when the text width differs from the "
+            "interaction width: 'to_head' (a Linear(interaction width, head_hidden_size) per layer, added after "
+            "text_proj) or 'concat' (the authors': a Linear(bottleneck_dim, text width - interaction width) of the "
+            "text bottleneck concatenated with the shared up-projection, text width in all, added to the text "
+            "stream before text_proj; needs a text tower wider than the interaction width)."
+        },
+    )
+    interaction_text_output_norm: Literal["none", "tower"] = field(
+        default="none",
+        metadata={
+            "help": "'tower' passes the interactive expert's concatenated text output (interaction_text_path="
+            "'concat') through the frozen LayerNorm that ends the tapped text block's attention (BERT's "
+            "attention.output.LayerNorm), as the authors do; 'none' adds it as it is."
+        },
+    )
+    head_input_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "LayerNorm over [REG] + text + vision tokens before the head adds its positions (the streams "
+            "can differ in scale by orders of magnitude). TransVG's head has none (False)."
+        },
+    )
+    head_grid_encoding: Literal["sine", "none"] = field(
+        default="sine",
+        metadata={
+            "help": "'sine' adds a fixed 2D sine encoding of each vision token's cell to its learned position "
+            "(grid towers only); 'none' uses the learned positions only, as TransVG."
+        },
+    )
+    head_positions: Literal["input", "attention"] = field(
+        default="input",
+        metadata={
+            "help": "'input' adds the head's positions once, to its input tokens; 'attention' adds them to the "
+            "queries and keys (not the values) of every head layer, as TransVG's vision-language transformer."
+        },
+    )
+    head_init: Literal["trunc_normal", "transvg"] = field(
+        default="trunc_normal",
+        metadata={
+            "help": "Initialisation of the head: 'trunc_normal' ([REG] and positions from a truncated normal, "
+            "std 0.02; layers as torch builds them) or 'transvg' ([REG] and positions N(0, 1) as nn.Embedding, "
+            "every matrix of the transformer layers xavier-uniform, as TransVG)."
+        },
+    )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Filled automatically with the full names of the tapped modules; do not set by hand."},
@@ -338,6 +469,7 @@ class M2ISTConfig(PeftConfig):
                 f"`bottleneck_dim` ({self.bottleneck_dim}) must be divisible by `interaction_heads` "
                 f"({self.interaction_heads}) when interaction='cross_attention'."
             )
+        _check_fidelity_fields(self)  # the fidelity fields and `preset` (kept apart: see below)
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
@@ -346,5 +478,87 @@ class M2ISTConfig(PeftConfig):
 
     @property
     def resolved_interaction_dim(self) -> int:
-        """Width of the interactive expert's shared space."""
+        """Width of the interactive expert's shared space, where the towers do not decide it (with
+        `interaction_width="vision"` it is the vision tower's width, known once the towers are probed)."""
         return self.interaction_dim or self.head_hidden_size
+
+
+# ------------------------------------------------------------------ fidelity fields and the paper preset
+FIDELITY_CHOICES: dict[str, tuple[Any, ...]] = {
+    "tap_layer_spacing": ("even", "first"),
+    "expert_init": ("zero_up", "kaiming"),
+    "expert_norm": ("non_affine", "affine"),
+    "language_expert_output_norm": ("none", "tower"),
+    "interaction_width": ("head", "vision"),
+    "interaction_input_norm": (True, False),
+    "interaction_scaled": (True, False),
+    "interaction_text_path": ("to_head", "concat"),
+    "interaction_text_output_norm": ("none", "tower"),
+    "head_input_norm": (True, False),
+    "head_grid_encoding": ("sine", "none"),
+    "head_positions": ("input", "attention"),
+    "head_init": ("trunc_normal", "transvg"),
+}
+"""Each fidelity field's allowed values; the first is the library default."""
+
+PRESETS = ("paper",)
+PAPER_PRESET: dict[str, Any] = {
+    "tap_layer_spacing": "first",
+    "expert_init": "kaiming",
+    "expert_norm": "affine",
+    "language_expert_output_norm": "tower",
+    "interaction_width": "vision",
+    "interaction_input_norm": False,
+    "interaction_scaled": False,
+    "interaction_text_path": "concat",
+    "interaction_text_output_norm": "tower",
+    "head_input_norm": False,
+    "head_grid_encoding": "none",
+    "head_positions": "attention",
+    "head_init": "transvg",
+    # existing fields whose library default is not the authors'
+    "box_head": "mlp",
+    "head_attention_dropout": 0.1,
+    # existing fields whose library default is the authors' (the preset refuses other values)
+    "interaction": "shared",
+    "mixture": "sum",
+    "interaction_dim": None,
+}
+"""What `M2ISTConfig(preset="paper")` sets: the authors' choice for every departure listed in docs/fidelity.md.
+Sizes (bottleneck_dim=128, head 256 / 6 layers / 8 heads / 2048, num_tapped_layers=6, expert_scale=0.1, dropouts)
+are the library defaults, which are the paper's; the preset leaves them free."""
+
+
+def _check_fidelity_fields(config: M2ISTConfig) -> None:
+    """Validate the fidelity fields and apply `preset` (fields at their library default take the preset's value)."""
+    if config.preset is not None and config.preset not in PRESETS:
+        raise ValueError(f"`preset` must be None or one of {PRESETS}, got {config.preset!r}.")
+    for name, allowed in FIDELITY_CHOICES.items():
+        value = getattr(config, name)
+        if isinstance(allowed[0], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        elif value not in allowed:
+            raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+    if config.preset == "paper":
+        defaults = {f.name: f.default for f in fields(config) if f.name in PAPER_PRESET}
+        for name, paper in PAPER_PRESET.items():
+            value = getattr(config, name)
+            if value == paper:
+                continue
+            if value != defaults[name]:
+                raise ValueError(
+                    f"preset='paper' sets `{name}` to the authors' {paper!r}, but the config sets {value!r}. Drop "
+                    f"`{name}` (or the preset, and set each field yourself: docs/fidelity.md lists them)."
+                )
+            setattr(config, name, paper)
+    if config.interaction_text_output_norm == "tower" and config.interaction_text_path != "concat":
+        raise ValueError(
+            "`interaction_text_output_norm='tower'` normalises the interactive expert's concatenated text output: "
+            "it needs `interaction_text_path='concat'`."
+        )
+    if config.interaction_dim is not None and config.interaction_width != "head":
+        raise ValueError(
+            f"`interaction_dim` ({config.interaction_dim}) and `interaction_width={config.interaction_width!r}` "
+            "both set the interaction width; set one of them."
+        )

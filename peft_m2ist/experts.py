@@ -6,8 +6,46 @@ final tokens on the side; nothing flows back into a tower.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+EXPERT_INITS = ("zero_up", "kaiming")
+
+
+def init_projection(linear: nn.Linear, init: str, zero: bool = False) -> None:
+    """`init="kaiming"`: the authors' init of an expert projection, kaiming-uniform weights (a=sqrt(5)) and biases
+    from U(0, 1). Otherwise zero the projection when `zero` (the library's up-projections) or keep torch's init."""
+    if init == "kaiming":
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+            nn.init.uniform_(linear.bias, 0.0, 1.0)
+    elif zero:
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+
+
+class FrozenTowerNorm:
+    """One of the text tower's own LayerNorms, applied to a side-network tensor (the authors' language and
+    interactive experts end in the BERT block's LayerNorm).
+
+    Deliberately not an `nn.Module`: the norm stays the tower's (frozen, not a parameter of the side network, not
+    saved with the adapter, moved and cast with the tower); its weights are cast to the input's dtype and device.
+    """
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        self.norm = norm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        weight = None if norm.weight is None else norm.weight.to(device=x.device, dtype=x.dtype)
+        bias = None if norm.bias is None else norm.bias.to(device=x.device, dtype=x.dtype)
+        return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+    def __repr__(self) -> str:
+        return f"FrozenTowerNorm({self.norm})"
 
 
 class ModalityExpert(nn.Module):
@@ -20,21 +58,29 @@ class ModalityExpert(nn.Module):
     `(batch, tokens, out_dim)`; `out_dim` is the width of the tower's final tokens. `up` starts at zero (as LoRA's `B`
     and AdaptFormer's up-projection do), so an untrained expert adds nothing and the head starts from the towers' own
     tokens (random corrections at the start slowed learning on the built-in benchmark; see docs/results.md).
+
+    With `affine_norm` (`M2ISTConfig.expert_norm="affine"`, the authors') the LayerNorm has a learned scale and shift,
+    applied after the plain normalisation, so autograd still keeps the normalised copy and not the tap. With
+    `init="kaiming"` (the authors') both projections get `init_projection`'s kaiming weights and U(0, 1) biases.
     """
 
-    def __init__(self, in_dim: int, bottleneck_dim: int, out_dim: int, scale: float, dropout: float) -> None:
+    def __init__(self, in_dim: int, bottleneck_dim: int, out_dim: int, scale: float, dropout: float,
+                 affine_norm: bool = False, init: str = "zero_up") -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim, elementwise_affine=False)
+        self.norm = nn.LayerNorm(in_dim, elementwise_affine=affine_norm)
         self.down = nn.Linear(in_dim, bottleneck_dim)
         self.up = nn.Linear(bottleneck_dim, out_dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        init_projection(self.up, init, zero=True)
+        init_projection(self.down, init)
         self.dropout = nn.Dropout(dropout)
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the expert output `(batch, tokens, out_dim)` and its bottleneck `(batch, tokens, bottleneck)`."""
-        hidden = self.dropout(torch.relu(self.down(self.norm(x))))
+        normed = F.layer_norm(x, self.norm.normalized_shape, None, None, self.norm.eps)
+        if self.norm.weight is not None:
+            normed = torch.addcmul(self.norm.bias, normed, self.norm.weight)
+        hidden = self.dropout(torch.relu(self.down(normed)))
         return self.up(hidden) * self.scale, hidden
 
 
@@ -48,6 +94,10 @@ class InteractiveExpert(nn.Module):
       text bottleneck tokens and vice versa (residual, pre-norm), so tokens cross between modalities.
     Outputs are `(batch, vision_tokens, interaction_dim)` and `(batch, text_tokens, interaction_dim)`, x scale. The
     shared up-projection starts at zero, like the modality experts' (see `ModalityExpert`).
+
+    The authors' variant, by options: `input_norm=False` (no LayerNorm before the down-projections), `scaled=False`
+    (no x scale), `init="kaiming"` and `text_extra > 0`: the text output is `cat[text_up(t), shared_up(t)]`, with
+    `text_up` a `Linear(bottleneck_dim, text_extra)` (the authors' 128 -> 512 beside the shared 128 -> 256).
     """
 
     def __init__(
@@ -60,6 +110,11 @@ class InteractiveExpert(nn.Module):
         dropout: float,
         mode: str = "shared",
         heads: int = 4,
+        *,
+        input_norm: bool = True,
+        scaled: bool = True,
+        init: str = "zero_up",
+        text_extra: int = 0,
     ) -> None:
         super().__init__()
         self.vision_norm = nn.LayerNorm(vision_dim, elementwise_affine=False)
@@ -67,10 +122,17 @@ class InteractiveExpert(nn.Module):
         self.text_norm = nn.LayerNorm(text_dim, elementwise_affine=False)
         self.text_down = nn.Linear(text_dim, bottleneck_dim)
         self.shared_up = nn.Linear(bottleneck_dim, interaction_dim)
-        nn.init.zeros_(self.shared_up.weight)
-        nn.init.zeros_(self.shared_up.bias)
+        init_projection(self.shared_up, init, zero=True)
+        self.text_up = nn.Linear(bottleneck_dim, text_extra) if text_extra > 0 else None
+        if init == "kaiming":
+            for linear in (self.vision_down, self.text_down, self.text_up):
+                if linear is not None:
+                    init_projection(linear, init)
+        elif self.text_up is not None:
+            init_projection(self.text_up, init, zero=True)
         self.dropout = nn.Dropout(dropout)
-        self.scale = scale
+        self.scale = scale if scaled else 1.0
+        self.input_norm = input_norm
         self.mode = mode
         if mode == "cross_attention":
             self.vision_from_text = nn.MultiheadAttention(bottleneck_dim, heads, batch_first=True)
@@ -86,15 +148,22 @@ class InteractiveExpert(nn.Module):
         text_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`vision` `(batch, Nv, vision_dim)`, `text` `(batch, Nt, text_dim)`; masks `(batch, N)` with 1 = real token."""
-        v = self.dropout(torch.relu(self.vision_down(self.vision_norm(vision))))
-        t = self.dropout(torch.relu(self.text_down(self.text_norm(text))))
+        if self.input_norm:
+            vision, text = self.vision_norm(vision), self.text_norm(text)
+        v = self.dropout(torch.relu(self.vision_down(vision)))
+        t = self.dropout(torch.relu(self.text_down(text)))
         if self.mode == "cross_attention":
             text_pad = None if text_mask is None else ~text_mask.bool()
             vision_pad = None if vision_mask is None else ~vision_mask.bool()
             tn, vn = self.cross_norm_text(t), self.cross_norm_vision(v)
             v = v + self.vision_from_text(vn, tn, tn, key_padding_mask=text_pad, need_weights=False)[0]
             t = t + self.text_from_vision(tn, vn, vn, key_padding_mask=vision_pad, need_weights=False)[0]
-        return self.shared_up(v) * self.scale, self.shared_up(t) * self.scale
+        text_out = self.shared_up(t)
+        if self.text_up is not None:
+            text_out = torch.cat([self.text_up(t), text_out], dim=-1)
+        if self.scale == 1.0:
+            return self.shared_up(v), text_out
+        return self.shared_up(v) * self.scale, text_out * self.scale
 
 
 class ExpertGate(nn.Module):
@@ -119,7 +188,11 @@ class M3ISA(nn.Module):
 
     The interactive expert's output lives in the interaction space. For a modality whose final tokens have exactly
     that width it joins the stream directly (the stream's projection to the head then maps it); otherwise a
-    modality-specific `Linear(interaction_dim, head_hidden_size)` maps it, and it joins after the projection.
+    modality-specific `Linear(interaction_dim, head_hidden_size)` maps it, and it joins after the projection. With
+    `text_concat` (the authors' text path) the text output is widened to the text width instead (see
+    `InteractiveExpert`) and joins the text stream. `language_output_norm` / `interaction_text_norm` (the text
+    block's own frozen LayerNorms, `FrozenTowerNorm`) normalise the language expert's output and the interactive
+    expert's text output before they join the stream, as the authors' BERT blocks do.
     """
 
     def __init__(
@@ -139,18 +212,37 @@ class M3ISA(nn.Module):
         interaction: str,
         interaction_heads: int,
         gated: bool,
+        expert_init: str = "zero_up",
+        affine_norm: bool = False,
+        interaction_input_norm: bool = True,
+        interaction_scaled: bool = True,
+        text_concat: bool = False,
+        language_output_norm: nn.LayerNorm | None = None,
+        interaction_text_norm: nn.LayerNorm | None = None,
     ) -> None:
         super().__init__()
-        self.vision_expert = ModalityExpert(vision_ffn_dim, bottleneck_dim, vision_stream_dim, scale, dropout)
-        self.language_expert = ModalityExpert(text_ffn_dim, bottleneck_dim, text_stream_dim, scale, dropout)
+        if expert_init not in EXPERT_INITS:
+            raise ValueError(f"`expert_init` must be one of {EXPERT_INITS}, got {expert_init!r}.")
+        if text_concat and text_stream_dim <= interaction_dim:
+            raise ValueError(f"The concatenated text path needs a text width ({text_stream_dim}) above the "
+                             f"interaction width ({interaction_dim}).")
+        self.vision_expert = ModalityExpert(vision_ffn_dim, bottleneck_dim, vision_stream_dim, scale, dropout,
+                                            affine_norm, expert_init)
+        self.language_expert = ModalityExpert(text_ffn_dim, bottleneck_dim, text_stream_dim, scale, dropout,
+                                              affine_norm, expert_init)
         self.interactive_expert = InteractiveExpert(
             vision_attention_dim, text_attention_dim, bottleneck_dim, interaction_dim, scale, dropout,
-            mode=interaction, heads=interaction_heads,
+            mode=interaction, heads=interaction_heads, input_norm=interaction_input_norm, scaled=interaction_scaled,
+            init=expert_init, text_extra=text_stream_dim - interaction_dim if text_concat else 0,
         )
         self.vision_to_head = None if vision_stream_dim == interaction_dim else nn.Linear(interaction_dim, head_hidden_size)
-        self.text_to_head = None if text_stream_dim == interaction_dim else nn.Linear(interaction_dim, head_hidden_size)
+        text_joins_stream = text_concat or text_stream_dim == interaction_dim
+        self.text_to_head = None if text_joins_stream else nn.Linear(interaction_dim, head_hidden_size)
         self.vision_gate = ExpertGate(bottleneck_dim) if gated else None
         self.text_gate = ExpertGate(bottleneck_dim) if gated else None
+        # the tower's own norms: plain attributes, not submodules (see FrozenTowerNorm)
+        self.language_output_norm = None if language_output_norm is None else FrozenTowerNorm(language_output_norm)
+        self.interaction_text_norm = None if interaction_text_norm is None else FrozenTowerNorm(interaction_text_norm)
 
     def forward(
         self,
@@ -166,6 +258,10 @@ class M3ISA(nn.Module):
         vision_out, vision_hidden = self.vision_expert(vision_ffn)
         text_out, text_hidden = self.language_expert(text_ffn)
         vision_inter, text_inter = self.interactive_expert(vision_attention, text_attention, vision_mask, text_mask)
+        if self.language_output_norm is not None:
+            text_out = self.language_output_norm(text_out)
+        if self.interaction_text_norm is not None:
+            text_inter = self.interaction_text_norm(text_inter)
         vision_stream, vision_head = _mix(vision_out, vision_inter, vision_hidden, self.vision_gate,
                                           self.vision_to_head)
         text_stream, text_head = _mix(text_out, text_inter, text_hidden, self.text_gate, self.text_to_head)

@@ -147,3 +147,16 @@ class LeanFeedForwardEncoderLayer(nn.TransformerEncoderLayer):
             return self.dropout2(out)
         hidden = ReLUDropout.apply(self.linear1(x), self.dropout.p, self.training)
         return self.dropout2(self.linear2(hidden))
+
+    def forward_with_positions(self, src: torch.Tensor, positions: torch.Tensor,
+                               src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The post-norm layer with `positions` added to the queries and keys of its self-attention, not to the
+        values (DETR's and TransVG's encoder layer, `M2ISTConfig.head_positions="attention"`); same parameters.
+        `src` `(batch, tokens, dim)`, `positions` broadcastable to it, mask `(batch, tokens)` with True = ignore."""
+        if self.norm_first:
+            raise ValueError("forward_with_positions implements the post-norm layer only.")
+        query_key = src + positions
+        attended = self.self_attn(query_key, query_key, src, key_padding_mask=src_key_padding_mask,
+                                  need_weights=False)[0]
+        hidden = self.norm1(src + self.dropout1(attended))
+        return self.norm2(hidden + self._ff_block(hidden))

@@ -20,6 +20,8 @@ from .feed_forward import LeanFeedForwardEncoderLayer
 
 BOX_HEADS = ("pointer", "mlp")
 """The ways to read the box off the head's transformer (`GroundingHead(box_head=...)`)."""
+HEAD_POSITIONS = ("input", "attention")
+HEAD_INITS = ("trunc_normal", "transvg")
 
 
 def sine_grid_encoding(grid: tuple[int, int], dim: int) -> torch.Tensor:
@@ -119,6 +121,11 @@ class GroundingHead(nn.Module):
     40% less activation memory for TransVG's head. With `gradient_checkpointing` each layer keeps only its input and
     runs its whole forward again in backward (`torch.utils.checkpoint`, about one more head forward per step): one
     `(batch, tokens, dim)` tensor per layer plus the layer being recomputed.
+
+    TransVG's head, by options (`M2ISTConfig`'s fidelity fields): `input_norm=False` (no input LayerNorm),
+    `grid_encoding=False` (learned positions only), `positions="attention"` (positions added to the queries and keys
+    of every layer, not once to the input) and `init="transvg"` ([REG] and positions N(0, 1), every matrix of the
+    transformer layers xavier-uniform, so the layers also start different from each other).
     """
 
     def __init__(
@@ -136,26 +143,39 @@ class GroundingHead(nn.Module):
         gradient_checkpointing: bool = False,
         recompute_feed_forward: bool = True,
         vision_prefix_tokens: int = 0,
+        input_norm: bool = True,
+        grid_encoding: bool = True,
+        positions: str = "input",
+        init: str = "trunc_normal",
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         if box_head not in BOX_HEADS:
             raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {box_head!r}.")
+        if positions not in HEAD_POSITIONS:
+            raise ValueError(f"`positions` must be one of {HEAD_POSITIONS}, got {positions!r}.")
+        if init not in HEAD_INITS:
+            raise ValueError(f"`init` must be one of {HEAD_INITS}, got {init!r}.")
+        self.positions = positions
         if vision_grid is not None and vision_grid[0] * vision_grid[1] != num_vision_tokens - vision_prefix_tokens:
             vision_grid = None
         if vision_grid is None:
             vision_prefix_tokens = 0
         self.max_text_tokens = max_text_tokens
         self.num_vision_tokens = num_vision_tokens
-        self.input_norm = nn.LayerNorm(dim)
-        grid_encoding = None
-        if vision_grid is not None:  # prefix tokens have no place in the image: no grid encoding
-            grid_encoding = nn.functional.pad(sine_grid_encoding(vision_grid, dim), (0, 0, vision_prefix_tokens, 0))
-        self.register_buffer("vision_grid_encoding", grid_encoding, persistent=False)
+        self.input_norm = nn.LayerNorm(dim) if input_norm else nn.Identity()
+        encoding = None
+        if vision_grid is not None and grid_encoding:  # prefix tokens have no place in the image: no grid encoding
+            encoding = nn.functional.pad(sine_grid_encoding(vision_grid, dim), (0, 0, vision_prefix_tokens, 0))
+        self.register_buffer("vision_grid_encoding", encoding, persistent=False)
         self.reg_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + max_text_tokens + num_vision_tokens, dim))
-        nn.init.trunc_normal_(self.reg_token, std=0.02)
-        nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        if init == "transvg":  # nn.Embedding's init, as TransVG's reg_token and vl_pos_embed
+            nn.init.normal_(self.reg_token)
+            nn.init.normal_(self.position_embedding)
+        else:
+            nn.init.trunc_normal_(self.reg_token, std=0.02)
+            nn.init.trunc_normal_(self.position_embedding, std=0.02)
         # a checkpointed layer recomputes everything anyway: recomputing its feed-forward block too would do it twice
         layer = LeanFeedForwardEncoderLayer(dim, num_heads, ffn_dim, dropout, batch_first=True,
                                             recompute_hidden=recompute_feed_forward and not gradient_checkpointing)
@@ -163,6 +183,10 @@ class GroundingHead(nn.Module):
         # because it forces the attention kernel to keep a (tokens x tokens) probability map per head for backward.
         layer.self_attn.dropout = attention_dropout
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        if init == "transvg":  # TransVG's _reset_parameters, after the layers were cloned
+            for param in self.encoder.parameters():
+                if param.dim() > 1:
+                    nn.init.xavier_uniform_(param)
         self.box_head = box_head
         if box_head == "pointer":
             self.pointer = PointerBox(dim, num_vision_tokens, vision_grid, vision_prefix_tokens)
@@ -204,7 +228,10 @@ class GroundingHead(nn.Module):
             vision_positions = vision_positions + self.vision_grid_encoding
         positions = torch.cat([self.position_embedding[:, : 1 + text_len], vision_positions], dim=1)
         keep = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, vision_mask.to(text_mask.dtype)], dim=1)
-        hidden = self._encode(self.input_norm(tokens) + positions, ~keep.bool())
+        if self.positions == "attention":
+            hidden = self._encode_with_positions(self.input_norm(tokens), positions, ~keep.bool())
+        else:
+            hidden = self._encode(self.input_norm(tokens) + positions, ~keep.bool())
         if self.box_head == "pointer":
             return self.pointer(hidden[:, 0], hidden[:, 1 + text_len :], vision_mask)
         return self.box_mlp(hidden[:, 0]).sigmoid()
@@ -215,4 +242,16 @@ class GroundingHead(nn.Module):
             return self.encoder(hidden, src_key_padding_mask=padding)
         for layer in self.encoder.layers:
             hidden = activation_checkpoint.checkpoint(layer, hidden, src_key_padding_mask=padding, use_reentrant=False)
+        return hidden
+
+    def _encode_with_positions(self, hidden: torch.Tensor, positions: torch.Tensor,
+                               padding: torch.Tensor) -> torch.Tensor:
+        """The layers with `positions` added to every layer's queries and keys (`positions="attention"`)."""
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.encoder.layers:
+            if checkpointed:
+                hidden = activation_checkpoint.checkpoint(layer.forward_with_positions, hidden, positions, padding,
+                                                          use_reentrant=False)
+            else:
+                hidden = layer.forward_with_positions(hidden, positions, padding)
         return hidden

@@ -19,6 +19,7 @@ from .probe import (
     AdapterPlan,
     check_plan_matches_config,
     check_saved_shapes_are_complete,
+    interaction_dim,
     plan_adapter,
     record_plan,
 )
@@ -153,12 +154,19 @@ class M2ISTModel(BaseTuner):
             vision.ffn_dims, vision.attention_dims, text.ffn_dims, text.attention_dims,
             head_hidden_size=config.head_hidden_size,
             bottleneck_dim=config.bottleneck_dim,
-            interaction_dim=config.resolved_interaction_dim,
+            interaction_dim=interaction_dim(config, vision),
             expert_scale=config.expert_scale,
             expert_dropout=config.expert_dropout,
             interaction=config.interaction,
             interaction_heads=config.interaction_heads,
             gated=config.mixture == "gated",
+            expert_init=config.expert_init,
+            affine_norm=config.expert_norm == "affine",
+            interaction_input_norm=config.interaction_input_norm,
+            interaction_scaled=config.interaction_scaled,
+            text_concat=config.interaction_text_path == "concat",
+            text_ffn_norms=plan.text_ffn_norms,
+            text_attention_norms=plan.text_attention_norms,
         )
 
     @staticmethod
@@ -172,6 +180,10 @@ class M2ISTModel(BaseTuner):
             box_head=config.box_head,
             gradient_checkpointing=config.head_gradient_checkpointing,
             recompute_feed_forward=config.head_recompute_feed_forward,
+            input_norm=config.head_input_norm,
+            grid_encoding=config.head_grid_encoding == "sine",
+            positions=config.head_positions,
+            init=config.head_init,
         )
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key=None, **kw):

@@ -19,7 +19,7 @@ from .tower_forward import (
     run_text_tower,
     run_vision_tower,
 )
-from .tower_layouts import count_blocks, get_tower, resolve_taps
+from .tower_layouts import block_norms, count_blocks, get_tower, resolve_taps
 
 SHAPE_KEYS = tuple(f.name for f in fields(StreamShapes))
 """The keys of each tower's entry in `M2ISTConfig.tower_shapes` (every one saved since 0.1.0)."""
@@ -34,6 +34,11 @@ class AdapterPlan:
     vision: StreamShapes
     text: StreamShapes
     image_size: int
+    # the text tower's own frozen LayerNorms, one per tapped layer, where the config applies them (else None):
+    # ending each tapped block's FFN (`language_expert_output_norm="tower"`) and attention
+    # (`interaction_text_output_norm="tower"`)
+    text_ffn_norms: list[nn.LayerNorm] | None = None
+    text_attention_norms: list[nn.LayerNorm] | None = None
 
     @property
     def target_modules(self) -> list[str]:
@@ -104,8 +109,10 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
     # auto-resolved towers tap the same number of layers: the smallest of the request and both depths
     depths = [count_blocks(vision_tower), count_blocks(text_tower)]
     num_layers = min([config.num_tapped_layers, *[d for d in depths if d]])
-    vision = resolve_taps(vision_tower, config.vision_layers, config.vision_attention_layers, num_layers, "vision")
-    text = resolve_taps(text_tower, config.text_layers, config.text_attention_layers, num_layers, "text")
+    spacing = config.tap_layer_spacing
+    vision = resolve_taps(vision_tower, config.vision_layers, config.vision_attention_layers, num_layers, "vision",
+                          spacing)
+    text = resolve_taps(text_tower, config.text_layers, config.text_attention_layers, num_layers, "text", spacing)
     if len(vision.ffn) != len(text.ffn):
         raise ValueError(
             f"The vision tower has {len(vision.ffn)} tapped layers and the text tower {len(text.ffn)}; M3ISA pairs "
@@ -140,7 +147,43 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
         )
     vision_shapes = _stream_shapes(records, vision_taps, v_out, "vision")
     text_shapes = _stream_shapes(records, text_taps, t_out, "text")
-    return AdapterPlan(vision_taps, text_taps, vision_shapes, text_shapes, image_size)
+    plan = AdapterPlan(vision_taps, text_taps, vision_shapes, text_shapes, image_size)
+    _plan_fidelity_choices(plan, config, text_tower, text.ffn, text.attention)
+    return plan
+
+
+def interaction_dim(config: M2ISTConfig, vision: StreamShapes) -> int:
+    """Width of the interactive expert's shared up-projection: `interaction_dim`, else the head's or (with
+    `interaction_width="vision"`) the vision tower's token width."""
+    if config.interaction_dim is not None:
+        return config.interaction_dim
+    return vision.stream_dim if config.interaction_width == "vision" else config.head_hidden_size
+
+
+def _plan_fidelity_choices(plan: AdapterPlan, config: M2ISTConfig, text_tower: nn.Module, text_ffn: list[str],
+                           text_attention: list[str]) -> None:
+    """Check the fidelity fields that depend on the towers and find the frozen norms they apply; raises a
+    `ValueError` before any tap is placed."""
+    width = interaction_dim(config, plan.vision)
+    if config.interaction_text_path == "concat" and plan.text.stream_dim <= width:
+        raise ValueError(
+            f"`interaction_text_path='concat'` concatenates a Linear(bottleneck_dim, text width - interaction width) "
+            f"with the shared up-projection to the text width (the authors' 512 + 256 = 768 on BERT-base and "
+            f"DETR); here the text tower is {plan.text.stream_dim} wide and the interaction width {width}, so "
+            "there is nothing to concatenate. Use a text tower wider than the interaction width, or "
+            "`interaction_text_path='to_head'` (without preset='paper')."
+        )
+    if config.language_expert_output_norm == "tower":
+        plan.text_ffn_norms = block_norms(text_tower, text_ffn, "ffn", "language_expert_output_norm")
+    if config.interaction_text_output_norm == "tower":
+        plan.text_attention_norms = block_norms(text_tower, text_attention, "attention",
+                                                "interaction_text_output_norm")
+    for norms in (plan.text_ffn_norms, plan.text_attention_norms):
+        if norms is not None and any(tuple(n.normalized_shape) != (plan.text.stream_dim,) for n in norms):
+            raise ValueError(
+                f"The text tower's block LayerNorms are not {plan.text.stream_dim} wide (its token width), so they "
+                "cannot normalise the experts' text outputs."
+            )
 
 
 def check_saved_shapes_are_complete(config: M2ISTConfig) -> None:

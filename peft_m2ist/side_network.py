@@ -26,6 +26,10 @@ class M2ISTSideNetwork(nn.Module):
         head_hidden_size: width of the tokens handed to the grounding head.
         bottleneck_dim, interaction_dim, expert_scale, expert_dropout, interaction, interaction_heads, gated: the
             M3ISA experts' settings (see `M3ISA`).
+        expert_init, affine_norm, interaction_input_norm, interaction_scaled, text_concat: the M3ISA experts'
+            fidelity options (see `M3ISA`; `M2ISTConfig`'s fidelity fields).
+        text_ffn_norms, text_attention_norms: the text tower's own frozen LayerNorms, one per tapped layer, applied to
+            the language expert's output and to the interactive expert's text output (`None`: not applied).
     """
 
     def __init__(
@@ -47,11 +51,22 @@ class M2ISTSideNetwork(nn.Module):
         interaction: str,
         interaction_heads: int,
         gated: bool,
+        expert_init: str = "zero_up",
+        affine_norm: bool = False,
+        interaction_input_norm: bool = True,
+        interaction_scaled: bool = True,
+        text_concat: bool = False,
+        text_ffn_norms: Sequence[nn.LayerNorm] | None = None,
+        text_attention_norms: Sequence[nn.LayerNorm] | None = None,
     ) -> None:
         super().__init__()
         self.vision_taps = vision_taps
         self.text_taps = text_taps
-        layer_dims = zip(vision_ffn_dims, vision_attention_dims, text_ffn_dims, text_attention_dims)
+        num_layers = len(vision_ffn_dims)
+        ffn_norms = list(text_ffn_norms) if text_ffn_norms is not None else [None] * num_layers
+        attention_norms = list(text_attention_norms) if text_attention_norms is not None else [None] * num_layers
+        layer_dims = zip(vision_ffn_dims, vision_attention_dims, text_ffn_dims, text_attention_dims, ffn_norms,
+                         attention_norms)
         self.blocks = nn.ModuleList(
             M3ISA(
                 vision_ffn_dim, vision_attention_dim, vision_dim, text_ffn_dim, text_attention_dim, text_dim,
@@ -63,8 +78,16 @@ class M2ISTSideNetwork(nn.Module):
                 interaction=interaction,
                 interaction_heads=interaction_heads,
                 gated=gated,
+                expert_init=expert_init,
+                affine_norm=affine_norm,
+                interaction_input_norm=interaction_input_norm,
+                interaction_scaled=interaction_scaled,
+                text_concat=text_concat,
+                language_output_norm=ffn_norm,
+                interaction_text_norm=attention_norm,
             )
-            for vision_ffn_dim, vision_attention_dim, text_ffn_dim, text_attention_dim in layer_dims
+            for vision_ffn_dim, vision_attention_dim, text_ffn_dim, text_attention_dim, ffn_norm, attention_norm
+            in layer_dims
         )
         self.vision_proj = nn.Linear(vision_dim, head_hidden_size)
         self.text_proj = nn.Linear(text_dim, head_hidden_size)

@@ -20,16 +20,23 @@ class TowerLayout:
     Attributes:
         blocks: candidate dotted paths of the `nn.ModuleList` holding the tower's blocks (first existing one wins;
             several because module names moved between transformers releases).
-        ffn: child of a block whose output feeds the modality expert (`""`: the block itself).
+        ffn: child of a block whose output feeds the modality expert (`""`: the block itself): the FFN's output before
+            the residual and any norm.
         attention: child of a block whose output feeds the interactive expert (`""`: the block itself).
         embeddings: dotted path of the module whose output is the tower's input embedding, added to the side stream,
             or candidate paths of it (first existing one wins, as for `blocks`); `None`: none.
+        ffn_norm: child of a block: the frozen LayerNorm that ends its FFN (post-norm towers), which
+            `language_expert_output_norm="tower"` applies to the language expert's output; `None`: none.
+        attention_norm: child of a block: the frozen LayerNorm that ends its attention sub-block, which
+            `interaction_text_output_norm="tower"` applies to the interactive expert's text output; `None`: none.
     """
 
     blocks: tuple[str, ...]
     ffn: str
     attention: str
     embeddings: str | tuple[str, ...] | None
+    ffn_norm: str | None = None
+    attention_norm: str | None = None
 
     @property
     def embedding_candidates(self) -> tuple[str, ...]:
@@ -50,6 +57,8 @@ _TEXT_EMBEDDINGS = ("embeddings", "text_model.embeddings")
 # `pre_layrnorm` (and so does Chinese-CLIP), OWL-ViT and OWLv2 `pre_layernorm`
 _CLIP_PRE_NORM = ("pre_layrnorm", "vision_model.pre_layrnorm")
 _OWL_PRE_NORM = ("pre_layernorm", "vision_model.pre_layernorm")
+# post-norm BERT-family blocks end their FFN and their attention in a LayerNorm (residual included)
+_BERT_NORMS = ("output.LayerNorm", "attention.output.LayerNorm")
 
 
 TOWER_LAYOUTS: dict[str, TowerLayout] = {
@@ -58,8 +67,10 @@ TOWER_LAYOUTS: dict[str, TowerLayout] = {
     "clip_vision_model": TowerLayout(("encoder.layers", "vision_model.encoder.layers"), "mlp", "self_attn",
                                      "pre_layrnorm"),
     "clip_text_model": TowerLayout(("encoder.layers", "text_model.encoder.layers"), "mlp", "self_attn", "embeddings"),
-    "bert": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
-    "roberta": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
+    # BERT-family blocks: the FFN tap is `output.dense`, the FFN's output before the dropout, the residual and the
+    # LayerNorm of `output` (as every other family's `mlp` tap, and as the authors' language expert reads it)
+    "bert": TowerLayout(("encoder.layer",), "output.dense", "attention", "embeddings", *_BERT_NORMS),
+    "roberta": TowerLayout(("encoder.layer",), "output.dense", "attention", "embeddings", *_BERT_NORMS),
     "mobilenet_v2": TowerLayout(("layer",), "", "", None),
     "resnet": TowerLayout(("encoder.stages",), "", "", None),
     "detr": TowerLayout(("encoder.layers",), "mlp", "self_attn", "input_projection"),
@@ -70,7 +81,8 @@ TOWER_LAYOUTS: dict[str, TowerLayout] = {
     "siglip2_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
     # Chinese-CLIP: a CLIP vision tower and a BERT text tower
     "chinese_clip_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _CLIP_PRE_NORM),
-    "chinese_clip_text_model": TowerLayout(("encoder.layer",), "output", "attention", "embeddings"),
+    "chinese_clip_text_model": TowerLayout(("encoder.layer",), "output.dense", "attention", "embeddings",
+                                           *_BERT_NORMS),
     "clipseg_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _CLIP_PRE_NORM),
     "clipseg_text_model": TowerLayout(_TEXT_BLOCKS, "mlp", "self_attn", _TEXT_EMBEDDINGS),
     "owlvit_vision_model": TowerLayout(_VISION_BLOCKS, "mlp", "self_attn", _OWL_PRE_NORM),
@@ -116,6 +128,11 @@ def count_blocks(tower: nn.Module) -> int | None:
     return len(tower.get_submodule(path)) if path is not None else None
 
 
+def first_blocks(num_blocks: int, count: int) -> list[int]:
+    """The first `count` block indices (`M2ISTConfig.tap_layer_spacing="first"`, the authors' layers 0-5)."""
+    return list(range(min(count, num_blocks)))
+
+
 def evenly_spaced(num_blocks: int, count: int) -> list[int]:
     """`count` block indices spread over `num_blocks`, always including the last block."""
     count = min(count, num_blocks)
@@ -159,8 +176,10 @@ def resolve_taps(
     attention_spec: list[str] | str | None,
     num_layers: int,
     prefix: str,
+    spacing: str = "even",
 ) -> ResolvedTaps:
-    """Resolve the tap names of one tower from the config fields `{prefix}_layers` / `{prefix}_attention_layers`."""
+    """Resolve the tap names of one tower from the config fields `{prefix}_layers` / `{prefix}_attention_layers`;
+    auto-resolved blocks are `"even"`ly spaced or the `"first"` ones (`M2ISTConfig.tap_layer_spacing`)."""
     model_type = tower_model_type(tower)
     layout = TOWER_LAYOUTS.get(model_type)
     blocks = _blocks_path(tower, layout) if layout is not None else None
@@ -183,7 +202,7 @@ def resolve_taps(
 
     if ffn_spec is None:
         num_blocks = len(tower.get_submodule(blocks))
-        indices = evenly_spaced(num_blocks, num_layers)
+        indices = (first_blocks if spacing == "first" else evenly_spaced)(num_blocks, num_layers)
         ffn = [_join(blocks, str(i), layout.ffn) for i in indices]
     else:
         ffn = _match_spec(tower, ffn_spec, f"{prefix}_layers")
@@ -222,3 +241,34 @@ def _check_not_nested(names: list[str], prefix: str) -> None:
                     f"{prefix} taps must not be nested: '{inner}' lies inside '{outer}'. Tap sibling modules "
                     "(for instance a block's attention and its FFN), not a block and one of its children."
                 )
+
+
+def block_norms(tower: nn.Module, tap_names: list[str], kind: str, field_name: str) -> list[nn.LayerNorm]:
+    """The frozen LayerNorm ending the FFN (`kind="ffn"`) or attention (`kind="attention"`) of the block of each
+    tap in `tap_names` (relative to `tower`), from the layout of the tower's `model_type`; a `ValueError` naming
+    `field_name` where the tower has none."""
+    model_type = tower_model_type(tower)
+    layout = TOWER_LAYOUTS.get(model_type)
+    path = getattr(layout, f"{kind}_norm") if layout is not None else None
+    blocks = _blocks_path(tower, layout) if layout is not None else None
+    with_norms = sorted(t for t, lay in TOWER_LAYOUTS.items() if getattr(lay, f"{kind}_norm"))
+    if path is None or blocks is None:
+        raise ValueError(
+            f"`{field_name}='tower'` applies the frozen LayerNorm that ends each tapped text block's {kind} (a "
+            f"post-norm tower: model_type {', '.join(with_norms)}); the text tower ({type(tower).__name__}, "
+            f"model_type={model_type!r}) has none. Set `{field_name}='none'` (or drop preset='paper')."
+        )
+    norms = []
+    for name in tap_names:
+        block = _enclosing_block(name, blocks)
+        try:
+            norm = tower.get_submodule(_join(block, path)) if block is not None else None
+        except AttributeError:
+            norm = None
+        if not isinstance(norm, nn.LayerNorm):
+            raise ValueError(
+                f"`{field_name}='tower'`: the tap '{name}' lies in no block of the text tower with a LayerNorm at "
+                f"'{path}'; tap the blocks under '{blocks}'."
+            )
+        norms.append(norm)
+    return norms

@@ -24,7 +24,7 @@ def paper_config(**overrides) -> M2ISTConfig:
     kwargs = dict(
         vision_layers=[f"encoder.layers.{i}.mlp" for i in range(6)],
         vision_attention_layers=[f"encoder.layers.{i}.self_attn" for i in range(6)],
-        text_layers=[f"encoder.layer.{i}.output" for i in range(6)],
+        text_layers=[f"encoder.layer.{i}.output.dense" for i in range(6)],
         text_attention_layers=[f"encoder.layer.{i}.attention" for i in range(6)],
         bottleneck_dim=128, interaction="shared", mixture="sum", image_size=640, max_text_tokens=20,
     )

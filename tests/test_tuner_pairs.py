@@ -129,7 +129,7 @@ def test_towers_in_bf16_train_an_fp32_side_network(pair_name):
 # `self_attn` in every family. SigLIP / SigLIP2 have no [CLS] token; the others have one.
 _CLIP_TEXT = ("encoder.layers", "mlp", "self_attn", "embeddings")
 _OWL_TEXT = ("text_model.encoder.layers", "mlp", "self_attn", "text_model.embeddings")
-_BERT_TEXT = ("encoder.layer", "output", "attention", "embeddings")
+_BERT_TEXT = ("encoder.layer", "output.dense", "attention", "embeddings")
 FAMILY_TAPS = {
     "siglip+siglip_text": ("encoder.layers", "embeddings", *_CLIP_TEXT, 0),
     "siglip2+siglip2_text": ("encoder.layers", "embeddings", *_CLIP_TEXT, 0),

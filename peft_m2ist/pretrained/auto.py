@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenize
 
 from .errors import TowerUnavailableError
 from .offline import DEFAULT_TEXT_TOWER, DEFAULT_VISION_TOWER, OFFLINE_TEXT_TOWERS, OFFLINE_VISION_TOWERS
+from .timm_resnet import timm_free_detr
 
 # Files that hold a tokenizer in a folder saved with save_pretrained(); any one of them will do.
 _TOKENIZER_FILES = (
@@ -173,6 +174,11 @@ def _load_tower(kind: str, name_or_path: str, model_kwargs: dict[str, Any]):
         cls_name = sub_models and sub_models[0 if kind == "vision" else 1]
         cls = getattr(transformers, cls_name, None) if cls_name else None
         step = "model weights"
+        if kind == "vision" and cls is None:
+            timm_free = timm_free_detr(config, name_or_path)
+            if timm_free is not None:  # a timm ResNet in a DETR checkpoint, and no timm: transformers' ResNet
+                config, key_mapping = timm_free
+                model_kwargs = {"config": config, "key_mapping": key_mapping, **model_kwargs}
         if cls is not None:
             model = cls.from_pretrained(name_or_path, **model_kwargs)
         else:
