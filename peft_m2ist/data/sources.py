@@ -300,7 +300,7 @@ class DataSource:
         return self._hf_data
 
     def _hf_splits(self) -> dict[str, int]:
-        return {name: len(split) for name, split in self.hf_data().items()}
+        return {name: len(split) for name, split in sorted(self.hf_data().items())}
 
     def hf_column(self, key: str) -> str | None:
         """The source column of ``key`` (``--hf_columns``; ``image``, ``bbox``, ``sentences`` by default)."""
@@ -349,6 +349,12 @@ class DataSource:
         image_column, bbox_column = self.hf_column("image"), self.hf_column("bbox")
         rows = rows.select_columns([image_column, bbox_column]).cast_column(image_column, Image(decode=False))
         other = "xyxy" if self.hf_box_format == "xywh" else "xywh"
+        boxes = [row[bbox_column] for row in rows.select_columns([bbox_column])]
+        if boxes and all(isinstance(box, list) and box and all(
+                isinstance(v, (int, float)) and abs(v) <= 1 for v in box) for box in boxes):
+            raise SourceError(f"--hf_box_format {self.hf_box_format}: the first {len(boxes)} boxes of {where} are all "
+                              f"within [0, 1] (row #0: {boxes[0]}): they look normalised, and the reader takes "
+                              "absolute pixels; convert them (multiply by the image's width and height) first")
         for index, row in enumerate(rows):
             record = f"{where} row #{index}"
             box, cell = row[bbox_column], row[image_column] or {}
@@ -362,14 +368,11 @@ class DataSource:
             except RecordError as error:
                 problem = str(error)
             hint = ""
-            if box is not None and len(box) == 4 and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in box):
-                hint = "; its numbers are all in [0, 1]: the boxes look normalised, and the reader takes pixels"
-            else:
-                try:
-                    check_box(to_xyxy(box, other, record), header.width, header.height, record)
-                    hint = f"; it fits the image as {other}: pass --hf_box_format {other}"
-                except RecordError:
-                    pass
+            try:
+                check_box(to_xyxy(box, other, record), header.width, header.height, record)
+                hint = f"; it fits the image as {other}: pass --hf_box_format {other}"
+            except RecordError:
+                pass
             raise SourceError(f"--hf_box_format {self.hf_box_format}: {problem}{hint}")
 
     # ---------------------------------------------------------------------------------------------- loading
