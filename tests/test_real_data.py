@@ -165,7 +165,8 @@ def test_transvg_and_hub_photos_train_evaluate_every_split_and_reload(mode, towe
     if skipped:
         assert "Skipped records (--on_bad_record skip): val: 1 {'box_outside_image': 1}" in capsys.readouterr().out
         assert "Skipped records" in (out / "results.md").read_text()
-    reloaded = train_rec.main([*common, *tiny(towers, tmp_path / "eval"), "--eval_only", "--adapter",
+    workers = ["--num_workers", "1"] if mode == "hf" else []  # the same numbers with the images decoded in a worker
+    reloaded = train_rec.main([*common, *tiny(towers, tmp_path / "eval"), *workers, "--eval_only", "--adapter",
                                str(out / "best_adapter")])
     assert reloaded["splits"] == splits
 
@@ -225,6 +226,7 @@ def test_data_flags_are_checked_against_the_files_before_anything_loads(train_re
         ([*hub, "--hf_columns", "box"], "--hf_columns box: 'box' is not KEY=VALUE"),
         ([*hub, "--hf_columns", "boxes=bbox"], "--hf_columns boxes=bbox: unknown keys ['boxes']"),
         ([*hub, "--hf_box_format", "xyxy"], f"--hf_box_format xyxy: [degenerate_box] {hf} [train] row #2: box "),
+        ([*hub, "--hf_name", "default"], f"--hf_name default: {hf} is a save_to_disk folder, which has no "),
         (["--dataset", "shapes", "--eval_splits", "testA"],
          "--eval_splits testA: the shapes benchmark has the splits train, val, test, test_heldout"),
         (["--num_workers", "-1"], "--num_workers -1: must be 0"),
