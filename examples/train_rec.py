@@ -2,24 +2,26 @@
 
     accelerate launch examples/train_rec.py                              # offline default towers + shapes benchmark
     accelerate launch examples/train_rec.py --config examples/configs/default.yaml --num_epochs 3
+    accelerate launch examples/train_rec.py --dataset refer --data_root data/refer --dataset_name refcoco ...
     accelerate launch --multi_gpu --num_processes 2 examples/train_rec.py ...               # data-parallel on GPUs
     ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 examples/train_rec.py ...  # ... or on CPU
 
 Reads top to bottom, one phase a screen: arguments (every flag can also be set in a YAML file, `--config`; flags
 given on the command line win) -> towers + adapter -> data -> evaluation -> main: accelerator and output folder,
-optimiser, resume, the train/evaluate loop with checkpoints, and the report (+ push to the Hub).
+optimiser, resume, the train/evaluate loop with checkpoints, and the report (+ push to the Hub). Data: the shapes
+benchmark or real data (docs/real-data.md); every --eval_splits split is evaluated after each epoch, the best adapter
+chosen on the first and re-evaluated on all at the end (OUTPUT/results.json's "splits", OUTPUT/results.md).
 
 The machinery lives in `peft_m2ist.training`: checkpoints written whole and `latest` resolved (`checkpoints`), the
 resume state (`run_state`), atomic JSON and folder writes (`atomic`), the output folder (`outputs`), the tower-
-feature cache (`feature_cache`), evaluation across processes (`evaluation`), the YAML config (`config_file`) and
-`--report_to` (`tracking`). A run killed (SIGKILL) mid-epoch or mid-save and resumed with `--resume_from_checkpoint
+feature cache (`feature_cache`), evaluation across processes (`evaluation`), per-split results (`results`), flags
+from M2ISTConfig and the data checks (`arguments`), the YAML config (`config_file`) and `--report_to` (`tracking`). A run killed (SIGKILL) mid-epoch or mid-save and resumed with `--resume_from_checkpoint
 latest` ends with the uninterrupted run's adapters, byte for byte (tests/test_train_resume.py). See docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -36,8 +38,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from peft_m2ist import M2ISTConfig, VisionTextPair, fold_frozen_batch_norms, pretrained, training
-from peft_m2ist.config import BOX_HEADS, INTERACTION_MODES, MIXTURE_MODES
-from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level, load_shapes_benchmark
+from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level
+from peft_m2ist.data.sources import DataSource, load_report
 from peft_m2ist.pretrained.towers_file import towers_record
 
 logger = get_logger(__name__)
@@ -48,44 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags on the CLI win).")
     on_off = argparse.BooleanOptionalAction
-    g = p.add_argument_group("towers and adapter")
+    g = p.add_argument_group("towers")
     towers = "Hub id, local folder or offline:* name."
     g.add_argument("--vision_model", default=pretrained.DEFAULT_VISION_TOWER, help=towers)
     g.add_argument("--text_model", default=pretrained.DEFAULT_TEXT_TOWER, help=towers)
-    g.add_argument("--adapter", default=None, help="Start from (or, with --eval_only, evaluate) a saved adapter.")
-    g.add_argument("--num_tapped_layers", type=int, default=6)
-    g.add_argument("--bottleneck_dim", type=int, default=128)
-    g.add_argument("--expert_scale", type=float, default=0.1, help="Fixed scale of every expert's output.")
-    g.add_argument("--interaction", choices=INTERACTION_MODES, default="shared")
-    g.add_argument("--mixture", choices=MIXTURE_MODES, default="sum")
-    g.add_argument("--head_hidden_size", type=int, default=256)
-    g.add_argument("--head_num_hidden_layers", type=int, default=6)
-    g.add_argument("--head_num_attention_heads", type=int, default=8)
-    g.add_argument("--head_intermediate_size", type=int, default=2048)
-    g.add_argument("--head_dropout", type=float, default=0.1)
-    g.add_argument("--head_attention_dropout", type=float, default=0.0)
-    g.add_argument("--box_head", choices=BOX_HEADS, default="pointer",
-                   help="'pointer': [REG] points at vision tokens (default); 'mlp': TransVG's regression MLP.")
-    g.add_argument("--head_recompute_feed_forward", action=on_off, default=True,
-                   help="Recompute the head's feed-forward hidden tensors in backward instead of storing them.")
-    g.add_argument("--head_gradient_checkpointing", action=on_off, default=False,
-                   help="Recompute the head's layers in backward instead of storing their activations.")
-    g.add_argument("--max_text_tokens", type=int, default=20)
     g.add_argument("--tower_dtype", choices=sorted(pretrained.TOWER_DTYPES), default="float32",
                    help="The frozen towers' dtype: bfloat16/float16 halve their weights and the feature cache.")
     g.add_argument("--fold_frozen_batch_norms", action=on_off, default=True,
                    help="Fold a DETR-family vision tower's frozen batch norms into its convolutions (same features).")
-    g.add_argument("--tower_micro_batch_size", type=int, default=None,
-                   help="Run the frozen towers on at most this many samples at a time (same features, lower peak).")
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("adapter", "M2ISTConfig's fields of the same names, with its defaults (docs/config.md).")
+    g.add_argument("--adapter", default=None, help="Start from (or, with --eval_only, evaluate) a saved adapter.")
+    training.add_config_arguments(g)  # training.CONFIG_FLAGS: default, type, choices and help from M2ISTConfig
+    g = p.add_argument_group("data", "See docs/real-data.md for each --dataset's files and standard splits.")
+    training.add_data_arguments(g)  # --dataset, its sources, --train_split, --eval_splits, --on_bad_record, ...
     g.add_argument("--data_seed", type=int, default=0, help="Seed of the built-in shapes benchmark.")
-    g.add_argument("--image_size", type=int, default=128, help="Canvas side S the images are resized/padded to.")
+    g.add_argument("--image_size", type=int, default=None, help="Canvas side (default 128 for shapes, 640 real data).")
     g.add_argument("--train_samples", type=int, default=None, help="Use only the first N training rows.")
-    g.add_argument("--eval_samples", type=int, default=None, help="Use only the first N validation rows.")
+    g.add_argument("--eval_samples", type=int, default=None, help="Use only the first N rows of each eval split.")
     g.add_argument("--control", choices=CONTROLS, default="none",
                    help="Hide one modality in every split (the benchmark's controls).")
-    g.add_argument("--augment", action=on_off, default=False,
-                   help="Training augmentation (random resize/crop, colour jitter, flip swapping left/right).")
+    g.add_argument("--augment", action=on_off, default=None, help="TransVG's training augmentation (random resize/"
+                   "crop, colour jitter, flip swapping left/right). Default: on for real data, off for shapes.")
     g.add_argument("--cache_dir", default=None, help="Where the benchmark build is cached.")
     g.add_argument("--cache_features", action=on_off, default=None,
                    help="Run the frozen towers once per sample and train on their cached outputs. Default: on "
@@ -113,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Delete the checkpoints, adapters, best.json and results.json an earlier run left in "
                    "--output_dir before training (without it, such an --output_dir is refused unless resuming).")
-    g.add_argument("--eval_only", action="store_true", help="Evaluate --adapter on the validation split and stop.")
+    g.add_argument("--eval_only", action="store_true",
+                   help="Evaluate --adapter on every --eval_splits split, write results.json/.md and stop.")
     g.add_argument("--report_to", default="auto", help="'auto' (tensorboard or trackio if installed), 'none', ...")
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
@@ -130,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--eval_only needs --adapter")
     if args.overwrite_output_dir and args.resume_from_checkpoint == "latest":
         parser.error("--overwrite_output_dir would delete the checkpoints --resume_from_checkpoint latest resumes")
+    try:  # the data flags against the files, before anything loads (towers included); fills per-dataset defaults
+        training.resolve_data_args(args)
+        if args.eval_only:  # it writes results.json/.md into --output_dir: not into a training run's
+            training.check_eval_only_output_dir(args.output_dir)
+    except ValueError as error:
+        parser.error(str(error))
     if args.cache_features is None:  # auto: cache the towers' outputs unless augmentation changes the images
         args.cache_features = not args.augment
     elif args.augment and args.cache_features:
@@ -154,17 +146,7 @@ def build_model(args: argparse.Namespace):
         if args.tower_micro_batch_size is not None:  # a run-time setting: the flag wins over the saved config
             model.peft_config[model.active_adapter].tower_micro_batch_size = args.tower_micro_batch_size
         return model, image_processor, tokenizer
-    config = M2ISTConfig(
-        num_tapped_layers=args.num_tapped_layers, bottleneck_dim=args.bottleneck_dim, expert_scale=args.expert_scale,
-        interaction=args.interaction, mixture=args.mixture, head_hidden_size=args.head_hidden_size,
-        head_num_hidden_layers=args.head_num_hidden_layers, head_num_attention_heads=args.head_num_attention_heads,
-        head_intermediate_size=args.head_intermediate_size, head_dropout=args.head_dropout,
-        head_attention_dropout=args.head_attention_dropout, box_head=args.box_head,
-        head_recompute_feed_forward=args.head_recompute_feed_forward,
-        head_gradient_checkpointing=args.head_gradient_checkpointing,
-        tower_micro_batch_size=args.tower_micro_batch_size, max_text_tokens=args.max_text_tokens,
-        image_size=args.image_size,
-    )
+    config = M2ISTConfig(**{name: getattr(args, name) for name in training.CONFIG_FLAGS}, image_size=args.image_size)
     return get_peft_model(pair, config), image_processor, tokenizer
 
 
@@ -179,35 +161,59 @@ def parameter_groups(model, args: argparse.Namespace) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------------- data
 def build_data(args: argparse.Namespace, image_processor, tokenizer):
-    data = apply_control(load_shapes_benchmark(seed=args.data_seed, cache_dir=args.cache_dir), args.control)
-    train, val = data["train"], data["val"]
-    if args.train_samples:
-        train = train.select(range(min(args.train_samples, len(train))))
-    if args.eval_samples:
-        val = val.select(range(min(args.eval_samples, len(val))))
-    common = dict(image_size=args.image_size, max_text_tokens=args.max_text_tokens)
-    train_collator = RECCollator.from_image_processor(tokenizer, image_processor, train=args.augment, **common)
-    eval_collator = RECCollator.from_image_processor(tokenizer, image_processor, train=False, **common)
-    train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=train_collator)
-    val_loader = DataLoader(val, batch_size=args.batch_size, shuffle=False, collate_fn=eval_collator)
-    return train_loader, val_loader, chance_level(val)
+    """The training loader (None with --eval_only), a loader per --eval_splits split, and what was read (`info`:
+    the data, each split's reader report, the chance level of the shapes benchmark)."""
+    source = DataSource.from_flags(vars(args))  # checked by parse_args
+    names = ([] if args.eval_only else [args.train_split]) + args.eval_splits
+    loaded = {name: source.load(name) for name in dict.fromkeys(names)}  # each reader logs what it kept and skipped
+
+    def loader(split: str, limit: int | None, train: bool) -> DataLoader:
+        data = loaded[split].dataset
+        data = apply_control(data.select(range(min(limit, len(data)))) if limit else data, args.control)
+        collator = RECCollator.from_image_processor(tokenizer, image_processor, train=train and args.augment,
+                                                    image_size=args.image_size, max_text_tokens=args.max_text_tokens)
+        return DataLoader(data, batch_size=args.batch_size, shuffle=train, collate_fn=collator,
+                          num_workers=args.num_workers)
+
+    train = None if args.eval_only else loader(args.train_split, args.train_samples, True)
+    evals = {split: loader(split, args.eval_samples, False) for split in args.eval_splits}
+    info = {"data": f"{source.describe()}, {args.image_size}px",
+            "load_reports": {name: load_report(result.report) for name, result in loaded.items()}}
+    if source.dataset == "shapes":
+        info["chance"] = chance_level(evals[args.eval_splits[0]].dataset)
+    return train, evals, info
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
-def evaluate_epoch(model, val_loader, accelerator: Accelerator, run: training.RunState, epoch: int, chance: float,
-                   args: argparse.Namespace) -> None:
-    """Evaluate after `epoch`; the main process records the scores in `run` and saves a new best adapter."""
-    scores = training.evaluate(model, val_loader, accelerator, desc=f"eval epoch {epoch}")
+def evaluate_epoch(model, eval_loaders: dict, accelerator: Accelerator, run: training.RunState, epoch: int,
+                   info: dict, args: argparse.Namespace) -> None:
+    """Evaluate every eval split after `epoch`; the main process records the scores in `run` and saves a new best
+    adapter, chosen on the first split."""
+    scores = training.evaluate_splits(model, eval_loaders, accelerator, desc=f"eval epoch {epoch}")
     run.evaluated_epoch = epoch
     if not accelerator.is_main_process:
         return
-    run.history.append({"epoch": epoch, "step": run.step, **scores})
-    accelerator.print(f"epoch {epoch}: val Acc@0.5 = {100 * scores['accuracy']:.2f}% "
-                      f"(mean IoU {scores['mean_iou']:.3f}, chance {100 * chance:.1f}%)")
-    accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=run.step)
-    if scores["accuracy"] > run.best["accuracy"]:
-        run.best = {"epoch": epoch, "step": run.step, **scores}
+    first = args.eval_splits[0]
+    run.history.append({"epoch": epoch, "step": run.step, **scores[first], "split": first, "splits": scores})
+    chance = f", chance {100 * info['chance']:.1f}%" if "chance" in info else ""
+    accelerator.print(f"epoch {epoch}: " + ", ".join(f"{name} Acc@0.5 = {100 * s['accuracy']:.2f}%"
+                                                      for name, s in scores.items())
+                      + f" (mean IoU {scores[first]['mean_iou']:.3f} on {first}{chance})")
+    accelerator.log({f"{name}/{k}": v for name, s in scores.items() for k, v in s.items()}, step=run.step)
+    if scores[first]["accuracy"] > run.best["accuracy"]:
+        run.best = {"epoch": epoch, "step": run.step, "split": first, **scores[first]}
         training.save_best(accelerator.unwrap_model(model), args.output_dir, run.best, towers_of(args))
+
+
+def report(accelerator: Accelerator, args: argparse.Namespace, results: dict, caption: str) -> dict:
+    """The main process writes OUTPUT/results.json (with the arguments) and the table OUTPUT/results.md, and prints
+    the table; returns what it wrote (`{}` on the other processes)."""
+    if not accelerator.is_main_process:
+        return {}
+    results = {**results, "towers": {"vision": args.vision_model, "text": args.text_model},
+               "args": {k: v for k, v in vars(args).items() if k != "config"}}
+    accelerator.print(training.write_results(args.output_dir, results, caption))
+    return results
 
 
 def towers_of(args: argparse.Namespace) -> dict[str, str]:
@@ -239,15 +245,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, image_processor, tokenizer = build_model(args)
     with accelerator.main_process_first():  # the first process builds and caches the benchmark
-        train_loader, val_loader, chance = build_data(args, image_processor, tokenizer)
+        train_loader, eval_loaders, info = build_data(args, image_processor, tokenizer)
 
-    if args.eval_only:
+    if args.eval_only:  # every eval split, written as results.json / results.md like a training run's
         # a frozen model: no DistributedDataParallel wrapper (it refuses a module without trainable parameters)
         model = accelerator.prepare_model(model, evaluation_mode=True)
-        scores = training.evaluate(model, accelerator.prepare(val_loader), accelerator)
-        if accelerator.is_main_process:
-            print(json.dumps({"val": scores, "chance": chance, "processes": accelerator.num_processes}, sort_keys=True))
-        return scores
+        loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
+        splits = training.split_results(training.evaluate_splits(model, loaders, accelerator))
+        return report(accelerator, args, {"adapter": args.adapter, "splits": splits, **info,
+                                          "processes": accelerator.num_processes}, f"{args.adapter} on {info['data']}")
 
     # ---- optimiser: two learning rates, a scheduler over the whole run, everything handed to accelerate
     if accelerator.is_main_process:
@@ -255,17 +261,16 @@ def main(argv: list[str] | None = None) -> dict:
         model.print_parameter_counts()
     logger.info(training.feature_cache_message(args.cache_features, args.augment))
     if args.cache_features:  # run the frozen towers once; train the side network on their cached outputs
-        train_loader, val_loader = training.cached_loaders(model, train_loader, val_loader, accelerator,
-                                                           args.batch_size)
+        train_loader, eval_loaders = training.cached_loaders(model, train_loader, eval_loaders, accelerator,
+                                                             args.batch_size)
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler
-    )
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
     if accelerator.trackers:
         accelerator.init_trackers("m2ist", config={k: v for k, v in vars(args).items() if v is not None})
 
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(f"Resumed from {checkpoint} (step {run.step}, epoch {start_epoch}).")
         unevaluated = training.epoch_to_evaluate_first(run.step, steps_per_epoch, total_steps, run.evaluated_epoch)
         if unevaluated is not None:
-            evaluate_epoch(model, val_loader, accelerator, run, unevaluated, chance, args)
+            evaluate_epoch(model, eval_loaders, accelerator, run, unevaluated, info, args)
 
     # ---- train and evaluate, a checkpoint every --checkpointing_steps optimiser steps
     progress = tqdm(total=total_steps, initial=run.step, desc="train", disable=not accelerator.is_local_main_process)
@@ -313,29 +318,27 @@ def main(argv: list[str] | None = None) -> dict:
             if run.step >= total_steps:
                 break
         skip_batches = 0
-        evaluate_epoch(model, val_loader, accelerator, run, epoch, chance, args)
+        evaluate_epoch(model, eval_loaders, accelerator, run, epoch, info, args)
     progress.close()
 
-    # ---- save and report: the final adapter, results.json (+ the best adapter to the Hub)
-    final = {}
+    # ---- save and report: the final adapter; the best adapter re-evaluated on every eval split (results.json,
+    # results.md); the best adapter to the Hub
+    unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        best, unwrapped = run.best, accelerator.unwrap_model(model)
         training.save_adapter(unwrapped, output_dir / training.FINAL_ADAPTER, towers_of(args))
-        final = {"best": best, "history": run.history, "chance": chance, "control": args.control,
-                 "towers": {"vision": args.vision_model, "text": args.text_model},
-                 "data": f"shapes benchmark (seed {args.data_seed}, {args.image_size}px)",
-                 "elapsed_s": round(run.elapsed(), 1), "steps": run.step,
-                 "args": {k: v for k, v in vars(args).items() if k != "config"}}
-        training.write_json(output_dir / training.RESULTS_FILE, final, default=str)
-        accelerator.print(f"best val Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "
-                          f"chance = {100 * chance:.1f}%; adapter in {output_dir / training.BEST_ADAPTER}")
-        if args.push_to_hub:  # the best weights, with a model card recording towers, data and score
-            best_weights = load_file(output_dir / training.BEST_ADAPTER / "adapter_model.safetensors")
-            set_peft_model_state_dict(unwrapped, best_weights)
-            unwrapped.card_results = (
-                f"- Data: {final['data']}\n- Validation Acc@0.5: {100 * best['accuracy']:.2f}% "
-                f"(mean IoU {best['mean_iou']:.3f}; chance {100 * chance:.1f}%)\n"
-            )
+    accelerator.wait_for_everyone()
+    set_peft_model_state_dict(unwrapped, load_file(output_dir / training.BEST_ADAPTER / "adapter_model.safetensors"))
+    splits = training.split_results(training.evaluate_splits(model, eval_loaders, accelerator, desc="best adapter"))
+    best, first = run.best, args.eval_splits[0]
+    final = report(accelerator, args, {"best": best, "splits": splits, "history": run.history, **info,
+                                       "control": args.control, "elapsed_s": round(run.elapsed(), 1), "steps": run.step},
+                   f"Best adapter (epoch {best.get('epoch')}, chosen on {first}) on {info['data']}")
+    if accelerator.is_main_process:
+        accelerator.print(f"best {first} Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "
+                          f"adapter in {output_dir / training.BEST_ADAPTER}")
+        if args.push_to_hub:  # the best weights (loaded above), with a model card recording towers, data and scores
+            unwrapped.card_results = f"- Data: {info['data']}\n" + "".join(
+                f"- {name} Acc@0.5: {100 * s['accuracy']:.2f}% (mean IoU {s['mean_iou']:.3f})\n" for name, s in splits.items())
             unwrapped.push_to_hub(args.hub_model_id)
     accelerator.end_training()
     return final

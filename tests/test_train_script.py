@@ -69,15 +69,16 @@ def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
     adapter = out / "best_adapter"
     eval_args = _args(towers, tmp_path / "eval", "--eval_only", "--adapter", str(adapter), "--eval_samples", "23")
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    one = _run(eval_args, [accelerate, "launch", "--num_processes", "1", "--cpu"])
-    two = _run(eval_args, TWO_CPU_PROCESSES, env=CPU)
+    _run(eval_args, [accelerate, "launch", "--num_processes", "1", "--cpu"])
 
-    def scores(proc, processes: int):
-        line = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-        assert line["processes"] == processes
-        return line["val"]
+    def scores(out: Path, processes: int):
+        results = json.loads((out / "results.json").read_text())
+        assert results["processes"] == processes and list(results["splits"]) == ["val"]
+        return results["splits"]["val"]
 
-    s1, s2 = scores(one, 1), scores(two, 2)
+    s1 = scores(tmp_path / "eval", 1)
+    _run([*eval_args, "--output_dir", str(tmp_path / "eval2")], TWO_CPU_PROCESSES, env=CPU)
+    s2 = scores(tmp_path / "eval2", 2)
     assert s1.keys() == s2.keys() and "accuracy" in s1
     for key in s1:
         assert s1[key] == pytest.approx(s2[key], abs=1e-6), key
@@ -217,6 +218,6 @@ def test_every_flag_is_in_the_training_guide_and_the_test_only_crash_flag_is_gon
     guide = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     flags = [option for action in train_rec.build_parser()._actions for option in action.option_strings
              if option.startswith("--") and not option.startswith("--no-") and option != "--help"]
-    assert len(flags) == 51 and not [flag for flag in flags if f"`{flag}" not in guide]
+    assert len(flags) == 65 and not [flag for flag in flags if f"`{flag}" not in guide]
     assert "unrecognized arguments: --crash_after_steps" in _usage_error(train_rec, ["--crash_after_steps", "9"],
                                                                          capsys)

@@ -137,7 +137,8 @@ def write_refer_layout(root: str | Path, dataset: str = "refcoco", split_by: str
 
 def write_transvg_layout(root: str | Path, name: str = "unc", photos: Iterable[SamplePhoto] | None = None) -> Path:
     """TransVG split files: ``{root}/images/*.jpg`` and ``{root}/{name}/{name}_{split}.pth``, one row per phrase
-    (``(image_file, ann_id, box, phrase, attributes)``; ``xyxy`` boxes for ``referit``, else ``xywh``)."""
+    (``(image_file, ann_id, box, phrase, attributes)``, ``xywh``; ``referit``: 4 items, ``xyxy``; ``flickr``:
+    ``(image_file, box, phrase)``, ``xyxy``)."""
     import torch
 
     root = Path(root)
@@ -149,7 +150,9 @@ def write_transvg_layout(root: str | Path, name: str = "unc", photos: Iterable[S
         for obj in photo.objects:
             ann_id += 1
             for phrase in obj.phrases:
-                if name == "referit":
+                if name == "flickr":
+                    rows.setdefault(photo.split, []).append((photo.file_name, list(obj.box), phrase))
+                elif name == "referit":
                     rows.setdefault(photo.split, []).append((photo.file_name, f"{ann_id}.mat", list(obj.box), phrase))
                 else:
                     rows.setdefault(photo.split, []).append((photo.file_name, ann_id, _xywh(obj.box), phrase, []))

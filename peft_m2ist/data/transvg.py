@@ -2,13 +2,13 @@
 
 Layout::
 
-    {root}/{name}/{name}_{split}.pth    name in unc, unc+, gref, gref_umd, referit
+    {root}/{name}/{name}_{split}.pth    name in unc, unc+, gref, gref_umd, referit, flickr
     {image_dir}/{image_file}
 
 Each ``.pth`` holds a list of tuples ``(image_file, mask_or_ann_id, bbox, phrase, attributes)``;
-ReferIt rows may have 4 items (no attributes). Box convention: COCO ``xywh`` for the RefCOCO
-family (``unc``, ``unc+``, ``gref``, ``gref_umd``), corners ``xyxy`` for ``referit``; converted to
-``xyxy`` here. The file is read with ``torch.load(weights_only=True)`` (no code from it runs).
+ReferIt rows may have 4 items (no attributes), Flickr30k Entities rows 3 (``(image_file, bbox, phrase)``, as
+TransVG's loader reads them). Box convention: COCO ``xywh`` for the RefCOCO family (``unc``, ``unc+``, ``gref``,
+``gref_umd``), corners ``xyxy`` for ``referit`` and ``flickr``; converted to ``xyxy`` here. The file is read with ``torch.load(weights_only=True)`` (no code from it runs).
 Image sizes are read from the image headers (once per file). One record per row. Boxes are in
 the stored pixel frame; an image with an EXIF orientation tag is kept in that frame (see
 ``peft_m2ist.data.records``). A wrong split raises ``SplitNotFoundError`` listing the split files
@@ -37,7 +37,7 @@ from peft_m2ist.data.records import (
 from peft_m2ist.data.safe_pickle import load_pth_list
 
 DEFAULT_BOX_FORMATS: dict[str, BoxFormat] = {
-    "unc": "xywh", "unc+": "xywh", "gref": "xywh", "gref_umd": "xywh", "referit": "xyxy",
+    "unc": "xywh", "unc+": "xywh", "gref": "xywh", "gref_umd": "xywh", "referit": "xyxy", "flickr": "xyxy",
 }
 """Box convention of each known split-file family."""
 
@@ -74,7 +74,7 @@ def load_transvg(
 
     Args:
         root: folder of the split files (TransVG's ``data/``).
-        name: ``unc``, ``unc+``, ``gref``, ``gref_umd`` or ``referit``.
+        name: ``unc``, ``unc+``, ``gref``, ``gref_umd``, ``referit`` or ``flickr``.
         split: e.g. ``train``, ``val``, ``testA``, ``testB``, ``test``.
         image_dir: folder of the images named in the rows (default ``{root}/images``).
         box_format: override the family's box convention (required for unknown names).
@@ -108,9 +108,10 @@ def load_transvg(
     for index, row in enumerate(progress(rows, desc=f"{name}_{split}.pth", unit="row")):
         where = f"{path} row #{index}"
         try:
-            if not isinstance(row, (tuple, list)) or len(row) not in (4, 5):
-                raise RecordError("malformed_record", f"{where}: expected a tuple of 4 or 5 items, got {row!r:.200}")
-            image_file, _, box, phrase = row[:4]
+            if not isinstance(row, (tuple, list)) or len(row) not in (3, 4, 5):
+                raise RecordError("malformed_record",
+                                  f"{where}: expected a tuple of 3 (Flickr30k), 4 or 5 items, got {row!r:.200}")
+            image_file, box, phrase = (row[0], row[1], row[2]) if len(row) == 3 else (row[0], row[2], row[3])
             if not isinstance(image_file, str) or not image_file:
                 raise RecordError("malformed_record", f"{where}: image file name {image_file!r} is not a string")
             phrase = check_phrase(phrase, where)

@@ -6,10 +6,19 @@
 - `outputs`: the output folder: adapters with their `towers.json`, `best.json`, the check of a used folder.
 - `feature_cache`: the in-RAM cache of the frozen towers' outputs, with its memory check.
 - `config_file`: flag values from a YAML `--config` file, checked like the command line.
-- `evaluation`: Acc@0.5, mean IoU and per-phrase-type accuracy, gathered across processes.
+- `evaluation`: Acc@0.5, mean IoU and per-phrase-type accuracy, gathered across processes, per split.
+- `results`: the per-split results in the paper's layout (`results.json`'s `splits`, the table `results.md`).
+- `arguments`: flags from one source each (the adapter's from `M2ISTConfig`), the data flags and their checks.
 - `tracking`: which experiment trackers `--report_to` means.
 """
 
+from .arguments import (
+    CONFIG_FLAGS,
+    IMAGE_SIZES,
+    add_config_arguments,
+    add_data_arguments,
+    resolve_data_args,
+)
 from .atomic import fresh_tmp_dir, read_json, replace_dir, write_json
 from .checkpoints import (
     CHECKPOINTS_DIR,
@@ -21,7 +30,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config_file import config_values, parse_args_with_config
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_splits
 from .feature_cache import (
     CachedTowerFeatures,
     allocate_feature_cache,
@@ -42,6 +51,14 @@ from .outputs import (
     save_adapter,
     save_best,
 )
+from .results import (
+    RESULTS_TABLE_FILE,
+    check_eval_only_output_dir,
+    results_markdown,
+    results_table,
+    split_results,
+    write_results,
+)
 from .run_state import RunState, epoch_to_evaluate_first, resumed_batches
 from .tracking import trackers
 
@@ -49,16 +66,22 @@ __all__ = [
     "BEST_ADAPTER",
     "BEST_FILE",
     "CHECKPOINTS_DIR",
+    "CONFIG_FLAGS",
     "FINAL_ADAPTER",
+    "IMAGE_SIZES",
     "RESULTS_FILE",
+    "RESULTS_TABLE_FILE",
     "RUN_OUTPUTS",
     "RUN_STATE_FILE",
     "TOWERS_FILE",
     "CachedTowerFeatures",
     "RunState",
+    "add_config_arguments",
+    "add_data_arguments",
     "allocate_feature_cache",
     "cache_tower_features",
     "cached_loaders",
+    "check_eval_only_output_dir",
     "checkpoint_dirs",
     "checkpoint_step",
     "config_values",
@@ -66,6 +89,7 @@ __all__ = [
     "earlier_outputs",
     "epoch_to_evaluate_first",
     "evaluate",
+    "evaluate_splits",
     "feature_cache_message",
     "fresh_tmp_dir",
     "parse_args_with_config",
@@ -73,11 +97,16 @@ __all__ = [
     "read_json",
     "replace_dir",
     "resolve_checkpoint",
+    "resolve_data_args",
     "restore_best_adapter",
+    "results_markdown",
+    "results_table",
     "resumed_batches",
     "save_adapter",
     "save_best",
     "save_checkpoint",
+    "split_results",
     "trackers",
     "write_json",
+    "write_results",
 ]

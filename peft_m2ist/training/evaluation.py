@@ -1,7 +1,9 @@
-"""Referring-expression evaluation across data-parallel processes: Acc@0.5, mean IoU and accuracy per phrase type."""
+"""Referring-expression evaluation across data-parallel processes: Acc@0.5, mean IoU and accuracy per phrase type,
+of one split (`evaluate`) or of several (`evaluate_splits`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,7 +14,8 @@ from peft_m2ist.metrics import load_rec_metric
 
 
 def evaluate(model: Any, loader: Any, accelerator: Accelerator, desc: str = "eval") -> dict[str, float]:
-    """Acc@0.5, mean IoU and per-phrase-type accuracy of `model` on a prepared `loader`, gathered across processes.
+    """Acc@0.5, mean IoU, per-phrase-type accuracy and the number of samples (`num_samples`) of `model` on a prepared
+    `loader`, gathered across processes.
 
     Every process runs its share of `loader` (batches with `labels` and `phrase_type`); boxes and labels are
     gathered with `gather_for_metrics`, the phrase types as strings with `gather_for_metrics(...,
@@ -33,4 +36,14 @@ def evaluate(model: Any, loader: Any, accelerator: Accelerator, desc: str = "eva
             metric.add_batch(predictions=boxes.float().cpu().tolist(), references=labels.float().cpu().tolist())
             gathered_types += types
     model.train()
-    return metric.compute(phrase_types=gathered_types) if metric is not None else {}
+    if metric is None:
+        return {}
+    return {**metric.compute(phrase_types=gathered_types), "num_samples": len(gathered_types)}
+
+
+def evaluate_splits(model: Any, loaders: Mapping[str, Any], accelerator: Accelerator,
+                    desc: str = "eval") -> dict[str, dict[str, float]]:
+    """`evaluate` on each prepared loader of `loaders` (split name -> loader), in order: {split: scores} on the main
+    process, `{}` on the others."""
+    scores = {name: evaluate(model, loader, accelerator, desc=f"{desc} {name}") for name, loader in loaders.items()}
+    return scores if accelerator.is_main_process else {}

@@ -8,6 +8,7 @@ fit in RAM, and `CachedTowerFeatures` serves them per sample as `tower_features`
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -96,14 +97,16 @@ def cache_tower_features(model: Any, loader: DataLoader, accelerator: Accelerato
     return CachedTowerFeatures({k: v[:filled] for k, v in features.items()}, torch.cat(labels), phrase_types)
 
 
-def cached_loaders(model: Any, train_loader: DataLoader, val_loader: DataLoader, accelerator: Accelerator,
-                   batch_size: int) -> tuple[DataLoader, DataLoader]:
-    """Loaders over the cached tower features of both splits (train shuffled), in place of the image loaders.
+def cached_loaders(model: Any, train_loader: DataLoader, eval_loaders: Mapping[str, DataLoader],
+                   accelerator: Accelerator, batch_size: int) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """Loaders over the cached tower features of the training split (shuffled) and of each evaluation split (split
+    name -> loader), in place of the image loaders.
 
     Moves `model` to the accelerator's device to run the towers there.
     """
     model.to(accelerator.device)
     train = cache_tower_features(model, train_loader, accelerator, "caching tower features (train)")
-    val = cache_tower_features(model, val_loader, accelerator, "caching tower features (val)")
+    evals = {name: cache_tower_features(model, loader, accelerator, f"caching tower features ({name})")
+             for name, loader in eval_loaders.items()}
     return (DataLoader(train, batch_size=batch_size, shuffle=True),
-            DataLoader(val, batch_size=batch_size, shuffle=False))
+            {name: DataLoader(data, batch_size=batch_size, shuffle=False) for name, data in evals.items()})

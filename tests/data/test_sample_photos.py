@@ -34,6 +34,7 @@ def test_the_photos_are_real_rgb_images_and_every_box_lies_on_its_photo():
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_photos")
+    write_transvg_layout(root / "transvg", "flickr")  # 3-item rows with xyxy boxes, as TransVG's loader reads
     return write_refer_layout(root / "refer"), write_transvg_layout(root / "transvg")
 
 
@@ -45,6 +46,7 @@ def test_every_reader_returns_the_written_records(layouts, split):
     results = {
         "refer": load_refer(refer_root, "refcoco", "unc", split).dataset,
         "transvg": load_transvg(transvg_root, "unc", split).dataset,
+        "flickr": load_transvg(transvg_root, "flickr", split).dataset,
         "hf": load_hf_rec(hf, split, split_names=HF_SPLIT_NAMES, box_format="xywh", image_id_column="file").dataset,
     }
     for reader, dataset in results.items():

@@ -39,8 +39,9 @@ def test_cached_loaders_feed_the_model_the_same_boxes_as_the_images():
     model = get_peft_model(build_pair("mobilenet_v2+bert"), tiny_config()).eval()
     inputs = batch(size=4, labels=False)
     loader = DataLoader(_rows(inputs, 4), batch_size=3)
-    train, val = cached_loaders(model, loader, loader, Accelerator(cpu=True), batch_size=3)
-    cached = next(iter(val))
+    train, evals = cached_loaders(model, loader, {"val": loader, "testA": loader}, Accelerator(cpu=True), batch_size=3)
+    assert list(evals) == ["val", "testA"] and len(evals["testA"].dataset) == 4  # one cached loader per eval split
+    cached = next(iter(evals["val"]))
     assert cached["phrase_type"] == ["type0", "type1", "type2"]
     with torch.no_grad():
         direct = model(**{k: v[:3] for k, v in inputs.items()}).pred_boxes
