@@ -35,7 +35,6 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from peft_m2ist import M2ISTConfig, VisionTextPair, fold_frozen_batch_norms, pretrained, training
 from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level
@@ -84,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_head", type=float, default=1e-4, help="Projections, [REG], position embedding, head.")
     g.add_argument("--lr_adapter", type=float, default=1e-4, help="The M3ISA experts.")
     g.add_argument("--weight_decay", type=float, default=1e-4)
-    g.add_argument("--lr_scheduler", default="cosine", help="Any transformers scheduler name.")
+    g.add_argument("--lr_scheduler", default="cosine", help="Any transformers scheduler name, or 'step' (x0.1 at "
+                   "epoch --lr_drop_epoch, the authors').")
+    g.add_argument("--lr_drop_epoch", type=int, default=None, help="--lr_scheduler step: the epoch of the drop.")
     g.add_argument("--warmup_ratio", type=float, default=0.05)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
@@ -110,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse `argv` over the values of the YAML `--config` (if any); exits with a usage error on bad values."""
     parser = build_parser()
     args = training.parse_args_with_config(parser, argv)
+    training.check_schedule_args(parser, args)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     if args.eval_only and not args.adapter:
@@ -267,8 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = training.build_scheduler(args, optimizer, total_steps, steps_per_epoch)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
     if accelerator.trackers:
@@ -336,9 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         accelerator.print(f"best {first} Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "
                           f"adapter in {output_dir / training.BEST_ADAPTER}")
-        if args.push_to_hub:  # the best weights (loaded above), with a model card recording towers, data and scores
-            unwrapped.card_results = f"- Data: {info['data']}\n" + "".join(
-                f"- {name} Acc@0.5: {100 * s['accuracy']:.2f}% (mean IoU {s['mean_iou']:.3f})\n" for name, s in splits.items())
+        unwrapped.model_card_info = training.model_card_info(info["data"], splits)  # the card: data, command, scores
+        training.save_adapter(unwrapped, output_dir / training.BEST_ADAPTER, towers_of(args))  # the best weights again
+        if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id)
     accelerator.end_training()
     return final

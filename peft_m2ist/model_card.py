@@ -154,7 +154,7 @@ def describe_tower(name: str, tower: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the card
-def _evaluation_section(info: Mapping[str, Any], legacy_results: str | None) -> str:
+def _evaluation_section(info: Mapping[str, Any]) -> str:
     evaluation = info.get("evaluation")
     if evaluation:
         rows = ["| split | Acc@0.5 (%) | mean IoU | samples |", "| --- | ---: | ---: | ---: |"]
@@ -162,8 +162,6 @@ def _evaluation_section(info: Mapping[str, Any], legacy_results: str | None) -> 
                  for split, s in evaluation.items()]
         return ("Acc@0.5: the share of phrases whose predicted box overlaps the true box with IoU >= 0.5.\n\n"
                 + "\n".join(rows))
-    if legacy_results:
-        return legacy_results.strip()
     return "This adapter was not evaluated."
 
 
@@ -201,8 +199,7 @@ def _loading_section(model: Any, vision_name: str, text_name: str) -> str:
     )
 
 
-def build_model_card(model: Any, info: Mapping[str, Any] | None = None, legacy_results: str | None = None
-                     ) -> ModelCard:
+def build_model_card(model: Any, info: Mapping[str, Any] | None = None) -> ModelCard:
     """The card of `model`'s active adapter (a `PeftModelForReferringExpressionComprehension`)."""
     import peft
     import torch
@@ -268,7 +265,7 @@ Only the side network and the grounding head are stored here; the towers are loa
 
 ## Evaluation
 
-{_evaluation_section(info, legacy_results)}
+{_evaluation_section(info)}
 
 ## License
 

@@ -160,7 +160,7 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
         info = self.__dict__.get("_m2ist_card_info_for_save")
         if info is None:
             info = self.model_card_info or {}
-        card = build_model_card(self, info, legacy_results=self.__dict__.get("card_results"))
+        card = build_model_card(self, info)
         card.save(Path(output_dir) / "README.md")
 
     def encode_towers(

@@ -18,8 +18,6 @@ from peft_m2ist.config import PAPER_PRESET
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"refcoco": (20, 90, 60), "refcoco+": (20, 180, 120), "refcocog": (40, 90, 60), "referit": (20, 90, 60)}
-# keys examples/train_rec.py does not read yet; another change adds them (the dataset loaders, the step schedule)
-KEYS_TO_COME = {"dataset", "data_root", "dataset_name", "split_by", "eval_splits", "lr_drop_epoch", "preset"}
 MODEL_KEYS = {f.name for f in dataclasses.fields(M2ISTConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
 
 
@@ -43,7 +41,7 @@ def test_every_dataset_has_a_paper_config():
 def test_paper_config_is_the_authors_setting(name):
     values = _load(name)
     tokens, epochs, drop = CONFIGS[name]
-    assert set(values) <= _script_flags() | KEYS_TO_COME, set(values) - _script_flags() - KEYS_TO_COME
+    assert set(values) <= _script_flags(), set(values) - _script_flags()
     assert values["preset"] == "paper"
     assert (values["vision_model"], values["text_model"]) == ("facebook/detr-resnet-50", "bert-base-uncased")
     assert (values["image_size"], values["max_text_tokens"]) == (640, tokens)
@@ -70,3 +68,40 @@ def test_paper_config_builds_the_preset_on_tiny_detr_and_bert(name):
     assert built.text_layers == [f"encoder.layer.{i}.output.dense" for i in range(2)]
     head = model.base_model.m2ist_head["default"]
     assert head.position_embedding.shape[1] == 1 + values["max_text_tokens"] + 400
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The sample photographs in the refer layout (refcoco, refcoco+, refcocog) and as TransVG's referit files."""
+    from peft_m2ist.data.sample_photos import SAMPLE_PHOTOS, write_refer_layout, write_transvg_layout
+
+    root = tmp_path_factory.mktemp("paper_layouts")
+    photos = [p if p.split != "testB" else dataclasses.replace(p, split="test") for p in SAMPLE_PHOTOS]
+    for dataset, split_by in (("refcoco", "unc"), ("refcoco+", "unc")):
+        write_refer_layout(root / "refer", dataset, split_by)
+    write_refer_layout(root / "refer", "refcocog", "umd", photos)
+    write_transvg_layout(root / "transvg", "referit", photos)
+    return root
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_train_rec_reads_every_key_and_builds_the_step_schedule(name, layouts):
+    spec = importlib.util.spec_from_file_location("train_rec_paper", ROOT / "examples" / "train_rec.py")
+    train_rec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_rec)
+    kind = "transvg" if name == "referit" else "refer"
+    args = train_rec.parse_args(["--config", str(ROOT / "examples" / "configs" / f"paper_{name}.yaml"),
+                                 "--data_root", str(layouts / kind), "--image_dir", str(layouts / kind / "images")])
+    values = _load(name)
+    assert (args.preset, args.dataset, args.dataset_name) == ("paper", values["dataset"], name)
+    assert args.eval_splits == values["eval_splits"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train_rec.training.build_scheduler(args, optimizer, total_steps=values["num_epochs"] * 3,
+                                                   steps_per_epoch=3)
+    rates = []
+    for _ in range(values["num_epochs"] * 3):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    drop = values["lr_drop_epoch"] * 3
+    assert rates[drop - 1] == 1.0 and rates[drop] == pytest.approx(0.1) and rates[-1] == pytest.approx(0.1)

@@ -111,6 +111,11 @@ def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
     assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
     # predict.py reloads the towers in the dtype recorded next to the adapter
     assert json.loads((out / "best_adapter" / "towers.json").read_text())["dtype"] == "bfloat16"
+    # the best adapter's model card: the data, the command and its scores on every eval split, no empty template
+    card = (out / "best_adapter" / "README.md").read_text()
+    assert "[More Information Needed]" not in card and "train_rec.py" in card and result["data"] in card
+    val = result["splits"]["val"]
+    assert f"| val | {100 * val['accuracy']:.2f} | {val['mean_iou']:.3f} | {val['num_samples']:,} |" in card
     png = tmp_path / "bf16.png"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "predict.py"), "--adapter", str(out / "best_adapter"),
@@ -218,6 +223,6 @@ def test_every_flag_is_in_the_training_guide_and_the_test_only_crash_flag_is_gon
     guide = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     flags = [option for action in train_rec.build_parser()._actions for option in action.option_strings
              if option.startswith("--") and not option.startswith("--no-") and option != "--help"]
-    assert len(flags) == 65 and not [flag for flag in flags if f"`{flag}" not in guide]
+    assert len(flags) == 67 and not [flag for flag in flags if f"`{flag}" not in guide]
     assert "unrecognized arguments: --crash_after_steps" in _usage_error(train_rec, ["--crash_after_steps", "9"],
                                                                          capsys)

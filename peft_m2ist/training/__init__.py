@@ -54,12 +54,14 @@ from .outputs import (
 from .results import (
     RESULTS_TABLE_FILE,
     check_eval_only_output_dir,
+    model_card_info,
     results_markdown,
     results_table,
     split_results,
     write_results,
 )
 from .run_state import RunState, epoch_to_evaluate_first, resumed_batches
+from .schedule import STEP_DECAY, build_scheduler, check_schedule_args
 from .tracking import trackers
 
 __all__ = [
@@ -73,15 +75,18 @@ __all__ = [
     "RESULTS_TABLE_FILE",
     "RUN_OUTPUTS",
     "RUN_STATE_FILE",
+    "STEP_DECAY",
     "TOWERS_FILE",
     "CachedTowerFeatures",
     "RunState",
     "add_config_arguments",
     "add_data_arguments",
     "allocate_feature_cache",
+    "build_scheduler",
     "cache_tower_features",
     "cached_loaders",
     "check_eval_only_output_dir",
+    "check_schedule_args",
     "checkpoint_dirs",
     "checkpoint_step",
     "config_values",
@@ -92,6 +97,7 @@ __all__ = [
     "evaluate_splits",
     "feature_cache_message",
     "fresh_tmp_dir",
+    "model_card_info",
     "parse_args_with_config",
     "prepare_output_dir",
     "read_json",

@@ -28,7 +28,7 @@ CONFIG_FLAGS: tuple[str, ...] = (
     "num_tapped_layers", "bottleneck_dim", "expert_scale", "interaction", "mixture", "head_hidden_size",
     "head_num_hidden_layers", "head_num_attention_heads", "head_intermediate_size", "head_dropout",
     "head_attention_dropout", "box_head", "head_recompute_feed_forward", "head_gradient_checkpointing",
-    "max_text_tokens", "tower_micro_batch_size",
+    "max_text_tokens", "tower_micro_batch_size", "preset",
 )
 """The `M2ISTConfig` fields `examples/train_rec.py` takes as flags of the same name."""
 
@@ -44,13 +44,13 @@ def add_config_arguments(group: argparse._ActionsContainer, names: Sequence[str]
     for name in names:
         field, hint = fields[name], hints[name]
         kwargs: dict = {"default": field.default, "help": field.metadata.get("help")}
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None`: an int, default None
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
         if typing.get_origin(hint) is typing.Literal:
             kwargs["choices"] = typing.get_args(hint)
         elif hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None`: an int, default None
-                hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
             kwargs["type"] = hint
         group.add_argument(f"--{name}", **kwargs)
 

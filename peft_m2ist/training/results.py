@@ -8,7 +8,9 @@ benchmark), Acc@0.5 per type. Real formats' phrase type `unknown` gets no column
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,12 @@ def check_eval_only_output_dir(output_dir: str | os.PathLike) -> None:
     if used:
         raise ValueError(f"--output_dir {output_dir} holds a training run's {used}: --eval_only writes its "
                          "results.json and results.md there, so give it another --output_dir")
+
+
+def model_card_info(data: str, splits: Mapping[str, Mapping[str, float]], argv: Sequence[str] | None = None) -> dict:
+    """What the best adapter's model card says about its training (`peft_m2ist.model_card`): the data, the command
+    that trained it (`accelerate launch` + this process's arguments), and Acc@0.5 / mean IoU per eval split."""
+    command = "accelerate launch " + " ".join(shlex.quote(arg) for arg in (sys.argv if argv is None else argv))
+    evaluation = {split: {key: values[key] for key in ("accuracy", "mean_iou", "num_samples")}
+                  for split, values in splits.items()}
+    return {"training_data": data, "training_command": command, "evaluation": evaluation}
