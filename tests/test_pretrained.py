@@ -159,7 +159,8 @@ def test_saved_adapter_records_the_offline_tower_names(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "offline:mobilenet_v2-stride16 + offline:minilm-l6"
     card = (tmp_path / "adapter" / "README.md").read_text()
-    assert "Towers (frozen): offline:mobilenet_v2-stride16, offline:minilm-l6" in card
-    assert "base_model:" in card and "- offline:mobilenet_v2-stride16" in card
+    assert "- Vision tower (`vision_model`): `offline:mobilenet_v2-stride16`: " in card
+    assert "- Text tower (`text_model`): `offline:minilm-l6`: " in card
+    assert "base_model:" not in card  # a tag must name a Hub model, which an offline asset is not
     for machine_local in (str(tmp_path / "cache"), str(P.minilm_path()), cache._MOBILENET_FOLDER):
         assert machine_local not in card and machine_local not in json.dumps(saved)

@@ -285,7 +285,7 @@ def test_adapter_flags_default_to_m2istconfig_and_default_yaml_sets_only_overrid
     parser = train_rec.build_parser()
     defaults = {action.dest: action.default for action in parser._actions}
     fields = {field.name: field.default for field in dataclasses.fields(M2ISTConfig)}
-    assert len(CONFIG_FLAGS) == 16 and {name: defaults[name] for name in CONFIG_FLAGS} == {
+    assert len(CONFIG_FLAGS) == 17 and {name: defaults[name] for name in CONFIG_FLAGS} == {
         name: fields[name] for name in CONFIG_FLAGS}
     text = (ROOT / "examples" / "configs" / "default.yaml").read_text()
     values = yaml.safe_load(text)
