@@ -9,11 +9,9 @@ Reads top to bottom, one phase a screen: arguments (every flag can also be set i
 given on the command line win) -> towers + adapter -> data -> evaluation -> main: accelerator and output folder,
 optimiser, resume, the train/evaluate loop with checkpoints, and the report (+ push to the Hub).
 
-The machinery lives in `peft_m2ist.training`: checkpoints written whole and `latest` resolved (`checkpoints`), the
-resume state (`run_state`), atomic JSON and folder writes (`atomic`), the output folder (`outputs`), the tower-
-feature cache (`feature_cache`), evaluation across processes (`evaluation`), the YAML config (`config_file`) and
-`--report_to` (`tracking`). A run killed (SIGKILL) mid-epoch or mid-save and resumed with `--resume_from_checkpoint
-latest` ends with the uninterrupted run's adapters, byte for byte (tests/test_train_resume.py). See docs/training.md.
+The machinery lives in `peft_m2ist.training` (docs/training.md): checkpoints, resume state, the output folder and
+its lock, divergence and SIGTERM handling, the feature cache, evaluation. A run killed and resumed with
+`--resume_from_checkpoint latest` ends with the uninterrupted run's adapters, byte for byte (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -102,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_scheduler", default="cosine", help="Any transformers scheduler name.")
     g.add_argument("--warmup_ratio", type=float, default=0.05)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--on_nonfinite", choices=training.ON_NONFINITE, default="stop",
+                   help="A non-finite loss or gradient norm: 'stop' the run (default) or 'skip' that step.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Default: what `accelerate config` says.")
     g = p.add_argument_group("output")
@@ -205,7 +205,7 @@ def evaluate_epoch(model, val_loader, accelerator: Accelerator, run: training.Ru
     accelerator.print(f"epoch {epoch}: val Acc@0.5 = {100 * scores['accuracy']:.2f}% "
                       f"(mean IoU {scores['mean_iou']:.3f}, chance {100 * chance:.1f}%)")
     accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=run.step)
-    if scores["accuracy"] > run.best["accuracy"]:
+    if training.is_new_best(scores, run.best):  # better than the best so far (or the first), and not all NaN
         run.best = {"epoch": epoch, "step": run.step, **scores}
         training.save_best(accelerator.unwrap_model(model), args.output_dir, run.best, towers_of(args))
 
@@ -230,12 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
-    checkpoint, run = None, training.RunState(started=started)
-    if not args.eval_only:  # before anything loads: a damaged checkpoint or a used --output_dir ends the run here
-        checkpoint = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-        if checkpoint is not None:
-            run = training.RunState.from_checkpoint(checkpoint, started)
-        training.prepare_output_dir(output_dir, checkpoint, run.step, args.overwrite_output_dir, accelerator)
+    lock, checkpoint, run = None, None, training.RunState(started=started)
+    if not args.eval_only:  # before anything loads: OUTPUT checked and locked (.lock) until the run ends
+        lock, checkpoint, run = training.open_output_dir(output_dir, args.resume_from_checkpoint,
+                                                         args.overwrite_output_dir, accelerator, started)
+    stop = training.StopSignals().install()  # SIGTERM / SIGINT: a checkpoint at the next step boundary, then exit
 
     model, image_processor, tokenizer = build_model(args)
     with accelerator.main_process_first():  # the first process builds and caches the benchmark
@@ -266,14 +265,16 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
+    training.check_free_space(output_dir, model, accelerator, keep=args.checkpoints_total_limit,
+                              every=args.checkpointing_steps, steps=total_steps)
+    guard = training.NonFiniteGuard(args.on_nonfinite, accelerator, optimizer, skipped=run.skipped_steps)
     if accelerator.trackers:
         accelerator.init_trackers("m2ist", config={k: v for k, v in vars(args).items() if v is not None})
 
-    # ---- resume: weights, optimiser, scheduler, RNG states and sampler (accelerate's load_state), then the history,
-    # best score and adapter, and elapsed time (run_state.json); an epoch trained but not yet evaluated is evaluated
+    # ---- resume: trainable weights, optimiser, scheduler, RNG states, sampler; then run_state.json and best adapter
     start_epoch, skip_batches = 0, 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        training.load_checkpoint(accelerator, checkpoint)  # the frozen towers are those build_model loaded
         if accelerator.is_main_process:
             training.restore_best_adapter(checkpoint, output_dir, run.best)
         start_epoch, skip_batches = run.position(steps_per_epoch, args.gradient_accumulation_steps)
@@ -294,22 +295,22 @@ def main(argv: list[str] | None = None) -> dict:
             with accelerator.accumulate(model):
                 out = model(**batch)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                if guard.check(out.loss, model.parameters(), args.max_grad_norm, run.step + 1):  # clips, or stops
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            run.step += 1
+            run.step, run.skipped_steps = run.step + 1, guard.skipped
             progress.update(1)
             progress.set_postfix(loss=f"{out.loss.item():.3f}", l1=f"{out.loss_l1.item():.3f}")
             accelerator.log({"train/loss": out.loss.item(), "train/loss_l1": out.loss_l1.item(),
                              "train/loss_giou": out.loss_giou.item(), "lr": scheduler.get_last_lr()[-1]},
                             step=run.step)
-            if args.checkpointing_steps and run.step % args.checkpointing_steps == 0:
-                training.save_checkpoint(accelerator, output_dir, run.step, args.checkpoints_total_limit, run.to_json(),
-                                copy_in=[output_dir / training.BEST_ADAPTER])  # the best adapter as of this step
+            if stop.requested(accelerator) or (args.checkpointing_steps and run.step % args.checkpointing_steps == 0):
+                saved = training.save_checkpoint(accelerator, output_dir, run.step, args.checkpoints_total_limit,
+                                                 run.to_json(), copy_in=[output_dir / training.BEST_ADAPTER])
+                stop.exit_if_requested(accelerator, saved, lock)  # SIGTERM / SIGINT: saved, exit code 143 / 130
             if run.step >= total_steps:
                 break
         skip_batches = 0
@@ -328,8 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
                  "args": {k: v for k, v in vars(args).items() if k != "config"}}
         training.write_json(output_dir / training.RESULTS_FILE, final, default=str)
         accelerator.print(f"best val Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "
-                          f"chance = {100 * chance:.1f}%; adapter in {output_dir / training.BEST_ADAPTER}")
-        if args.push_to_hub:  # the best weights, with a model card recording towers, data and score
+                          f"chance = {100 * chance:.1f}%; adapter in {output_dir / training.BEST_ADAPTER}" if best else
+                          "no evaluation had a finite prediction: no best adapter (lower the learning rate)")
+        if args.push_to_hub and best:  # the best weights, with a model card recording towers, data and score
             best_weights = load_file(output_dir / training.BEST_ADAPTER / "adapter_model.safetensors")
             set_peft_model_state_dict(unwrapped, best_weights)
             unwrapped.card_results = (
@@ -338,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             unwrapped.push_to_hub(args.hub_model_id)
     accelerator.end_training()
+    stop.release(lock)  # the signal handlers as they were, and the output folder free for the next run
     return final
 
 
