@@ -84,7 +84,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
 
     `accelerator.save_state` writes into `step_N.tmp` (every process its RNG state; of the models, only the
     trainable weights, which must be finite, else `TrainingDiverged`), then the main process copies
-    each existing folder of `copy_in` into it under its own name, writes `state` as `run_state.json` and renames
+    each existing folder of `copy_in` into it under its own name (hard links: `link_or_copy`), writes `state` as `run_state.json` and renames
     the folder to `step_N`. Afterwards the newest `limit` complete checkpoints (by step) are kept (0: all).
     """
     folder = Path(output_dir) / CHECKPOINTS_DIR / f"step_{step}"
@@ -101,13 +101,25 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, ste
     if accelerator.is_main_process:
         for source in map(Path, copy_in):
             if source.is_dir():
-                shutil.copytree(source, tmp / source.name)
+                shutil.copytree(source, tmp / source.name, copy_function=link_or_copy)
         write_json(tmp / RUN_STATE_FILE, state, default=str)
         replace_dir(tmp, folder)
         if limit:
             for old in checkpoint_dirs(output_dir)[:-limit]:
                 shutil.rmtree(old)
     return folder
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """Hard-link `source` as `target` (no second copy on disk), or copy it where links are not possible.
+
+    Safe for the files this package writes: none is ever rewritten in place (`atomic`: a new version is a new
+    file, renamed), so the linked file keeps the content it had when linked.
+    """
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def trainable_names(model: torch.nn.Module) -> set[str]:
