@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         training.write_json(output_dir / training.RESULTS_FILE, final, default=str)
         accelerator.print(f"best val Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "
                           f"chance = {100 * chance:.1f}%; adapter in {output_dir / training.BEST_ADAPTER}" if best else
-                          "no evaluation had a finite prediction: no best adapter (lower the learning rate)")
+                          "no best adapter: every evaluation found no box (diverged? lower the learning rate)")
         if args.push_to_hub and best:  # the best weights, with a model card recording towers, data and score
             best_weights = load_file(output_dir / training.BEST_ADAPTER / "adapter_model.safetensors")
             set_peft_model_state_dict(unwrapped, best_weights)

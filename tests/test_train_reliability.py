@@ -123,3 +123,13 @@ def test_a_diverging_run_stops_naming_the_step_and_never_saves_non_finite_weight
     assert json.loads((out / "checkpoints" / "step_12" / "run_state.json").read_text())["skipped_steps"] == 10
     final = load_file(out / "final_adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in final.values())
+
+
+def test_an_adapter_diverged_to_finite_but_useless_weights_is_never_the_best(towers, train_rec, tmp_path):
+    """At lr 1e4 the weights blow up but stay finite: the loss never turns NaN, the boxes overlap no target (Acc
+    and mean IoU 0). The run finishes, but keeps no best adapter: the first evaluation is no longer "best" merely
+    for beating a placeholder."""
+    out = tmp_path / "run"
+    result = train_rec.main(_args(towers, out, "--lr_head", "1e4", "--lr_adapter", "1e4", "--num_epochs", "1"))
+    assert [(h["accuracy"], h["mean_iou"], h["non_finite"]) for h in result["history"]] == [(0.0, 0.0, 0.0)]
+    assert result["best"] is None and not (out / "best_adapter").exists() and (out / "final_adapter").is_dir()

@@ -9,7 +9,7 @@ it). With `--on_nonfinite skip` the optimiser step is skipped (the gradients are
 counted and logged.
 
 `is_new_best` is the rule for the best adapter: an evaluation is only "best" when it beats the best so far (none
-at the start) and at least one of its predictions is finite.
+at the start) and its boxes overlap some target (mean IoU > 0; all-NaN predictions never do).
 """
 
 from __future__ import annotations
@@ -103,9 +103,11 @@ def check_finite_weights(state_dict: Mapping[str, torch.Tensor], where: str) -> 
 def is_new_best(scores: Mapping[str, Any], best: Mapping[str, Any] | None) -> bool:
     """Whether the evaluation `scores` makes a new best adapter over `best` (None: no evaluation counted yet).
 
-    An evaluation none of whose predictions is finite (`scores["non_finite"] == 1`) never does: its accuracy of 0
-    says nothing about the adapter but that it is broken.
+    Only a real evaluation does: one none of whose predictions is finite (`scores["non_finite"] == 1`), or whose
+    boxes overlap no target at all (`mean_iou == 0`: what a diverged adapter predicts, e.g. at learning rates of
+    1e2 to 1e4, where the weights blow up but stay finite), never does; its accuracy of 0 says nothing about the
+    adapter but that it is broken. Then it must beat the best so far.
     """
-    if scores.get("non_finite", 0.0) >= 1.0:
+    if scores.get("non_finite", 0.0) >= 1.0 or not scores.get("mean_iou", 0.0) > 0.0:
         return False
     return best is None or scores["accuracy"] > best["accuracy"]

@@ -74,11 +74,12 @@ def test_non_finite_predicted_boxes_give_a_nan_loss_instead_of_an_error():
     assert float(finite["loss_l1"]) == 0.0 and float(finite["loss_giou"]) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_the_first_evaluation_is_the_best_unless_all_its_predictions_are_non_finite():
-    assert is_new_best({"accuracy": 0.0, "non_finite": 0.0}, None)
-    assert not is_new_best({"accuracy": 0.0, "non_finite": 1.0}, None)
-    assert is_new_best({"accuracy": 0.3, "non_finite": 0.5}, {"accuracy": 0.2})
-    assert not is_new_best({"accuracy": 0.2}, {"accuracy": 0.2})
+def test_the_first_real_evaluation_is_the_best_never_a_broken_adapters():
+    assert is_new_best({"accuracy": 0.0, "mean_iou": 0.05, "non_finite": 0.0}, None)  # poor, but it finds boxes
+    assert not is_new_best({"accuracy": 0.0, "mean_iou": 0.0, "non_finite": 1.0}, None)  # all NaN
+    assert not is_new_best({"accuracy": 0.0, "mean_iou": 0.0, "non_finite": 0.0}, None)  # overlaps no target
+    assert is_new_best({"accuracy": 0.3, "mean_iou": 0.3, "non_finite": 0.5}, {"accuracy": 0.2})
+    assert not is_new_best({"accuracy": 0.2, "mean_iou": 0.3}, {"accuracy": 0.2})
 
 
 class _Boxes(torch.nn.Module):
