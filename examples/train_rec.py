@@ -12,11 +12,8 @@ optimiser, resume, the train/evaluate loop with checkpoints, and the report (+ p
 benchmark or real data (docs/real-data.md); every --eval_splits split is evaluated after each epoch, the best adapter
 chosen on the first and re-evaluated on all at the end (OUTPUT/results.json's "splits", OUTPUT/results.md).
 
-The machinery lives in `peft_m2ist.training`: checkpoints written whole and `latest` resolved (`checkpoints`), the
-resume state (`run_state`), atomic JSON and folder writes (`atomic`), the output folder (`outputs`), the tower-
-feature cache (`feature_cache`), evaluation across processes (`evaluation`), per-split results (`results`), flags
-from M2ISTConfig and the data checks (`arguments`), the YAML config (`config_file`) and `--report_to` (`tracking`). A run killed (SIGKILL) mid-epoch or mid-save and resumed with `--resume_from_checkpoint
-latest` ends with the uninterrupted run's adapters, byte for byte (tests/test_train_resume.py). See docs/training.md.
+The machinery (checkpoints, resume, the output folder and its lock, divergence and SIGTERM handling, the feature
+cache, evaluation, results, the flags) lives in `peft_m2ist.training`: docs/training.md, docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -88,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_drop_epoch", type=int, default=None, help="--lr_scheduler step: the epoch of the drop.")
     g.add_argument("--warmup_ratio", type=float, default=0.05)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--on_nonfinite", choices=training.ON_NONFINITE, default="stop",
+                   help="A non-finite loss or gradient norm: 'stop' the run (default) or 'skip' that step.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Default: what `accelerate config` says.")
     g = p.add_argument_group("output")
@@ -202,20 +201,9 @@ def evaluate_epoch(model, eval_loaders: dict, accelerator: Accelerator, run: tra
                                                       for name, s in scores.items())
                       + f" (mean IoU {scores[first]['mean_iou']:.3f} on {first}{chance})")
     accelerator.log({f"{name}/{k}": v for name, s in scores.items() for k, v in s.items()}, step=run.step)
-    if scores[first]["accuracy"] > run.best["accuracy"]:
+    if training.is_new_best(scores[first], run.best):  # better than the best so far (or the first), not all NaN
         run.best = {"epoch": epoch, "step": run.step, "split": first, **scores[first]}
         training.save_best(accelerator.unwrap_model(model), args.output_dir, run.best, towers_of(args))
-
-
-def report(accelerator: Accelerator, args: argparse.Namespace, results: dict, caption: str) -> dict:
-    """The main process writes OUTPUT/results.json (with the arguments) and the table OUTPUT/results.md, and prints
-    the table; returns what it wrote (`{}` on the other processes)."""
-    if not accelerator.is_main_process:
-        return {}
-    results = {**results, "towers": {"vision": args.vision_model, "text": args.text_model},
-               "args": {k: v for k, v in vars(args).items() if k != "config"}}
-    accelerator.print(training.write_results(args.output_dir, results, caption))
-    return results
 
 
 def towers_of(args: argparse.Namespace) -> dict[str, str]:
@@ -238,12 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     set_seed(args.seed)
 
-    checkpoint, run = None, training.RunState(started=started)
-    if not args.eval_only:  # before anything loads: a damaged checkpoint or a used --output_dir ends the run here
-        checkpoint = training.resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-        if checkpoint is not None:
-            run = training.RunState.from_checkpoint(checkpoint, started)
-        training.prepare_output_dir(output_dir, checkpoint, run.step, args.overwrite_output_dir, accelerator)
+    lock, checkpoint, run = None, None, training.RunState(started=started)
+    if not args.eval_only:  # before anything loads: OUTPUT checked and locked (.lock) until the run ends
+        lock, checkpoint, run = training.open_output_dir(output_dir, args.resume_from_checkpoint,
+                                                         args.overwrite_output_dir, accelerator, started)
+    stop = training.StopSignals().install()  # SIGTERM / SIGINT: a checkpoint at the next step boundary, then exit
 
     model, image_processor, tokenizer = build_model(args)
     with accelerator.main_process_first():  # the first process builds and caches the benchmark
@@ -254,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = accelerator.prepare_model(model, evaluation_mode=True)
         loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
         splits = training.split_results(training.evaluate_splits(model, loaders, accelerator))
-        return report(accelerator, args, {"adapter": args.adapter, "splits": splits, **info,
+        return training.report_results(accelerator, args, {"adapter": args.adapter, "splits": splits, **info,
                                           "processes": accelerator.num_processes}, f"{args.adapter} on {info['data']}")
 
     # ---- optimiser: two learning rates, a scheduler over the whole run, everything handed to accelerate
@@ -272,14 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = training.build_scheduler(args, optimizer, total_steps, steps_per_epoch)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
+    training.check_free_space(output_dir, model, accelerator, keep=args.checkpoints_total_limit,
+                              every=args.checkpointing_steps, steps=total_steps)
+    guard = training.NonFiniteGuard(args.on_nonfinite, accelerator, optimizer, skipped=run.skipped_steps)
     if accelerator.trackers:
         accelerator.init_trackers("m2ist", config={k: v for k, v in vars(args).items() if v is not None})
 
-    # ---- resume: weights, optimiser, scheduler, RNG states and sampler (accelerate's load_state), then the history,
-    # best score and adapter, and elapsed time (run_state.json); an epoch trained but not yet evaluated is evaluated
+    # ---- resume: trainable weights, optimiser, scheduler, RNG states, sampler; then run_state.json and best adapter
     start_epoch, skip_batches = 0, 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        training.load_checkpoint(accelerator, checkpoint)  # the frozen towers are those build_model loaded
         if accelerator.is_main_process:
             training.restore_best_adapter(checkpoint, output_dir, run.best)
         start_epoch, skip_batches = run.position(steps_per_epoch, args.gradient_accumulation_steps)
@@ -300,22 +289,22 @@ def main(argv: list[str] | None = None) -> dict:
             with accelerator.accumulate(model):
                 out = model(**batch)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                if guard.check(out.loss, model.parameters(), args.max_grad_norm, run.step + 1):  # clips, or stops
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            run.step += 1
+            run.step, run.skipped_steps = run.step + 1, guard.skipped
             progress.update(1)
             progress.set_postfix(loss=f"{out.loss.item():.3f}", l1=f"{out.loss_l1.item():.3f}")
             accelerator.log({"train/loss": out.loss.item(), "train/loss_l1": out.loss_l1.item(),
                              "train/loss_giou": out.loss_giou.item(), "lr": scheduler.get_last_lr()[-1]},
                             step=run.step)
-            if args.checkpointing_steps and run.step % args.checkpointing_steps == 0:
-                training.save_checkpoint(accelerator, output_dir, run.step, args.checkpoints_total_limit, run.to_json(),
-                                copy_in=[output_dir / training.BEST_ADAPTER])  # the best adapter as of this step
+            if stop.requested(accelerator) or (args.checkpointing_steps and run.step % args.checkpointing_steps == 0):
+                saved = training.save_checkpoint(accelerator, output_dir, run.step, args.checkpoints_total_limit,
+                                                 run.to_json(), copy_in=[output_dir / training.BEST_ADAPTER])
+                stop.exit_if_requested(accelerator, saved, lock)  # SIGTERM / SIGINT: saved, exit code 143 / 130
             if run.step >= total_steps:
                 break
         skip_batches = 0
@@ -328,13 +317,15 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         training.save_adapter(unwrapped, output_dir / training.FINAL_ADAPTER, towers_of(args))
     accelerator.wait_for_everyone()
-    set_peft_model_state_dict(unwrapped, load_file(output_dir / training.BEST_ADAPTER / "adapter_model.safetensors"))
-    splits = training.split_results(training.evaluate_splits(model, eval_loaders, accelerator, desc="best adapter"))
-    best, first = run.best, args.eval_splits[0]
-    final = report(accelerator, args, {"best": best, "splits": splits, "history": run.history, **info,
+    best, first, splits = run.best, args.eval_splits[0], {}
+    if best:  # the best adapter, re-evaluated on every eval split
+        set_peft_model_state_dict(unwrapped, load_file(output_dir / training.BEST_ADAPTER / "adapter_model.safetensors"))
+        splits = training.split_results(training.evaluate_splits(model, eval_loaders, accelerator, desc="best adapter"))
+    final = training.report_results(accelerator, args, {"best": best, "splits": splits, "history": run.history, **info,
                                        "control": args.control, "elapsed_s": round(run.elapsed(), 1), "steps": run.step},
-                   f"Best adapter (epoch {best.get('epoch')}, chosen on {first}) on {info['data']}")
-    if accelerator.is_main_process:
+                   f"Best adapter (epoch {best['epoch']}, chosen on {first}) on {info['data']}" if best else
+                   "no best adapter: every evaluation found no box (diverged? lower the learning rate)")
+    if accelerator.is_main_process and best:
         accelerator.print(f"best {first} Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "
                           f"adapter in {output_dir / training.BEST_ADAPTER}")
         unwrapped.model_card_info = training.model_card_info(info["data"], splits)  # the card: data, command, scores
@@ -342,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id)
     accelerator.end_training()
+    stop.release(lock)  # the signal handlers as they were, and the output folder free for the next run
     return final
 
 

@@ -17,7 +17,7 @@ TYPES = ("attribute", "relation", "position", "ordinal")
 
 def row(path: Path) -> str:
     run = json.loads(path.read_text())
-    best, args = run["best"], run["args"]
+    best, args = run["best"] or {"accuracy": float("nan"), "mean_iou": float("nan")}, run["args"]  # None: diverged
     per_type = " | ".join(f"{100 * best.get(f'accuracy_{t}', float('nan')):.1f}" for t in TYPES)
     elapsed = f"{run['elapsed_s'] / 60:.1f}" if "elapsed_s" in run else "n/a"
     return (f"| {path.stem} | {run['control']} | {args['num_epochs']} ({run.get('steps', 'n/a')}) | "

@@ -29,11 +29,12 @@ train_rec = script_tests.train_rec  # the script as a module, accelerate set up 
 _args, _run, SCRIPT, ROOT = script_tests._args, script_tests._run, script_tests.SCRIPT, script_tests.ROOT
 
 
-def _start_and_kill(args: list[str], when: Path, log: Path, timeout: float = 600) -> None:
-    """Start train_rec.py on `args` and send it SIGKILL as soon as `when` exists.
+def _start_and_kill(args: list[str], when: Path, log: Path, timeout: float = 600,
+                    sig: signal.Signals = signal.SIGKILL) -> int:
+    """Start train_rec.py on `args` and send it `sig` (SIGKILL) as soon as `when` exists; its exit code.
 
-    Fails if the run ends before `when` appears, or had already finished when the kill was sent: the kill must
-    land mid-run.
+    Fails if the run ends before `when` appears, or (SIGKILL) had already finished when the kill was sent: the kill
+    must land mid-run. After another signal, the run may take its time to end (up to `timeout`).
     """
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -43,11 +44,15 @@ def _start_and_kill(args: list[str], when: Path, log: Path, timeout: float = 600
             assert proc.poll() is None, f"ended ({proc.returncode}) before {when} existed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no {when} after {timeout} s"
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
+        if sig != signal.SIGKILL:
+            proc.wait(timeout)
     finally:
         proc.kill()  # nothing left running if an assertion failed (a no-op after the SIGKILL)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"finished ({proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, f"finished ({proc.returncode}) before the kill:\n{log.read_text()[-3000:]}"
+    return proc.returncode
 
 
 def _resume(towers, out: Path) -> int:
@@ -92,9 +97,11 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_adapter_bytes(tow
     assert not (out / "final_adapter").exists() and not (out / "results.json").exists()
     assert _resume(towers, out) >= 8
     _assert_same_run(out, straight)
-    # the adapter folder holds the side network and head only
+    # the adapter folder holds the side network and head only, and so do the checkpoints (the towers are rebuilt)
     weights = load_file(out / "final_adapter" / "adapter_model.safetensors")
     assert weights and all(".m2ist_side." in k or ".m2ist_head." in k for k in weights)
+    saved = load_file(out / "checkpoints" / "step_12" / "model.safetensors")
+    assert len(saved) == len(weights) and all(".m2ist_side." in k or ".m2ist_head." in k for k in saved)
 
 
 @pytest.mark.slow
@@ -148,6 +155,40 @@ def test_resuming_a_finished_run_keeps_its_history_and_skips_a_half_written_chec
     assert _bytes(out, "final_adapter") == _bytes(straight, "final_adapter")
     assert not half.exists()  # newer than the checkpoint resumed from: dropped
     assert _results(out)["history"] == resumed["history"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_saving_its_first_checkpoint_starts_anew_with_latest(towers, straight, tmp_path):
+    """Killed as soon as `step_2.tmp` appears, before any checkpoint is complete: `latest` finds none, deletes the
+    partial folder with a message and starts a new run, which ends as the uninterrupted one."""
+    out = tmp_path / "run"
+    _start_and_kill(_args(towers, out), out / "checkpoints" / "step_2.tmp", tmp_path / "killed.log")
+    if (out / "checkpoints" / "step_2").exists():
+        pytest.skip("the save finished before the kill landed (a loaded machine)")
+    assert resolve_checkpoint("latest", out) is None
+    proc = _run(_args(towers, out, "--resume_from_checkpoint", "latest"))
+    log = proc.stdout + proc.stderr
+    assert "holds no complete checkpoint (its run was stopped before saving one): starting a new run" in log
+    assert "checkpoints/step_2.tmp" in log and "Resumed from" not in log
+    _assert_same_run(out, straight)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_resumed_run_ends_the_same(towers, straight, tmp_path):
+    """What a scheduler does before a kill: SIGTERM once step_4 is saved. The run finishes its optimiser step,
+    saves it as a checkpoint, says so and exits with 143 (128 + SIGTERM); `latest` then resumes it exactly."""
+    out, log = tmp_path / "run", tmp_path / "terminated.log"
+    code = _start_and_kill(_args(towers, out), out / "checkpoints" / "step_4", log, sig=signal.SIGTERM)
+    text = log.read_text()
+    assert code == 143, text[-3000:]
+    saved = re.search(r"stopped by SIGTERM: saved (\S+step_(\d+)); continue with --resume_from_checkpoint latest",
+                      text)
+    assert saved, text[-3000:]
+    step = int(saved.group(2))
+    assert 4 <= step < 12 and resolve_checkpoint("latest", out).name == f"step_{step}"
+    assert not (out / "final_adapter").exists() and not (out / ".lock").exists()  # released on the way out
+    assert _resume(towers, out) == step
+    _assert_same_run(out, straight)
 
 
 def _old_run(out: Path) -> None:

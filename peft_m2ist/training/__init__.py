@@ -3,7 +3,11 @@
 - `atomic`: JSON files and folders replaced whole or not at all (`write_json`, `read_json`, `replace_dir`).
 - `checkpoints`: `OUTPUT/checkpoints/step_N` written whole, the newest few kept, `latest` resolved.
 - `run_state`: what a checkpoint records besides accelerate's state, and where a resumed run picks up.
-- `outputs`: the output folder: adapters with their `towers.json`, `best.json`, the check of a used folder.
+- `outputs`: the output folder: adapters with their `towers.json`, `best.json`, the check of a used folder, the
+  free-space check.
+- `lock`: one run at a time per output folder (`OUTPUT/.lock`, naming the holder), and a writable folder first.
+- `divergence`: a non-finite loss or gradient norm stops the run (or skips the step); no broken best adapter.
+- `signals`: SIGTERM / SIGINT save a checkpoint at the next step boundary and end the run.
 - `feature_cache`: the in-RAM cache of the frozen towers' outputs, with its memory check.
 - `config_file`: flag values from a YAML `--config` file, checked like the command line.
 - `evaluation`: Acc@0.5, mean IoU and per-phrase-type accuracy, gathered across processes, per split.
@@ -26,10 +30,13 @@ from .checkpoints import (
     checkpoint_dirs,
     checkpoint_step,
     drop_checkpoints_after,
+    load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    trainable_names,
 )
 from .config_file import config_values, parse_args_with_config
+from .divergence import ON_NONFINITE, NonFiniteGuard, TrainingDiverged, check_finite_weights, is_new_best
 from .evaluation import evaluate, evaluate_splits
 from .feature_cache import (
     CachedTowerFeatures,
@@ -38,6 +45,7 @@ from .feature_cache import (
     cached_loaders,
     feature_cache_message,
 )
+from .lock import LOCK_FILE, OutputLock, OutputLockedError, check_writable, claim_output_dir
 from .outputs import (
     BEST_ADAPTER,
     BEST_FILE,
@@ -45,7 +53,10 @@ from .outputs import (
     RESULTS_FILE,
     RUN_OUTPUTS,
     TOWERS_FILE,
+    check_free_space,
     earlier_outputs,
+    estimated_sizes,
+    open_output_dir,
     prepare_output_dir,
     restore_best_adapter,
     save_adapter,
@@ -55,6 +66,7 @@ from .results import (
     RESULTS_TABLE_FILE,
     check_eval_only_output_dir,
     model_card_info,
+    report_results,
     results_markdown,
     results_table,
     split_results,
@@ -62,6 +74,7 @@ from .results import (
 )
 from .run_state import RunState, epoch_to_evaluate_first, resumed_batches
 from .schedule import STEP_DECAY, build_scheduler, check_schedule_args
+from .signals import StopSignals
 from .tracking import trackers
 
 __all__ = [
@@ -71,6 +84,8 @@ __all__ = [
     "CONFIG_FLAGS",
     "FINAL_ADAPTER",
     "IMAGE_SIZES",
+    "LOCK_FILE",
+    "ON_NONFINITE",
     "RESULTS_FILE",
     "RESULTS_TABLE_FILE",
     "RUN_OUTPUTS",
@@ -78,7 +93,12 @@ __all__ = [
     "STEP_DECAY",
     "TOWERS_FILE",
     "CachedTowerFeatures",
+    "NonFiniteGuard",
+    "OutputLock",
+    "OutputLockedError",
     "RunState",
+    "StopSignals",
+    "TrainingDiverged",
     "add_config_arguments",
     "add_data_arguments",
     "allocate_feature_cache",
@@ -86,22 +106,31 @@ __all__ = [
     "cache_tower_features",
     "cached_loaders",
     "check_eval_only_output_dir",
+    "check_finite_weights",
+    "check_free_space",
     "check_schedule_args",
+    "check_writable",
     "checkpoint_dirs",
     "checkpoint_step",
+    "claim_output_dir",
     "config_values",
     "drop_checkpoints_after",
     "earlier_outputs",
     "epoch_to_evaluate_first",
+    "estimated_sizes",
     "evaluate",
     "evaluate_splits",
     "feature_cache_message",
     "fresh_tmp_dir",
+    "is_new_best",
+    "load_checkpoint",
     "model_card_info",
+    "open_output_dir",
     "parse_args_with_config",
     "prepare_output_dir",
     "read_json",
     "replace_dir",
+    "report_results",
     "resolve_checkpoint",
     "resolve_data_args",
     "restore_best_adapter",
@@ -113,6 +142,7 @@ __all__ = [
     "save_checkpoint",
     "split_results",
     "trackers",
+    "trainable_names",
     "write_json",
     "write_results",
 ]

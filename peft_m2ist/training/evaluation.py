@@ -21,11 +21,14 @@ def evaluate(model: Any, loader: Any, accelerator: Accelerator, desc: str = "eva
     gathered with `gather_for_metrics`, the phrase types as strings with `gather_for_metrics(...,
     use_gather_object=True)` (same order, same duplicates dropped), so each type stays with its own samples whatever
     order the processes see them in. Only the main process feeds and computes the metric, held in memory (no cache
-    files); it returns the scores, the other processes `{}`. The model is left in train mode.
+    files); it returns the scores, the other processes `{}`. The scores include `non_finite`, the fraction of
+    predictions with a non-finite coordinate (they count as misses; 1.0: the adapter is broken, see
+    `peft_m2ist.training.divergence.is_new_best`). The model is left in train mode.
     """
     model.eval()
     metric = load_rec_metric(keep_in_memory=True) if accelerator.is_main_process else None
     gathered_types: list[str] = []
+    non_finite = total = 0
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         types = [str(t) for t in batch.pop("phrase_type")]
         with torch.no_grad():
@@ -33,12 +36,15 @@ def evaluate(model: Any, loader: Any, accelerator: Accelerator, desc: str = "eva
         boxes, labels = accelerator.gather_for_metrics((boxes, batch["labels"]))
         types = accelerator.gather_for_metrics(types, use_gather_object=True)
         if metric is not None:
+            non_finite += int((~torch.isfinite(boxes).all(dim=-1)).sum())
+            total += len(boxes)
             metric.add_batch(predictions=boxes.float().cpu().tolist(), references=labels.float().cpu().tolist())
             gathered_types += types
     model.train()
     if metric is None:
         return {}
-    return {**metric.compute(phrase_types=gathered_types), "num_samples": len(gathered_types)}
+    return {**metric.compute(phrase_types=gathered_types), "num_samples": len(gathered_types),
+            "non_finite": non_finite / max(total, 1)}
 
 
 def evaluate_splits(model: Any, loaders: Mapping[str, Any], accelerator: Accelerator,

@@ -1,11 +1,13 @@
 """The run's output folder: adapters with their `towers.json`, `best.json`, and the check of a used folder.
 
-Layout of `OUTPUT` (besides tracker logs): `checkpoints/` (see `peft_m2ist.training.checkpoints`),
+Layout of `OUTPUT` (besides tracker logs): `.lock` while a run writes into it (`peft_m2ist.training.lock`),
+`checkpoints/` (see `peft_m2ist.training.checkpoints`),
 `best_adapter/` and `best.json` (the best evaluation so far), `final_adapter/` and `results.json`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -16,7 +18,9 @@ from accelerate import Accelerator
 
 from ..pretrained.towers_file import TOWERS_FILE
 from .atomic import fresh_tmp_dir, replace_dir, write_json
-from .checkpoints import CHECKPOINTS_DIR, drop_checkpoints_after
+from .checkpoints import CHECKPOINTS_DIR, drop_checkpoints_after, resolve_checkpoint
+from .lock import OutputLock, claim_output_dir
+from .run_state import RunState
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,63 @@ def restore_best_adapter(checkpoint: str | os.PathLike, output_dir: str | os.Pat
         (output_dir / BEST_FILE).unlink(missing_ok=True)
 
 
+def estimated_sizes(model: Any) -> tuple[int, int]:
+    """`(checkpoint, adapter)`: estimated bytes of one checkpoint and of one adapter folder of `model`.
+
+    An adapter is the trainable weights; a checkpoint holds them, the optimiser's two moments of each (AdamW), a
+    copy of the best adapter, and about 1 MiB of RNG, scheduler, sampler and run state.
+    """
+    adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return 4 * adapter + 2**20, adapter
+
+
+def check_free_space(output_dir: str | os.PathLike, model: Any, accelerator: Accelerator | None = None, *,
+                     keep: int, every: int, steps: int) -> int:
+    """Raise `OSError` (ENOSPC) naming `output_dir` unless its disk has room for what the run will write.
+
+    That is `keep + 1` checkpoints (`--checkpoints_total_limit`: the newest kept ones, plus the one being written
+    before the oldest goes; `keep=0` keeps all the run saves, one every `every` of its `steps`, and one if it is
+    stopped) and three adapter folders (best, final, and one being written), sized by `estimated_sizes`. Returns
+    the estimate in bytes. With `accelerator`, only its main process (the one that writes them) checks.
+    """
+    saves = (steps // every if every else 0) + 1
+    checkpoints = min(keep, saves) if keep else saves
+    checkpoint, adapter = estimated_sizes(model)
+    needed = checkpoint * (checkpoints + 1) + 3 * adapter
+    if accelerator is not None and not accelerator.is_main_process:
+        return needed
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"--output_dir {output_dir} has {free / 2**20:.1f} MiB free, but the run needs "
+                      f"about {needed / 2**20:.1f} MiB ({checkpoints + 1} checkpoints of {checkpoint / 2**20:.1f} "
+                      f"MiB and 3 adapters of {adapter / 2**20:.1f} MiB): free some space, lower "
+                      "--checkpoints_total_limit, or choose another --output_dir")
+    return needed
+
+
+def open_output_dir(output_dir: str | os.PathLike, resume: str | None, overwrite: bool, accelerator: Accelerator,
+                    started: float) -> tuple[OutputLock | None, Path | None, RunState]:
+    """Everything a training run checks in `output_dir` before anything loads; call it on every process.
+
+    The folder must be writable and free (`claim_output_dir`: its lock, held from now on); `resume`
+    (`--resume_from_checkpoint`) is resolved and its run state read; `prepare_output_dir` checks (or cleans) what
+    earlier runs left. Returns `(lock, checkpoint, run_state)`: the lock (None on the other processes; release
+    it when the run ends), the checkpoint to resume (or None) and the run state to start from. If a check fails,
+    the lock is released before the error propagates: the folder is left as it was.
+    """
+    lock = claim_output_dir(output_dir, accelerator)
+    try:
+        checkpoint, run = resolve_checkpoint(resume, output_dir), RunState(started=started)
+        if checkpoint is not None:
+            run = RunState.from_checkpoint(checkpoint, started)
+        prepare_output_dir(output_dir, checkpoint, run.step, overwrite, accelerator, latest=resume == "latest")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock, checkpoint, run
+
+
 def earlier_outputs(output_dir: str | os.PathLike) -> list[str]:
     """The names of `RUN_OUTPUTS` present in `output_dir` (an empty folder does not count)."""
     found = []
@@ -73,13 +134,16 @@ def earlier_outputs(output_dir: str | os.PathLike) -> list[str]:
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, checkpoint: str | os.PathLike | None, resumed_step: int,
-                       overwrite: bool, accelerator: Accelerator) -> None:
+                       overwrite: bool, accelerator: Accelerator, latest: bool = False) -> None:
     """Check `output_dir` before a run writes into it; call it on every process, before anything loads.
 
     Resuming from one of its own checkpoints (at step `resumed_step`) continues that run: the checkpoints after it
     belong to the abandoned continuation and are deleted, with the leftovers of interrupted saves, so that `latest`
-    and the clean-up pick the new ones (`overwrite` then raises `ValueError`). Otherwise, outputs of an earlier run
-    (`RUN_OUTPUTS`) raise `FileExistsError`, or with `overwrite` are deleted first.
+    and the clean-up pick the new ones (`overwrite` then raises `ValueError`). With `latest`
+    (`--resume_from_checkpoint latest`) and no complete checkpoint (`checkpoint` None), the run starts anew: what
+    an unfinished run left (interrupted checkpoint saves, and its best adapter when it wrote neither a final
+    adapter nor results) is deleted. Otherwise, outputs of an earlier run (`RUN_OUTPUTS`) raise
+    `FileExistsError`, or with `overwrite` are deleted first.
     """
     output_dir = Path(output_dir)
     own = checkpoint is not None and Path(checkpoint).resolve().parent == (output_dir / CHECKPOINTS_DIR).resolve()
@@ -91,11 +155,27 @@ def prepare_output_dir(output_dir: str | os.PathLike, checkpoint: str | os.PathL
         accelerator.wait_for_everyone()
         return
     found = earlier_outputs(output_dir)
+    if latest and checkpoint is None and found and not {FINAL_ADAPTER, RESULTS_FILE} & set(found):
+        accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+        if accelerator.is_main_process:
+            deleted = [f"{CHECKPOINTS_DIR}/{f.name}" for f in drop_checkpoints_after(output_dir, -1)]
+            for name in (BEST_ADAPTER, BEST_FILE):
+                if name in found:
+                    path = output_dir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    deleted.append(name)
+            logger.warning(f"--resume_from_checkpoint latest: {output_dir} holds no complete checkpoint (its run was "
+                           "stopped before saving one): starting a new run, after deleting what the unfinished run "
+                           f"left ({', '.join(deleted) or 'nothing'})")
+        accelerator.wait_for_everyone()
+        found = earlier_outputs(output_dir)
     if found and not overwrite:
+        continue_it = ("" if latest else "pass --resume_from_checkpoint latest to continue it (if it saved a "
+                       "checkpoint), ")
         raise FileExistsError(
             f"{output_dir} already holds the outputs of an earlier run ({', '.join(found)}) and no complete "
-            "checkpoint of it is being resumed: pass --resume_from_checkpoint latest to continue it (if it saved "
-            "a checkpoint), --overwrite_output_dir to delete them, or choose another --output_dir"
+            f"checkpoint of it is being resumed: {continue_it}--overwrite_output_dir to delete them, or choose another "
+            "--output_dir"
         )
     accelerator.wait_for_everyone()  # every process has looked before the main one deletes
     if found and accelerator.is_main_process:

@@ -7,6 +7,7 @@ benchmark), Acc@0.5 per type. Real formats' phrase type `unknown` gets no column
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -88,3 +89,14 @@ def model_card_info(data: str, splits: Mapping[str, Mapping[str, float]], argv: 
     evaluation = {split: {key: values[key] for key in ("accuracy", "mean_iou", "num_samples")}
                   for split, values in splits.items()}
     return {"training_data": data, "training_command": command, "evaluation": evaluation}
+
+
+def report_results(accelerator: Any, args: argparse.Namespace, results: dict, caption: str) -> dict:
+    """The main process writes OUTPUT/results.json (with the towers and the arguments) and the table
+    OUTPUT/results.md, and prints the table; returns what it wrote (`{}` on the other processes)."""
+    if not accelerator.is_main_process:
+        return {}
+    results = {**results, "towers": {"vision": args.vision_model, "text": args.text_model},
+               "args": {k: v for k, v in vars(args).items() if k != "config"}}
+    accelerator.print(write_results(args.output_dir, results, caption))
+    return results

@@ -1,7 +1,7 @@
 """The resume state: what a checkpoint records besides accelerate's state, and where a resumed run picks up.
 
 `RunState` is saved as each checkpoint's `run_state.json` (step, last evaluated epoch, per-epoch history, best
-score, elapsed time). Resuming restores it, evaluates an epoch whose training the checkpoint completed but whose
+score, steps skipped for non-finite values, elapsed time). Resuming restores it, evaluates an epoch whose training the checkpoint completed but whose
 evaluation it predates (`epoch_to_evaluate_first`), and skips the batches of the current epoch already seen
 without disturbing the restored RNG state (`resumed_batches`), so that the resumed run repeats the uninterrupted
 one exactly.
@@ -34,8 +34,11 @@ class RunState:
     """The last epoch evaluated (-1: none yet)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One entry per evaluated epoch: epoch, step and the scores."""
-    best: dict[str, Any] = field(default_factory=lambda: {"accuracy": -1})
-    """The best evaluation so far (epoch, step, scores); accuracy -1 before the first one."""
+    best: dict[str, Any] | None = None
+    """The best evaluation so far (epoch, step, scores); None before the first one with finite predictions (see
+    `peft_m2ist.training.divergence.is_new_best`)."""
+    skipped_steps: int = 0
+    """Optimiser steps skipped for a non-finite loss or gradient norm (`--on_nonfinite skip`)."""
     elapsed_s: float = 0.0
     """Run time of the earlier sessions, up to the checkpoint this one resumed from."""
     started: float = field(default_factory=time.monotonic)
@@ -48,7 +51,7 @@ class RunState:
     def to_json(self) -> dict[str, Any]:
         """What `run_state.json` holds (`started` is this session's own and is not saved)."""
         return {"step": self.step, "evaluated_epoch": self.evaluated_epoch, "history": self.history,
-                "best": self.best, "elapsed_s": round(self.elapsed(), 1)}
+                "best": self.best, "skipped_steps": self.skipped_steps, "elapsed_s": round(self.elapsed(), 1)}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, started: float) -> RunState:
@@ -59,9 +62,11 @@ class RunState:
         path = Path(checkpoint) / RUN_STATE_FILE
         data = read_json(path, hint=": resume from another checkpoint (--resume_from_checkpoint PATH) or start over")
         try:
+            best = data["best"]  # None, or (older checkpoints) {"accuracy": -1} before the first evaluation
+            best = dict(best) if best is not None and best.get("accuracy", -1) >= 0 else None
             return cls(step=int(data["step"]), evaluated_epoch=int(data["evaluated_epoch"]),
-                       history=list(data["history"]), best=dict(data["best"]), elapsed_s=float(data["elapsed_s"]),
-                       started=started)
+                       history=list(data["history"]), best=best, skipped_steps=int(data.get("skipped_steps", 0)),
+                       elapsed_s=float(data["elapsed_s"]), started=started)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a run state of this script ({type(error).__name__}: {error})") from error
 

@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 
 from peft_m2ist.training.checkpoints import (
     checkpoint_dirs,
     checkpoint_step,
     drop_checkpoints_after,
+    load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -64,8 +66,41 @@ def test_a_checkpoint_is_saved_whole_and_only_the_newest_are_kept(accelerator, t
     newest = tmp_path / "checkpoints" / "step_6"
     assert json.loads((newest / "run_state.json").read_text()) == {"step": 6}
     assert (newest / "best_adapter" / "adapter_model.safetensors").read_text() == "as of step 4"
+    # hard-linked, not copied: an unchanged best adapter takes no space again
+    assert (newest / "best_adapter" / "adapter_model.safetensors").stat().st_ino == \
+        (best / "adapter_model.safetensors").stat().st_ino
     assert (newest / "model.safetensors").is_file() and (newest / "optimizer.bin").is_file()
     assert not (newest / "junk").exists()
+
+
+def _frozen_then_trainable(frozen_from: torch.nn.Module | None = None, extra: bool = False) -> torch.nn.Sequential:
+    layers = [torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)] + ([torch.nn.Linear(2, 2)] if extra else [])
+    model = torch.nn.Sequential(*layers)
+    if frozen_from is not None:
+        model[0].load_state_dict(frozen_from[0].state_dict())
+    model[0].requires_grad_(False)
+    return model
+
+
+def test_a_checkpoint_holds_only_the_trainable_weights_and_loads_over_the_frozen_ones(tmp_path):
+    torch.manual_seed(0)
+    trained = Accelerator(cpu=True)
+    model = trained.prepare(_frozen_then_trainable())
+    folder = save_checkpoint(trained, tmp_path, 1, 0, {"step": 1})
+    with safe_open(folder / "model.safetensors", framework="pt") as saved:
+        assert set(saved.keys()) == {"1.weight", "1.bias"}  # the frozen layer is rebuilt, not saved
+
+    resumed = Accelerator(cpu=True)
+    fresh = resumed.prepare(_frozen_then_trainable(frozen_from=model))  # same frozen layer, other trainable one
+    assert not torch.equal(fresh[1].weight, model[1].weight)
+    load_checkpoint(resumed, folder)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+    other = Accelerator(cpu=True)
+    other.prepare(_frozen_then_trainable(frozen_from=model, extra=True))
+    with pytest.raises(ValueError, match=r"model\.safetensors lacks 2 trainable weights of the model \(2\.bias, "
+                                         r"2\.weight\.\.\.\): it is a checkpoint of another adapter configuration"):
+        load_checkpoint(other, folder)
 
 
 def test_a_limit_of_zero_keeps_every_checkpoint(accelerator, tmp_path):

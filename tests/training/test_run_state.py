@@ -15,23 +15,34 @@ from peft_m2ist.training.run_state import RunState, epoch_to_evaluate_first, res
 
 def test_the_run_state_round_trips_through_its_file_and_keeps_counting_time(tmp_path):
     state = RunState(step=9, evaluated_epoch=0, history=[{"epoch": 0, "step": 6, "accuracy": 0.25}],
-                     best={"epoch": 0, "step": 6, "accuracy": 0.25}, elapsed_s=100.0, started=time.monotonic() - 5)
+                     best={"epoch": 0, "step": 6, "accuracy": 0.25}, skipped_steps=2, elapsed_s=100.0,
+                     started=time.monotonic() - 5)
     saved = state.to_json()
-    assert saved.keys() == {"step", "evaluated_epoch", "history", "best", "elapsed_s"}
+    assert saved.keys() == {"step", "evaluated_epoch", "history", "best", "skipped_steps", "elapsed_s"}
     assert 105 <= saved["elapsed_s"] < 120
     (tmp_path / "run_state.json").write_text(json.dumps(saved))
     now = time.monotonic()
     loaded = RunState.from_checkpoint(tmp_path, started=now)
     assert (loaded.step, loaded.evaluated_epoch, loaded.history, loaded.best) == (9, 0, state.history, state.best)
+    assert loaded.skipped_steps == 2
     assert loaded.elapsed_s == saved["elapsed_s"] and loaded.started == now
     assert loaded.elapsed() >= saved["elapsed_s"]
 
 
 def test_a_fresh_run_state_has_no_history_and_no_best_score():
     state, other = RunState(), RunState()
-    assert (state.step, state.evaluated_epoch, state.history, state.best) == (0, -1, [], {"accuracy": -1})
+    assert (state.step, state.evaluated_epoch, state.history, state.best) == (0, -1, [], None)
     state.history.append({"epoch": 0})
     assert other.history == []  # not shared between instances
+
+
+def test_a_run_state_without_a_best_evaluation_reads_back_as_none(tmp_path):
+    """Saved before the first evaluation: `best` is null (or, by older versions, the placeholder accuracy -1)."""
+    for best in (None, {"accuracy": -1}):
+        (tmp_path / "run_state.json").write_text(json.dumps(
+            {"step": 2, "evaluated_epoch": -1, "history": [], "best": best, "elapsed_s": 1.0}))
+        loaded = RunState.from_checkpoint(tmp_path, started=0.0)
+        assert loaded.best is None and loaded.skipped_steps == 0
 
 
 def test_a_damaged_or_foreign_run_state_is_named_in_the_error(tmp_path):
