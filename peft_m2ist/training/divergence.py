@@ -103,11 +103,12 @@ def check_finite_weights(state_dict: Mapping[str, torch.Tensor], where: str) -> 
 def is_new_best(scores: Mapping[str, Any], best: Mapping[str, Any] | None) -> bool:
     """Whether the evaluation `scores` makes a new best adapter over `best` (None: no evaluation counted yet).
 
-    Only a real evaluation does: one none of whose predictions is finite (`scores["non_finite"] == 1`), or whose
-    boxes overlap no target at all (`mean_iou == 0`: what a diverged adapter predicts, e.g. at learning rates of
-    1e2 to 1e4, where the weights blow up but stay finite), never does; its accuracy of 0 says nothing about the
-    adapter but that it is broken. Then it must beat the best so far.
+    Only a real evaluation does: one none of whose predictions is finite (`scores["non_finite"] == 1`), or all of
+    whose boxes have no area (`scores["degenerate"] == 1`: what a diverged adapter predicts, e.g. at learning rates
+    of 1e2 to 1e4, where the weights blow up but stay finite and the box head saturates), never does; its accuracy
+    of 0 says nothing about the adapter but that it is broken. A poor adapter whose boxes merely miss (mean IoU 0 on
+    a small split) still counts. Then it must beat the best so far.
     """
-    if scores.get("non_finite", 0.0) >= 1.0 or not scores.get("mean_iou", 0.0) > 0.0:
+    if scores.get("non_finite", 0.0) >= 1.0 or scores.get("degenerate", 0.0) >= 1.0:
         return False
     return best is None or scores["accuracy"] > best["accuracy"]

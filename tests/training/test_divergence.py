@@ -77,7 +77,8 @@ def test_non_finite_predicted_boxes_give_a_nan_loss_instead_of_an_error():
 def test_the_first_real_evaluation_is_the_best_never_a_broken_adapters():
     assert is_new_best({"accuracy": 0.0, "mean_iou": 0.05, "non_finite": 0.0}, None)  # poor, but it finds boxes
     assert not is_new_best({"accuracy": 0.0, "mean_iou": 0.0, "non_finite": 1.0}, None)  # all NaN
-    assert not is_new_best({"accuracy": 0.0, "mean_iou": 0.0, "non_finite": 0.0}, None)  # overlaps no target
+    assert not is_new_best({"accuracy": 0.0, "mean_iou": 0.0, "non_finite": 0.0, "degenerate": 1.0}, None)  # no area
+    assert is_new_best({"accuracy": 0.0, "mean_iou": 0.0, "non_finite": 0.0, "degenerate": 0.2}, None)  # misses
     assert is_new_best({"accuracy": 0.3, "mean_iou": 0.3, "non_finite": 0.5}, {"accuracy": 0.2})
     assert not is_new_best({"accuracy": 0.2, "mean_iou": 0.3}, {"accuracy": 0.2})
 

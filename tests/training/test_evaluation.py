@@ -66,5 +66,5 @@ def test_two_processes_keep_each_phrase_type_with_its_own_samples(tmp_path):
     assert out["processes"] == 2
     assert out["scores"] == {"accuracy": pytest.approx(5 / 9), "mean_iou": pytest.approx(5 / 9), "accuracy_attribute": 1.0,
                       "accuracy_relation": 0.0, "accuracy_position": 1.0, "accuracy_ordinal": 0.0,
-                      "accuracy_custom": 1.0, "num_samples": 9, "non_finite": 0.0}  # the padding of the last batch is not counted
+                      "accuracy_custom": 1.0, "num_samples": 9, "non_finite": 0.0, "degenerate": 0.0}  # the padding of the last batch is not counted
     assert not list(cache.rglob("*.arrow"))  # the metric is only fed and computed on the main process, in memory
