@@ -205,7 +205,7 @@ def evaluate_epoch(model, val_loader, accelerator: Accelerator, run: training.Ru
     accelerator.print(f"epoch {epoch}: val Acc@0.5 = {100 * scores['accuracy']:.2f}% "
                       f"(mean IoU {scores['mean_iou']:.3f}, chance {100 * chance:.1f}%)")
     accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=run.step)
-    if training.is_new_best(scores, run.best):  # better than the best so far (or the first), and not all NaN
+    if training.is_new_best(scores, run.best):  # a real evaluation (mean IoU > 0), better than the best so far
         run.best = {"epoch": epoch, "step": run.step, **scores}
         training.save_best(accelerator.unwrap_model(model), args.output_dir, run.best, towers_of(args))
 
@@ -234,7 +234,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.eval_only:  # before anything loads: OUTPUT checked and locked (.lock) until the run ends
         lock, checkpoint, run = training.open_output_dir(output_dir, args.resume_from_checkpoint,
                                                          args.overwrite_output_dir, accelerator, started)
-    stop = training.StopSignals().install()  # SIGTERM / SIGINT: a checkpoint at the next step boundary, then exit
 
     model, image_processor, tokenizer = build_model(args)
     with accelerator.main_process_first():  # the first process builds and caches the benchmark
@@ -268,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     training.check_free_space(output_dir, model, accelerator, keep=args.checkpoints_total_limit,
                               every=args.checkpointing_steps, steps=total_steps)
     guard = training.NonFiniteGuard(args.on_nonfinite, accelerator, optimizer, skipped=run.skipped_steps)
+    stop = training.StopSignals().install()  # SIGTERM / SIGINT: a checkpoint at the next step boundary, then exit
     if accelerator.trackers:
         accelerator.init_trackers("m2ist", config={k: v for k, v in vars(args).items() if v is not None})
 
