@@ -201,7 +201,7 @@ def evaluate_epoch(model, eval_loaders: dict, accelerator: Accelerator, run: tra
                                                       for name, s in scores.items())
                       + f" (mean IoU {scores[first]['mean_iou']:.3f} on {first}{chance})")
     accelerator.log({f"{name}/{k}": v for name, s in scores.items() for k, v in s.items()}, step=run.step)
-    if training.is_new_best(scores[first], run.best):  # better than the best so far (or the first), not all NaN
+    if training.is_new_best(scores[first], run.best):  # a real evaluation, better than the best so far
         run.best = {"epoch": epoch, "step": run.step, "split": first, **scores[first]}
         training.save_best(accelerator.unwrap_model(model), args.output_dir, run.best, towers_of(args))
 
@@ -230,7 +230,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.eval_only:  # before anything loads: OUTPUT checked and locked (.lock) until the run ends
         lock, checkpoint, run = training.open_output_dir(output_dir, args.resume_from_checkpoint,
                                                          args.overwrite_output_dir, accelerator, started)
-    stop = training.StopSignals().install()  # SIGTERM / SIGINT: a checkpoint at the next step boundary, then exit
 
     model, image_processor, tokenizer = build_model(args)
     with accelerator.main_process_first():  # the first process builds and caches the benchmark
@@ -262,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     training.check_free_space(output_dir, model, accelerator, keep=args.checkpoints_total_limit,
                               every=args.checkpointing_steps, steps=total_steps)
     guard = training.NonFiniteGuard(args.on_nonfinite, accelerator, optimizer, skipped=run.skipped_steps)
+    stop = training.StopSignals().install()  # SIGTERM / SIGINT: a checkpoint at the next step boundary, then exit
     if accelerator.trackers:
         accelerator.init_trackers("m2ist", config={k: v for k, v in vars(args).items() if v is not None})
 

@@ -18,7 +18,7 @@ import test_train_script as script_tests
 import torch
 from safetensors.torch import load_file
 
-from peft_m2ist.training import LOCK_FILE, TrainingDiverged, checkpoint_dirs
+from peft_m2ist.training import LOCK_FILE, OutputLockedError, TrainingDiverged, checkpoint_dirs
 
 towers = script_tests.towers
 train_rec = script_tests.train_rec
@@ -36,8 +36,10 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300
 
 def test_a_second_run_on_a_used_output_dir_stops_at_once_naming_the_first(towers, train_rec, tmp_path):
     """Both would pass the "earlier run" check (the folder is empty when they start). The first holds the lock; it
-    is paused (SIGSTOP) while the second starts, which stops before loading anything (its vision tower does not
-    even exist), naming the first's PID. Once the first has finished, a rerun with --overwrite_output_dir works."""
+    is paused (SIGSTOP) while the second (in this test's process) starts, which stops before loading anything (its
+    vision tower does not even exist), naming the first's PID. Once the first has finished, a rerun with
+    --overwrite_output_dir works. (`test_a_lock_held_elsewhere_stops_every_process_of_a_two_process_run` checks the
+    exit code of a refused script.)"""
     out = tmp_path / "run"
     first_args = _args(towers, out, "--max_train_steps", "2")
     first = subprocess.Popen([sys.executable, str(SCRIPT), *first_args], stdout=subprocess.PIPE,
@@ -46,16 +48,17 @@ def test_a_second_run_on_a_used_output_dir_stops_at_once_naming_the_first(towers
         lock = out / LOCK_FILE
         _wait_for(lambda: lock.is_file() and f"pid={first.pid}" in lock.read_text(), first, "the first run's lock")
         first.send_signal(signal.SIGSTOP)
-        second = _run(_args(towers, out, "--max_train_steps", "2", "--vision_model", str(tmp_path / "no-such-tower")),
-                      check=False)
+        started = time.monotonic()
+        with pytest.raises(OutputLockedError) as refused:  # this process is another one than the first run's
+            train_rec.main(_args(towers, out, "--max_train_steps", "2", "--vision_model", str(tmp_path / "no-tower")))
+        waited = time.monotonic() - started
         first.send_signal(signal.SIGCONT)
         log = first.communicate(timeout=600)[0]
     finally:
         first.kill()
         first.wait()
-    assert second.returncode != 0
-    assert f"OutputLockedError: {out} is in use by another training run (PID {first.pid} on host" in second.stderr
-    assert "no-such-tower" not in second.stderr  # stopped before the towers load
+    # at once, before the towers load (its vision tower does not even exist), naming the first run's PID
+    assert waited < 10 and f"{out} is in use by another training run (PID {first.pid} on host" in str(refused.value)
     assert first.returncode == 0, log[-3000:]
     assert json.loads((out / "results.json").read_text())["steps"] == 2 and not lock.exists()
 

@@ -170,6 +170,7 @@ def test_a_run_killed_while_saving_its_first_checkpoint_starts_anew_with_latest(
     log = proc.stdout + proc.stderr
     assert "holds no complete checkpoint (its run was stopped before saving one): starting a new run" in log
     assert "checkpoints/step_2.tmp" in log and "Resumed from" not in log
+    assert f"taking over the stale lock {out / '.lock'} of PID " in log  # the killed run's, released by its death
     _assert_same_run(out, straight)
 
 

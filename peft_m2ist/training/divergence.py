@@ -62,7 +62,8 @@ class NonFiniteGuard:
 
         At the end of an optimiser step (`sync_gradients`) the gradients are clipped to `max_grad_norm` (0 or None:
         not clipped, only measured). A non-finite loss (in any micro-batch of the step, on any process) or gradient
-        norm then raises `TrainingDiverged` naming `step` (mode "stop") or returns False (mode "skip"). With a
+        norm then raises `TrainingDiverged` naming `step` (mode "stop") or returns False (mode "skip"; with a
+        float16 gradient scaler True, as the scaler skips that step in its own `step()`). With a
         float16 gradient scaler, an infinite gradient norm is the scaler's business (it skips that step itself
         and lowers its scale): only the loss is checked then.
         """
@@ -90,7 +91,9 @@ class NonFiniteGuard:
         self.skipped += 1
         logger.warning(f"step {step}: {what} not finite: optimiser step skipped (--on_nonfinite skip; "
                        f"{self.skipped} skipped so far)")
-        return False
+        # a float16 scaler skips a step with non-finite gradients itself, and its step() must run (it updates the
+        # scale, and unscale_ was already called by the clipping above)
+        return accelerator.scaler is not None
 
 
 def check_finite_weights(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
