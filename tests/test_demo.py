@@ -1,7 +1,9 @@
 """examples/demo.py served on a free local port: driven through gradio_client and through headless Chromium.
 
 Both compare what the page shows with the inference API's answer for the same image and phrase. The browser test
-saves a screenshot (to ``M2IST_DEMO_SCREENSHOT`` when set, as docs/images/demo.png was made). Chromium and its
+saves a screenshot (to ``M2IST_DEMO_SCREENSHOT`` when set; docs/images/demo.png was made with
+``M2IST_DEMO_ADAPTER`` = the main job's best adapter, ``M2IST_DEMO_IMAGE`` / ``M2IST_DEMO_PHRASE`` = a validation
+scene of the shapes benchmark and its phrase). Chromium and its
 driver come from Debian (``scripts/install.sh test`` installs them); without them the browser test fails, it is
 not skipped.
 """
@@ -18,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tiny_adapter import save_tiny_adapter
 
 from peft_m2ist.data.sample_photos import SAMPLE_PHOTOS
@@ -25,6 +28,7 @@ from peft_m2ist.inference import ReferringExpressionGrounder
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+BROWSER_PHRASE = os.environ.get("M2IST_DEMO_PHRASE", "the cup of coffee")
 
 
 def free_port() -> int:
@@ -38,8 +42,11 @@ def served(tmp_path_factory):
     """The demo on the tiny adapter (or ``M2IST_DEMO_ADAPTER``), serving on 127.0.0.1; yields (url, adapter, image)."""
     root = tmp_path_factory.mktemp("demo")
     adapter = os.environ.get("M2IST_DEMO_ADAPTER") or str(save_tiny_adapter(root).adapter)
-    image = root / "coffee.png"
-    SAMPLE_PHOTOS[4].image().save(image)  # PNG: the upload decodes to the same pixels
+    image = root / "input.png"  # PNG: the upload decodes to the same pixels
+    if os.environ.get("M2IST_DEMO_IMAGE"):  # the README's screenshot: a benchmark scene for the trained adapter
+        Image.open(os.environ["M2IST_DEMO_IMAGE"]).convert("RGB").save(image)
+    else:
+        SAMPLE_PHOTOS[4].image().save(image)
     port = free_port()
     log = open(root / "demo.log", "w")  # noqa: SIM115 - closed below, after the server stops
     server = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo.py"), "--adapter", adapter,
@@ -67,7 +74,7 @@ def served(tmp_path_factory):
 def api_answer(served):
     _, adapter, image = served
     grounder = ReferringExpressionGrounder.from_pretrained(adapter, device="cpu")
-    return {phrase: grounder(image, phrase) for phrase in ("the cup of coffee", "the spoon on the right")}
+    return {phrase: grounder(image, phrase) for phrase in ("the cup of coffee", "the spoon on the right", BROWSER_PHRASE)}
 
 
 def test_the_demo_answers_through_gradio_client_as_the_api_does(served, api_answer):
@@ -107,7 +114,7 @@ def test_the_demo_in_a_real_browser(served, api_answer, tmp_path):
         upload.send_keys(str(image))
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#input-image img")))
         box = driver.find_element(By.CSS_SELECTOR, "#phrase textarea")
-        box.send_keys("the cup of coffee")
+        box.send_keys(BROWSER_PHRASE)
         driver.find_element(By.ID, "find").click()
         wait.until(lambda d: "box_xyxy_pixels" in d.find_element(By.ID, "coordinates").text)
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#output-image img")))
@@ -120,7 +127,7 @@ def test_the_demo_in_a_real_browser(served, api_answer, tmp_path):
     finally:
         driver.quit()
     numbers = _numbers_after(text, "box_xyxy_pixels", 4)
-    assert numbers == pytest.approx(api_answer["the cup of coffee"].box, abs=0.051), shown
+    assert numbers == pytest.approx(api_answer[BROWSER_PHRASE].box, abs=0.051), shown
 
 
 def _numbers_after(text: str, key: str, count: int) -> list[float]:
