@@ -1,4 +1,10 @@
-"""`M2ISTModel`: the peft `BaseTuner` that places the taps and owns each adapter's side network and grounding head."""
+"""`M2ISTModel`: the peft `BaseTuner` that places the taps and owns each adapter's side network and grounding head.
+
+Longer than this package's other modules (about 550 lines) because it is one class whose methods peft calls: tap
+placement, adapter management (set, delete, unload, the all-or-nothing load with its rollback), state-dict keys and
+forward. What they use lives elsewhere: input checks (`validation`), running the towers (`tower_forward`), the
+shapes probe (`probe`), the side network and head, the size budget (`budget`).
+"""
 
 from __future__ import annotations
 
