@@ -10,12 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as tf
-from peft import get_peft_model
 from PIL import Image
-from tiny_towers import SMALL, tiny_config
+from tiny_adapter import save_tiny_adapter
 
-from peft_m2ist import VisionTextPair
-from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER, minilm_path
+from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,23 +29,15 @@ def predict_script():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> SimpleNamespace:
-    """A tiny MobileNetV2 + BERT (MiniLM's tokenizer) saved as HF folders, an adapter for them without towers.json,
-    and a second, wider vision tower that the adapter does not fit."""
+    """The tiny towers and adapter of tests/tiny_adapter.py, and a second, wider vision tower that the adapter does
+    not fit."""
     root = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    vision = tf.MobileNetV2Model(tf.MobileNetV2Config(depth_multiplier=0.35, image_size=32))
-    vision.save_pretrained(root / "vision")
-    tf.MobileNetV2ImageProcessor().save_pretrained(root / "vision")
+    built = save_tiny_adapter(root)
     wide = tf.MobileNetV2Model(tf.MobileNetV2Config(depth_multiplier=0.5, image_size=32))
     wide.save_pretrained(root / "wide_vision")
     tf.MobileNetV2ImageProcessor().save_pretrained(root / "wide_vision")
-    text = tf.BertModel(tf.BertConfig(**SMALL))
-    text.save_pretrained(root / "text")
-    tf.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(root / "text")
-    model = get_peft_model(VisionTextPair(vision.eval(), text.eval()), tiny_config())
-    model.save_pretrained(root / "adapter")  # save_pretrained alone: no towers.json
-    return SimpleNamespace(root=root, vision=root / "vision", wide=root / "wide_vision", text=root / "text",
-                           adapter=root / "adapter")
+    return SimpleNamespace(root=root, vision=built.vision, wide=root / "wide_vision", text=built.text,
+                           adapter=built.adapter)
 
 
 def _image(path: Path, size: tuple[int, int] = (60, 20), orientation: int | None = None) -> Path:
