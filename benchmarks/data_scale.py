@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", type=Path, default=None, help="where to write the dataset (default: a temp folder)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 8])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--throughput-batches", type=int, default=8, help="timed batches per worker count")
+    p.add_argument("--throughput-batches", type=int, default=8,
+                   help="timed batches per worker count (at least 6 per worker, so prefetched batches do not count much)")
     p.add_argument("--canvas", type=int, default=640)
     p.add_argument("--output", type=Path, default=RESULTS / "data_scale.json")
     p.add_argument("--index-only", type=Path, default=None, help=argparse.SUPPRESS)  # the child process
@@ -147,11 +148,12 @@ def measure_throughput(root: Path, workers: list[int], batch_size: int, batches:
     for count in workers:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=count, collate_fn=collator,
                             generator=torch.Generator().manual_seed(0), persistent_workers=False, drop_last=True)
-        iterator = iter(loader)
-        next(iterator)  # workers started, first batches prefetched: not timed
+        # timed from the start, worker start-up included, over enough batches that the ones the workers prefetch
+        # (2 each) are a small part: a lower bound on the steady rate
+        wanted = max(batches, 6 * max(count, 1))
         start = time.perf_counter()
-        seen = 0
-        for _ in range(batches):
+        seen, iterator = 0, iter(loader)
+        for _ in range(wanted):
             try:
                 batch = next(iterator)
             except StopIteration:

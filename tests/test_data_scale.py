@@ -27,6 +27,6 @@ def test_a_tiny_run_writes_every_measure(tmp_path):
     assert result["dataset"]["images"] == 20 and result["dataset"]["refs"] == 40
     assert sum(result["index"]["records"].values()) == result["dataset"]["sentences"] >= 100
     assert result["index"]["seconds"] > 0 and result["index"]["peak_rss_mb"] > 0
-    assert result["throughput"]["results"]["0"]["records"] == 4
+    assert result["throughput"]["results"]["0"]["records"] == 6 * 4  # at least 6 batches per worker count
     assert result["gpu_need"]["records_per_s"] > 0
     assert set(result["goals"]) == {"index_under_60_s", "index_under_2_gb", "loader_keeps_up_with_gpu_step"}
