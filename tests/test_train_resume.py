@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import test_train_script as script_tests
+from earlier_run import write_earlier_run
 from safetensors.torch import load_file
 
 from peft_m2ist.training import resolve_checkpoint
@@ -192,20 +193,10 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_resumed_run_ends_th
     _assert_same_run(out, straight)
 
 
-def _old_run(out: Path) -> None:
-    """What an earlier run left in `out`: two complete checkpoints of a long run, its best.json and results.json."""
-    for step in (1400, 1500):
-        folder = out / "checkpoints" / f"step_{step}"
-        folder.mkdir(parents=True)
-        (folder / "run_state.json").write_text(json.dumps({"step": step}))
-    (out / "best.json").write_text(json.dumps({"accuracy": 0.99, "epoch": 7, "step": 1400}))
-    (out / "results.json").write_text("{}")
-
-
 @pytest.mark.slow
 def test_an_output_dir_with_an_earlier_runs_outputs_is_refused_unless_overwritten(towers, train_rec, tmp_path):
     out = tmp_path / "run"
-    _old_run(out)
+    write_earlier_run(out)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(FileExistsError, match=r"checkpoints, best\.json, results\.json.*--overwrite_output_dir"):
         train_rec.main(_args(towers, out, "--max_train_steps", "4"))

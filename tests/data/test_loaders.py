@@ -414,9 +414,9 @@ def test_refer_size_mismatch_names_a_rotated_view(tmp_path):
         load_refer(tmp_path, "refcoco", "unc", "val")
 
 
-def test_refer_reads_each_image_header_once(tmp_path, monkeypatch):
-    objects = [*OBJECTS, ("img_a.jpg", 12, [1.0, 1.0, 9.0, 9.0], ["the small thing"], "val")]
-    write_refer(tmp_path, objects)
+@pytest.fixture
+def decoded(monkeypatch) -> list[str]:
+    """The names of the image files `inspect_image` decodes during the test, one entry per decode."""
     opened: list[str] = []
     real = image_files_module.inspect_image
 
@@ -425,8 +425,14 @@ def test_refer_reads_each_image_header_once(tmp_path, monkeypatch):
         return real(file)
 
     monkeypatch.setattr(image_files_module, "inspect_image", counting)
+    return opened
+
+
+def test_refer_reads_each_image_header_once(tmp_path, decoded):
+    objects = [*OBJECTS, ("img_a.jpg", 12, [1.0, 1.0, 9.0, 9.0], ["the small thing"], "val")]
+    write_refer(tmp_path, objects)
     assert len(load_refer(tmp_path, "refcoco", "unc", "val").dataset) == 4
-    assert sorted(opened) == ["img_a.jpg", "img_b.jpg"]
+    assert sorted(decoded) == ["img_a.jpg", "img_b.jpg"]
 
 
 # ---- nothing kept: a clear error, never an empty dataset ---------------------------------------
@@ -627,15 +633,7 @@ def test_a_phrase_with_a_lone_surrogate_is_refused_or_counted(tmp_path, reader):
     assert "tall woman" not in result.dataset["phrase"] and len(result.dataset) >= 1
 
 
-def test_a_split_decodes_each_image_file_once_on_a_thread_pool(tmp_path, monkeypatch):
+def test_a_split_decodes_each_image_file_once_on_a_thread_pool(tmp_path, decoded):
     write_transvg(tmp_path)
-    opened: list[str] = []
-    real = image_files_module.inspect_image
-
-    def counting(file):
-        opened.append(Path(file).name)
-        return real(file)
-
-    monkeypatch.setattr(image_files_module, "inspect_image", counting)
     assert len(load_transvg(tmp_path, "unc", "val").dataset) == 3
-    assert sorted(opened) == ["img_a.jpg", "img_b.jpg"]
+    assert sorted(decoded) == ["img_a.jpg", "img_b.jpg"]

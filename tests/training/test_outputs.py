@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
+from earlier_run import write_earlier_run
 
 from peft_m2ist.training.outputs import (
     earlier_outputs,
@@ -28,16 +29,6 @@ class FakeAdapter:
     def save_pretrained(self, folder: Path) -> None:
         Path(folder).mkdir(parents=True)
         (Path(folder) / "adapter_model.safetensors").write_text(self.content)
-
-
-def _old_run(out: Path) -> None:
-    """What an earlier run left in `out`: two complete checkpoints of a long run, its best.json and results.json."""
-    for step in (1400, 1500):
-        folder = out / "checkpoints" / f"step_{step}"
-        folder.mkdir(parents=True)
-        (folder / "run_state.json").write_text(json.dumps({"step": step}))
-    (out / "best.json").write_text(json.dumps({"accuracy": 0.99, "epoch": 7, "step": 1400}))
-    (out / "results.json").write_text("{}")
 
 
 def test_an_adapter_is_saved_with_its_towers(tmp_path):
@@ -69,7 +60,7 @@ def test_earlier_outputs_ignore_empty_folders_and_tracker_logs(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "events").write_text("")
     assert earlier_outputs(tmp_path) == []
-    _old_run(tmp_path)
+    write_earlier_run(tmp_path)
     (tmp_path / "final_adapter").mkdir()
     (tmp_path / "final_adapter" / "adapter_model.safetensors").write_text("")
     assert earlier_outputs(tmp_path) == ["checkpoints", "final_adapter", "best.json", "results.json"]
@@ -78,7 +69,7 @@ def test_earlier_outputs_ignore_empty_folders_and_tracker_logs(tmp_path):
 def test_an_output_dir_with_an_earlier_runs_outputs_is_refused_unless_overwritten(tmp_path):
     accelerator = Accelerator(cpu=True)
     out = tmp_path / "run"
-    _old_run(out)
+    write_earlier_run(out)
     (out / "logs").mkdir()
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(FileExistsError, match=r"checkpoints, best\.json, results\.json.*--overwrite_output_dir"):
@@ -96,7 +87,7 @@ def test_an_output_dir_with_an_earlier_runs_outputs_is_refused_unless_overwritte
 def test_resuming_an_own_checkpoint_drops_what_came_after_it(tmp_path):
     accelerator = Accelerator(cpu=True)
     out = tmp_path / "run"
-    _old_run(out)
+    write_earlier_run(out)
     (out / "checkpoints" / "step_1600.tmp").mkdir()
     checkpoint = out / "checkpoints" / "step_1400"
     with pytest.raises(ValueError, match=r"would delete .*step_1400"):
