@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks` and the library
 
 from benchmarks import baselines, environment, measurement, scales
+from peft_m2ist.tower_layouts import TOWER_LAYOUTS, tower_model_type
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -179,13 +180,16 @@ def main(argv=None) -> dict:
     out_path = args.output or environment.RESULTS_DIR / f"accuracy_{args.scale}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("methods", "resume", "output", "device")}
+    scale = scales.build_scale(args.scale, 0)
+    # which module of a text block feeds the language expert: runs made before the BERT-family tap was fixed (#20)
+    # lack this key and tapped `output` (LayerNorm(FFN + residual)); the report keeps the two apart
+    settings["text_ffn_tap"] = TOWER_LAYOUTS[tower_model_type(scale.text)].ffn
     result = {"kind": "accuracy", "scale": args.scale, "command": environment.command_line(), "machine": environment.machine_info(device),
               "settings": settings, "methods": {}}
     if args.resume and out_path.exists():
         previous = json.loads(out_path.read_text())
         if previous.get("settings") == settings:
             result["methods"] = previous["methods"]
-    scale = scales.build_scale(args.scale, 0)
     result["scale_description"] = scale.description
     data = load_data(scale, args)
     result["chance"] = data[4]

@@ -7,7 +7,8 @@ Every method is a `nn.Module` whose forward takes the REC batch (`pixel_values`,
 - ``lora``: peft LoRA on the towers' attention linears (+ projections + head), gradients through the towers;
 - ``adapter``: bottleneck adapters added by forward hooks to the FFN output of every tower block (+ head);
 - ``head_only``: towers frozen under `no_grad` (eval mode), projections + `GroundingHead` trainable;
-- ``m2ist_<interaction>_<mixture>``: the library's M2IST adapter through `peft.get_peft_model`.
+- ``m2ist_<interaction>_<mixture>``: the library's M2IST adapter through `peft.get_peft_model`;
+- ``m2ist_paper``: the same with `M2ISTConfig(preset="paper")`, the authors' model (docs/fidelity.md).
 
 The baselines are built here from the same towers, `peft_m2ist.head.GroundingHead` and `peft_m2ist.loss.box_losses`,
 mirroring what M2IST's forward does (final tokens -> Linear to the head width -> head), without the side network.
@@ -35,7 +36,8 @@ BASELINES = ("full", "lora", "adapter", "head_only")
 M2IST_VARIANTS = tuple(
     f"m2ist_{interaction}_{mixture}" for interaction in ("shared", "cross_attention") for mixture in ("sum", "gated")
 )
-ALL_METHODS = BASELINES + M2IST_VARIANTS
+M2IST_PRESET_METHODS = ("m2ist_paper",)  # `M2ISTConfig(preset="paper")`: the authors' model (docs/fidelity.md)
+ALL_METHODS = BASELINES + M2IST_VARIANTS + M2IST_PRESET_METHODS
 
 
 class BaselineREC(nn.Module):
@@ -151,10 +153,14 @@ def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, 
     pair = peft_m2ist.VisionTextPair(copy.deepcopy(scale.vision), copy.deepcopy(scale.text))
     torch.manual_seed(seed + 1)
     if name.startswith("m2ist_"):
-        interaction, mixture = name[len("m2ist_"):].rsplit("_", 1)
         from peft import get_peft_model
 
-        config = peft_m2ist.M2ISTConfig(bottleneck_dim=bottleneck, interaction=interaction, mixture=mixture,
+        if name in M2IST_PRESET_METHODS:  # the preset sets interaction and mixture (and every fidelity field)
+            choice = {"preset": name[len("m2ist_"):]}
+        else:
+            interaction, mixture = name[len("m2ist_"):].rsplit("_", 1)
+            choice = {"interaction": interaction, "mixture": mixture}
+        config = peft_m2ist.M2ISTConfig(bottleneck_dim=bottleneck, **choice,
                                         image_size=scale.image_size, max_text_tokens=scale.text_tokens,
                                         head_dropout=head_dropout, head_num_hidden_layers=head_layers,
                                         head_intermediate_size=head_ffn_dim,
@@ -162,8 +168,8 @@ def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, 
                                         head_recompute_feed_forward=head_recompute_feed_forward,
                                         **copy.deepcopy(scale.m2ist_taps))
         model = get_peft_model(pair, config)
-        model.method_note = f"peft_m2ist M2ISTConfig(interaction={interaction!r}, mixture={mixture!r}, " \
-                            f"bottleneck_dim={bottleneck})"
+        model.method_note = "peft_m2ist M2ISTConfig(" + "".join(f"{k}={v!r}, " for k, v in choice.items()) \
+                            + f"bottleneck_dim={bottleneck})"
         return model
     counted, grid, _ = vision_token_layout(scale.vision, scale.image_size)
     model = BaselineREC(pair, num_vision_tokens or counted, freeze_towers=name == "head_only",
