@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_features", action=on_off, default=None,
                    help="Run the frozen towers once per sample and train on their cached outputs. Default: on "
                    "without --augment, off with it (its images change every epoch: giving both is an error).")
+    g.add_argument("--feature_cache_dir", default=None, help="Where the tower-feature cache is written, memory-mapped "
+                   "by every process (default: OUTPUT/feature_cache); runs with the same towers and data reuse it.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=13)
     g.add_argument("--num_epochs", type=int, default=8)
@@ -249,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
         model.print_parameter_counts()
     logger.info(training.feature_cache_message(args.cache_features, args.augment))
     if args.cache_features:  # run the frozen towers once; train the side network on their cached outputs
-        train_loader, eval_loaders = training.cached_loaders(model, train_loader, eval_loaders, accelerator,
-                                                             args.batch_size)
+        train_loader, eval_loaders = training.cached_loaders(
+            model, train_loader, eval_loaders, accelerator, args.batch_size,
+            args.feature_cache_dir or output_dir / "feature_cache", training.preprocessing_of(vars(args)))
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
@@ -317,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         training.save_adapter(unwrapped, output_dir / training.FINAL_ADAPTER, towers_of(args))
     accelerator.wait_for_everyone()
-    best, first, splits = run.best, args.eval_splits[0], {}
+    # the main process chose the best adapter; every process takes part in re-evaluating it
+    best, first, splits = broadcast_object_list([run.best])[0], args.eval_splits[0], {}
     if best:  # the best adapter, re-evaluated on every eval split
         set_peft_model_state_dict(unwrapped, load_file(output_dir / training.BEST_ADAPTER / "adapter_model.safetensors"))
         splits = training.split_results(training.evaluate_splits(model, eval_loaders, accelerator, desc="best adapter"))

@@ -31,7 +31,7 @@ from .probe import (
 )
 from .side_network import M2ISTSideNetwork
 from .tokens import match_grid, to_tokens
-from .tower_features import TowerFeatures
+from .tower_features import TAP_KEY_PREFIX, TowerFeatures
 from .tower_forward import frozen, run_text_tower, run_vision_tower
 from .tower_layouts import get_tower
 from .trainer_support import declare_rec_signature, restore_container_class
@@ -43,6 +43,8 @@ from .validation import (
     validate_image_size,
     validate_inputs,
     validate_labels,
+    validate_text_inputs,
+    validate_vision_inputs,
 )
 
 
@@ -385,10 +387,44 @@ class M2ISTModel(BaseTuner):
                 del chunk
         return TowerFeatures.from_tensors(whole)
 
+    def encode_vision(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The vision tower's half of `encode_towers(...).to_tensors()`: `vision` `(batch, Nv, Dv)`, `vision_mask`
+        `(batch, Nv)` when there is one, and `tap:<name>` for each vision tap, pooled onto the final grid.
+
+        The towers never see each other's inputs, so `{**encode_vision(...), **encode_text(...)}` equals
+        `encode_towers(...).to_tensors()`; a feature cache runs the vision tower once per image with it.
+        """
+        config: M2ISTConfig = self.peft_config[self._require_adapter()]
+        validate_vision_inputs(pixel_values, pixel_mask)
+        validate_image_size(pixel_values, config.image_size)
+        vision_tower = get_tower(self.model, config.vision_tower, "vision_tower")
+        check_devices(vision_tower, {"pixel_values": pixel_values, "pixel_mask": pixel_mask}, "vision")
+        check_finite_pixels(pixel_values)
+        with frozen(vision_tower):
+            return self._encode_vision(vision_tower, pixel_values, pixel_mask)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The text tower's half of `encode_towers(...).to_tensors()`: `text` `(batch, Nt, Dt)`, `text_mask`
+        `(batch, Nt)` and `tap:<name>` for each text tap (see `encode_vision`)."""
+        config: M2ISTConfig = self.peft_config[self._require_adapter()]
+        validate_text_inputs(input_ids, attention_mask, config.max_text_tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_tower = get_tower(self.model, config.text_tower, "text_tower")
+        check_devices(text_tower, {"input_ids": input_ids, "attention_mask": attention_mask}, "text")
+        check_token_ids(input_ids, text_vocab_size(text_tower))
+        with frozen(text_tower):
+            return self._encode_text(text_tower, input_ids, attention_mask)
+
     def _encode_chunk(self, vision_tower: nn.Module, text_tower: nn.Module, pixel_values: torch.Tensor,
                       input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_mask: torch.Tensor | None) -> TowerFeatures:
-        """`encode_towers` on one micro-batch, with the towers already frozen; only the active adapter's taps record."""
+        """`encode_towers` on one micro-batch, with the towers already frozen."""
+        return TowerFeatures.from_tensors({**self._encode_vision(vision_tower, pixel_values, pixel_mask),
+                                           **self._encode_text(text_tower, input_ids, attention_mask)})
+
+    def _recording(self, taps: list[str], run_tower):
+        """`run_tower()` with the active adapter's `taps` recording; returns its output and the recorded taps."""
         recorder = self._m2ist_recorder
         if recorder.taken_over:
             raise RuntimeError(
@@ -396,23 +432,34 @@ class M2ISTModel(BaseTuner):
                 "on the same pair), and their taps now feed that newer model. Use the newer model, or give each model "
                 "its own pair (e.g. `copy.deepcopy(pair)`)."
             )
-        side = self.m2ist_side[self._require_adapter()]
         if not self._m2ist_disabled:
-            recorder.start(side.tap_names())
+            recorder.start(taps)
         try:
-            vision = run_vision_tower(vision_tower, pixel_values, pixel_mask)
-            text = run_text_tower(text_tower, input_ids, attention_mask)
+            output = run_tower()
         finally:
             records = recorder.stop()
-        vision_taps = set(side.vision_taps.all())
-        taps = {}
-        for name, tensor in records.items():
-            tokens = to_tokens(tensor)
-            if name in vision_taps:  # feature-map taps pooled onto the final grid, once, here
-                taps[name] = match_grid(tokens, vision.tokens.num_tokens, vision.tokens.grid)
-            else:
-                taps[name] = tokens.tensor
-        return TowerFeatures(vision.tokens.tensor, text.tokens.tensor, text.mask, vision.mask, taps)
+        return output, records
+
+    def _encode_vision(self, vision_tower: nn.Module, pixel_values: torch.Tensor,
+                       pixel_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        side = self.m2ist_side[self._require_adapter()]
+        vision, records = self._recording(side.vision_taps.all(),
+                                          lambda: run_vision_tower(vision_tower, pixel_values, pixel_mask))
+        tensors = {"vision": vision.tokens.tensor}
+        if vision.mask is not None:
+            tensors["vision_mask"] = vision.mask
+        for name, tensor in records.items():  # feature-map taps pooled onto the final grid, once, here
+            tokens = match_grid(to_tokens(tensor), vision.tokens.num_tokens, vision.tokens.grid)
+            tensors[f"{TAP_KEY_PREFIX}{name}"] = tokens
+        return tensors
+
+    def _encode_text(self, text_tower: nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        side = self.m2ist_side[self._require_adapter()]
+        text, records = self._recording(side.text_taps.all(), lambda: run_text_tower(text_tower, input_ids,
+                                                                                       attention_mask))
+        return {"text": text.tokens.tensor, "text_mask": text.mask,
+                **{f"{TAP_KEY_PREFIX}{name}": to_tokens(tensor).tensor for name, tensor in records.items()}}
 
     def forward(
         self,

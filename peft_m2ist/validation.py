@@ -40,22 +40,46 @@ def validate_inputs(
     max_text_tokens: int,
 ) -> None:
     """Check ranks, batch sizes and label ranges of a REC batch; raises `TypeError`/`ValueError` naming the argument."""
+    batch = validate_vision_inputs(pixel_values, pixel_mask)
+    text_batch = validate_text_inputs(input_ids, attention_mask, max_text_tokens)
+    if text_batch != batch:
+        raise ValueError(
+            f"Batch sizes differ: `pixel_values` has {batch} images but `input_ids` has {text_batch} phrases."
+        )
+    if labels is not None:
+        validate_labels(labels, batch)
+
+
+def validate_vision_inputs(pixel_values: object, pixel_mask: object) -> int:
+    """Check the vision tower's inputs (`pixel_values` `(batch, channels, height, width)`, optional `pixel_mask`
+    `(batch, height, width)`); returns the batch size."""
     pixel_values = check_tensor("pixel_values", pixel_values, 4, "(batch, channels, height, width)")
     if not pixel_values.is_floating_point():
         raise TypeError(
             f"`pixel_values` must be floating point, normalised as the vision tower's image processor returns them, "
             f"got dtype {pixel_values.dtype} (raw pixels?)."
         )
-    input_ids = check_tensor("input_ids", input_ids, 2, "(batch, tokens)")
-    if input_ids.is_floating_point():
-        raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
     batch = pixel_values.shape[0]
     if batch == 0:
         raise ValueError("`pixel_values` holds no images (batch size 0): pass at least one image and phrase.")
-    if input_ids.shape[0] != batch:
-        raise ValueError(
-            f"Batch sizes differ: `pixel_values` has {batch} images but `input_ids` has {input_ids.shape[0]} phrases."
-        )
+    if pixel_mask is not None:
+        pixel_mask = check_tensor("pixel_mask", pixel_mask, 3, "(batch, height, width)")
+        if pixel_mask.shape != (batch, *pixel_values.shape[-2:]):
+            raise ValueError(
+                f"`pixel_mask` shape {tuple(pixel_mask.shape)} must be (batch, height, width) = "
+                f"{(batch, *pixel_values.shape[-2:])}."
+            )
+    return batch
+
+
+def validate_text_inputs(input_ids: object, attention_mask: object, max_text_tokens: int) -> int:
+    """Check the text tower's inputs (`input_ids` `(batch, tokens)`, optional `attention_mask` of the same shape)
+    against `max_text_tokens`; returns the batch size."""
+    input_ids = check_tensor("input_ids", input_ids, 2, "(batch, tokens)")
+    if input_ids.is_floating_point():
+        raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+    if input_ids.shape[0] == 0:
+        raise ValueError("`input_ids` holds no phrases (batch size 0): pass at least one image and phrase.")
     if input_ids.shape[1] == 0:
         raise ValueError("`input_ids` has no tokens: every phrase needs at least one (e.g. the tokenizer's [CLS]).")
     if input_ids.shape[1] > max_text_tokens:
@@ -70,15 +94,7 @@ def validate_inputs(
                 f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape "
                 f"{tuple(input_ids.shape)}."
             )
-    if pixel_mask is not None:
-        pixel_mask = check_tensor("pixel_mask", pixel_mask, 3, "(batch, height, width)")
-        if pixel_mask.shape != (batch, *pixel_values.shape[-2:]):
-            raise ValueError(
-                f"`pixel_mask` shape {tuple(pixel_mask.shape)} must be (batch, height, width) = "
-                f"{(batch, *pixel_values.shape[-2:])}."
-            )
-    if labels is not None:
-        validate_labels(labels, batch)
+    return input_ids.shape[0]
 
 
 def check_finite_pixels(pixel_values: torch.Tensor) -> None:

@@ -84,3 +84,36 @@ def test_tower_micro_batches_give_the_same_features_boxes_and_gradients(pair_nam
     assert grads_whole and grads_whole.keys() == grads_split.keys()
     for name in grads_whole:
         torch.testing.assert_close(grads_split[name], grads_whole[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pair_name", list(PAIRS))
+def test_the_vision_and_text_halves_together_are_encode_towers(pair_name):
+    """What a per-image feature cache relies on: each tower's outputs and taps come from its own inputs only."""
+    model = get_peft_model(build_pair(pair_name), tiny_config(interaction="cross_attention")).eval()
+    inputs = batch(labels=False)
+    whole = model.encode_towers(**inputs).to_tensors()
+    vision = model.encode_vision(inputs["pixel_values"], inputs["pixel_mask"])
+    text = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
+    assert not vision.keys() & text.keys() and {**vision, **text}.keys() == whole.keys()
+    assert {"vision", "text", "text_mask"} <= whole.keys() and "vision" in vision and "text" in text
+    for key, value in {**vision, **text}.items():
+        torch.testing.assert_close(value, whole[key], rtol=0, atol=1e-6)
+    # one image on its own gives the same vision outputs as within the batch
+    alone = model.encode_vision(inputs["pixel_values"][1:], inputs["pixel_mask"][1:])
+    for key, value in alone.items():
+        torch.testing.assert_close(value, whole[key][1:], rtol=0, atol=1e-5)
+
+
+def test_the_halves_check_their_inputs():
+    model = get_peft_model(build_pair("vit+bert"), tiny_config())
+    inputs = batch(labels=False)
+    with pytest.raises(TypeError, match="`pixel_values` must be floating point"):
+        model.encode_vision(inputs["pixel_values"].long())
+    with pytest.raises(ValueError, match="`pixel_mask` shape"):
+        model.encode_vision(inputs["pixel_values"], inputs["pixel_mask"][:1])
+    with pytest.raises(ValueError, match="built for at most 6"):
+        model.encode_text(torch.ones(2, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="holds no phrases"):
+        model.encode_text(torch.ones(0, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocabulary has 100 tokens"):
+        model.encode_text(torch.full((1, 3), 500))

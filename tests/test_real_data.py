@@ -317,3 +317,39 @@ def test_the_readmes_main_job_trains_as_before(train_rec):
     assert {key: type(args[key]) for key in MAIN_JOB} == {key: type(value) for key, value in MAIN_JOB.items()}
     assert (args["dataset"], args["train_split"], args["eval_splits"], args["num_workers"]) == (
         "shapes", "train", ["val"], 0)
+
+
+def test_refer_photos_without_augmentation_train_on_a_disk_cache_built_once_per_image(
+        towers, photos, train_rec, tmp_path, one_thread):
+    """--no-augment: the towers' outputs cached on disk, one vision row per photo and one text row per expression;
+    the same scores as running the towers at every step; reused by a later run; built once for two processes, which
+    then train and both re-evaluate the best adapter (the second process used to skip it and hang the first)."""
+    refer = [*page_command("refer"), "--data_root", str(photos / "refer"), "--image_dir",
+             str(photos / "refer" / "images"), "--no-augment"]
+    cache = tmp_path / "cache"
+    cached = train_rec.main([*refer, *tiny(towers, tmp_path / "cached"), "--feature_cache_dir", str(cache),
+                             "--max_train_steps", "3"])
+    manifest = json.loads((cache / "train" / "manifest.json").read_text())
+    train_photos = [p for p in SAMPLE_PHOTOS if p.split == "train"]
+    assert (manifest["num_images"], manifest["num_records"]) == (len(train_photos), EXPRESSIONS["train"])
+    assert sorted(p.name for p in cache.iterdir()) == ["eval-testA", "eval-testB", "eval-val", "train"]
+
+    direct = train_rec.main([*refer, *tiny(towers, tmp_path / "direct"), "--no-cache_features",
+                             "--max_train_steps", "3"])
+    assert cached["splits"] == direct["splits"] and cached["history"] == direct["history"]
+
+    built = (cache / "train" / "manifest.json").stat().st_mtime_ns
+    again = train_rec.main([*refer, *tiny(towers, tmp_path / "again"), "--feature_cache_dir", str(cache),
+                            "--max_train_steps", "3"])
+    assert (cache / "train" / "manifest.json").stat().st_mtime_ns == built  # reused, not rebuilt
+    assert again["splits"] == cached["splits"]
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(SCRIPT), *refer, *tiny(towers, tmp_path / "two"), "--feature_cache_dir",
+                          str(tmp_path / "cache2"), "--max_train_steps", "3"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert two.returncode == 0, "\n".join(line for line in two.stderr.splitlines() if "Error" in line)
+    assert sorted(p.name for p in (tmp_path / "cache2").iterdir()) == ["eval-testA", "eval-testB", "eval-val", "train"]
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert list(results["splits"]) == ["val", "testA", "testB"] and results["best"]

@@ -8,7 +8,16 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from benchmarks.reporting.base import GOAL_METHOD, LABELS, PROSE, machine_line, mib, millions, ordered
+from benchmarks.reporting.base import (
+    GOAL_METHOD,
+    LABELS,
+    PROSE,
+    has_baseline,
+    machine_line,
+    mib,
+    millions,
+    ordered,
+)
 
 
 def accuracy_groups(results: list[dict]) -> list[list[dict]]:
@@ -31,7 +40,7 @@ def accuracy_section(results: list[dict]) -> list[str]:
     groups = accuracy_groups(results)
     if not groups:
         return [PROSE.accuracy_not_run(), ""]
-    lines = []
+    lines = tap_fix_section(results)
     for runs in groups:
         first = runs[0]
         s = first["settings"]
@@ -58,7 +67,8 @@ def accuracy_section(results: list[dict]) -> list[str]:
                              + " | ".join(f"{e['scores'][sp]['accuracy']:.3f}" for sp in splits) + " |")
         lines.append("")
         lines += _accuracy_by_phrase_type(runs, "test" if "test" in splits else splits[0])
-        lines += _accuracy_goals(runs, splits, seeds)
+        if has_baseline(runs):
+            lines += _accuracy_goals(runs, splits, seeds)
     return lines
 
 
@@ -159,3 +169,65 @@ def _accuracy_goals(runs: list[dict], splits: list[str], seeds: list[int]) -> li
     return lines
 
 
+
+
+PRE_FIX_TEXT_FFN_TAP = "output"
+"""The BERT-family FFN tap of runs made before it was fixed (their settings have no `text_ffn_tap`)."""
+
+
+def _settings_but(run: dict, *names: str) -> dict:
+    return {k: v for k, v in run["settings"].items() if k not in names}
+
+
+def _splits_cell(entries: dict, method: str, splits: list[str]) -> str:
+    if method not in entries:
+        return "not run"
+    return " / ".join(f"{100 * entries[method]['scores'][sp]['accuracy']:.1f}" for sp in splits)
+
+
+def _paired(before: dict, after: dict, method_before: str, method_after: str, splits: list[str]) -> str | None:
+    """`after` minus `before` per split, in points, over the seeds that ran both (mean, per seed, standard error)."""
+    seeds = [seed for seed in sorted(after) if method_after in after[seed] and method_before in before.get(seed, {})]
+    if not seeds:
+        return None
+    cells = []
+    for sp in splits:
+        diffs = [after[s][method_after]["scores"][sp]["accuracy"] - before[s][method_before]["scores"][sp]["accuracy"]
+                 for s in seeds]
+        cells.append(f"{sp} {100 * sum(diffs) / len(diffs):+.1f}{per_seed(diffs)}")
+    return f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): " + "; ".join(cells)
+
+
+def tap_fix_section(results: list[dict]) -> list[str]:
+    """The accuracy runs made with the fixed BERT-family FFN tap (`text_ffn_tap` in their settings) beside the runs
+    made before the fix with otherwise the same settings, seed by seed: M2IST shared / sum with the old and the fixed
+    tap, and the paper preset (`m2ist_paper`) with the fixed one."""
+    groups = accuracy_groups(results)
+    lines: list[str] = []
+    for fixed in groups:
+        if "text_ffn_tap" not in fixed[0]["settings"]:
+            continue
+        same = _settings_but(fixed[0], "seed", "text_ffn_tap")
+        old = [r for g in groups for r in g if "text_ffn_tap" not in g[0]["settings"]
+               and g[0]["scale"] == fixed[0]["scale"] and _settings_but(g[0], "seed") == same]
+        old_by_seed, fixed_by_seed = _scores_by_seed(old), _scores_by_seed(fixed)
+        splits = list(fixed[0].get("chance", {}))
+        tap = fixed[0]["settings"]["text_ffn_tap"]
+        lines += [PROSE.tap_fix_caption(fixed[0]["scale"], PRE_FIX_TEXT_FFN_TAP, tap, " / ".join(splits),
+                                        sorted({r["_file"] for r in fixed}),
+                                        sorted({r["_file"] for r in old if GOAL_METHOD in r["methods"]})), "",
+                  f"| seed | {LABELS[GOAL_METHOD]}, tap `{PRE_FIX_TEXT_FFN_TAP}` | {LABELS[GOAL_METHOD]}, tap `{tap}` "
+                  f"| {LABELS['m2ist_paper']}, tap `{tap}` |", "| ---: | ---: | ---: | ---: |"]
+        for seed in sorted(fixed_by_seed):
+            entries = fixed_by_seed[seed]
+            lines.append(f"| {seed} | {_splits_cell(old_by_seed.get(seed, {}), GOAL_METHOD, splits)} | "
+                         f"{_splits_cell(entries, GOAL_METHOD, splits)} | {_splits_cell(entries, 'm2ist_paper', splits)} |")
+        lines.append("")
+        for label, before, method_before, method_after in (
+                (f"fixed tap minus old tap, {LABELS[GOAL_METHOD]}", old_by_seed, GOAL_METHOD, GOAL_METHOD),
+                (f"{LABELS['m2ist_paper']} minus {LABELS[GOAL_METHOD]}, both with the fixed tap", fixed_by_seed,
+                 GOAL_METHOD, "m2ist_paper")):
+            paired = _paired(before, fixed_by_seed, method_before, method_after, splits)
+            lines.append(f"- {label}, paired: {paired or 'no seed ran both'}")
+        lines.append("")
+    return lines

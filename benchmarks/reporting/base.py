@@ -8,13 +8,13 @@ from pathlib import Path
 
 import jinja2
 
-from benchmarks.baselines import ALL_METHODS
+from benchmarks.baselines import ALL_METHODS, BASELINES, M2IST_VARIANTS
 from benchmarks.environment import RESULTS_DIR
 
 HERE = Path(__file__).resolve().parents[1]  # benchmarks/
 TEMPLATES = HERE / "templates"
 GOAL_METHOD = "m2ist_shared_sum"  # the paper's configuration
-VARIANTS = [m for m in ALL_METHODS if m.startswith("m2ist")]
+VARIANTS = list(M2IST_VARIANTS)  # the interaction x mixture variants the goals are checked for (not the preset)
 PAPER_BATCH = 64  # the batch the paper's memory and time figures are given at
 MICRO = "_tower_micro_batches"  # suffix of the peak measured with M2IST's frozen towers in micro-batches
 NOT_JUDGED = "not judged"
@@ -28,6 +28,7 @@ LABELS = {
     "m2ist_shared_gated": "M2IST shared / gated",
     "m2ist_cross_attention_sum": "M2IST cross-attention / sum",
     "m2ist_cross_attention_gated": "M2IST cross-attention / gated",
+    "m2ist_paper": "M2IST preset=\"paper\" (the authors' model)",
 }
 
 ENVIRONMENT = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
@@ -73,6 +74,11 @@ def load_results() -> list[dict]:
         data["_file"] = path.relative_to(HERE).as_posix()
         out.append(data)
     return out
+
+
+def has_baseline(runs: list[dict]) -> bool:
+    """Whether any of `runs` trained a baseline (the accuracy goals compare M2IST with them)."""
+    return any(m in BASELINES for r in runs for m in r["methods"])
 
 
 def ordered(methods: dict) -> list[str]:

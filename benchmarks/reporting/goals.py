@@ -16,6 +16,7 @@ from benchmarks.reporting.base import (
     PAPER_BATCH,
     PROSE,
     VARIANTS,
+    has_baseline,
     implementation_notes,
     millions,
     ratio,
@@ -149,7 +150,7 @@ def summary_section(results: list[dict]) -> list[str]:
                  + (f"; {c.how}" if c.how else "") + ")" for c, (value, met) in found]
         judged = [met for c, (_, met) in found if c.judged]
         lines.append(f"| {goal} | " + "<br>".join(parts) + f" | {sum(judged)} of {len(judged)} |")
-    for runs in accuracy_groups(results):
+    for runs in filter(has_baseline, accuracy_groups(results)):
         splits = list(runs[0].get("chance", {}))
         for label, n, cells in accuracy_goal_checks(runs, splits):
             if cells is None:

@@ -41,19 +41,27 @@ def _inference(run: dict | None, method: str) -> str:
 
 def _accuracy(results: list[dict]) -> tuple[dict[str, str], str]:
     """Per method, mean val Acc@0.5 over the seeds of the default-scale comparison with the most seeds and its
-    difference from full fine-tuning in points; and a caption naming the comparison."""
+    difference from full fine-tuning in points; and a caption naming the comparison. M2IST methods come from the
+    runs with the fixed BERT-family FFN tap where there are any (the baselines do not tap the towers)."""
     groups = [g for g in accuracy_groups(results) if g[0]["scale"] == "default"]
     if not groups:
         return {}, "no accuracy run"
     runs = max(groups, key=lambda g: len({r["settings"]["seed"] for r in g}))
-    methods = {m for r in runs for m in r["methods"]}
+    fixed = [g for g in groups if "text_ffn_tap" in g[0]["settings"]]
     full = mean_accuracy(runs, "full", "val")
     cells = {}
-    for method in methods:
-        mine = mean_accuracy(runs, method, "val")
-        seeds = len({r["settings"]["seed"] for r in runs if method in r["methods"]})
+    for method in {m for g in groups for r in g for m in r["methods"]}:
+        source = runs
+        if method.startswith("m2ist_") and any(method in r["methods"] for g in fixed for r in g):
+            source = max((g for g in fixed if any(method in r["methods"] for r in g)),
+                         key=lambda g: len({r["settings"]["seed"] for r in g if method in r["methods"]}))
+        elif not any(method in r["methods"] for r in runs):
+            continue
+        mine = mean_accuracy(source, method, "val")
+        seeds = len({r["settings"]["seed"] for r in source if method in r["methods"]})
         delta = "" if full is None or method == "full" else f", {100 * (mine - full):+.1f}"
-        cells[method] = f"{100 * mine:.1f}{delta} ({seeds} seeds)"
+        tap = ", fixed tap" if source is not runs else ""
+        cells[method] = f"{100 * mine:.1f}{delta} ({seeds} seeds{tap})"
     return cells, runs[0]["scale_description"]
 
 

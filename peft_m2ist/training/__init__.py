@@ -8,7 +8,7 @@
 - `lock`: one run at a time per output folder (`OUTPUT/.lock`, naming the holder), and a writable folder first.
 - `divergence`: a non-finite loss or gradient norm stops the run (or skips the step); no broken best adapter.
 - `signals`: SIGTERM / SIGINT save a checkpoint at the next step boundary and end the run.
-- `feature_cache`: the in-RAM cache of the frozen towers' outputs, with its memory check.
+- `feature_cache`: the memory-mapped disk cache of the frozen towers' outputs (once per image / expression).
 - `config_file`: flag values from a YAML `--config` file, checked like the command line.
 - `evaluation`: Acc@0.5, mean IoU and per-phrase-type accuracy, gathered across processes, per split.
 - `results`: the per-split results in the paper's layout (`results.json`'s `splits`, the table `results.md`).
@@ -40,10 +40,10 @@ from .divergence import ON_NONFINITE, NonFiniteGuard, TrainingDiverged, check_fi
 from .evaluation import evaluate, evaluate_splits
 from .feature_cache import (
     CachedTowerFeatures,
-    allocate_feature_cache,
-    cache_tower_features,
+    build_feature_cache,
     cached_loaders,
     feature_cache_message,
+    preprocessing_of,
 )
 from .lock import LOCK_FILE, OutputLock, OutputLockedError, check_writable, claim_output_dir
 from .outputs import (
@@ -101,9 +101,8 @@ __all__ = [
     "TrainingDiverged",
     "add_config_arguments",
     "add_data_arguments",
-    "allocate_feature_cache",
+    "build_feature_cache",
     "build_scheduler",
-    "cache_tower_features",
     "cached_loaders",
     "check_eval_only_output_dir",
     "check_finite_weights",
@@ -128,6 +127,7 @@ __all__ = [
     "open_output_dir",
     "parse_args_with_config",
     "prepare_output_dir",
+    "preprocessing_of",
     "read_json",
     "replace_dir",
     "report_results",
