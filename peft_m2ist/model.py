@@ -392,7 +392,8 @@ class M2ISTModel(BaseTuner):
         `(batch, Nv)` when there is one, and `tap:<name>` for each vision tap, pooled onto the final grid.
 
         The towers never see each other's inputs, so `{**encode_vision(...), **encode_text(...)}` equals
-        `encode_towers(...).to_tensors()`; a feature cache runs the vision tower once per image with it.
+        `encode_towers(...).to_tensors()`; a feature cache runs the vision tower once per image with it. Both halves
+        run the tower on `tower_micro_batch_size` samples at a time when it is set.
         """
         config: M2ISTConfig = self.peft_config[self._require_adapter()]
         validate_vision_inputs(pixel_values, pixel_mask)
@@ -401,7 +402,8 @@ class M2ISTModel(BaseTuner):
         check_devices(vision_tower, {"pixel_values": pixel_values, "pixel_mask": pixel_mask}, "vision")
         check_finite_pixels(pixel_values)
         with frozen(vision_tower):
-            return self._encode_vision(vision_tower, pixel_values, pixel_mask)
+            return self._in_micro_batches(config, pixel_values.shape[0], lambda i, j: self._encode_vision(
+                vision_tower, pixel_values[i:j], None if pixel_mask is None else pixel_mask[i:j]))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The text tower's half of `encode_towers(...).to_tensors()`: `text` `(batch, Nt, Dt)`, `text_mask`
@@ -414,7 +416,15 @@ class M2ISTModel(BaseTuner):
         check_devices(text_tower, {"input_ids": input_ids, "attention_mask": attention_mask}, "text")
         check_token_ids(input_ids, text_vocab_size(text_tower))
         with frozen(text_tower):
-            return self._encode_text(text_tower, input_ids, attention_mask)
+            return self._in_micro_batches(config, input_ids.shape[0], lambda i, j: self._encode_text(
+                text_tower, input_ids[i:j], attention_mask[i:j]))
+
+    @staticmethod
+    def _in_micro_batches(config: M2ISTConfig, batch: int, encode) -> dict[str, torch.Tensor]:
+        """`encode(start, end)` over `tower_micro_batch_size` samples at a time (all at once when unset), joined."""
+        step = config.tower_micro_batch_size or batch
+        parts = [encode(i, min(i + step, batch)) for i in range(0, batch, step)]
+        return parts[0] if len(parts) == 1 else {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     def _encode_chunk(self, vision_tower: nn.Module, text_tower: nn.Module, pixel_values: torch.Tensor,
                       input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -102,6 +102,11 @@ def test_the_vision_and_text_halves_together_are_encode_towers(pair_name):
     alone = model.encode_vision(inputs["pixel_values"][1:], inputs["pixel_mask"][1:])
     for key, value in alone.items():
         torch.testing.assert_close(value, whole[key][1:], rtol=0, atol=1e-5)
+    model.peft_config["default"].tower_micro_batch_size = 1  # the halves honour the towers' micro-batches too
+    micro = {**model.encode_vision(inputs["pixel_values"], inputs["pixel_mask"]),
+             **model.encode_text(inputs["input_ids"], inputs["attention_mask"])}
+    for key, value in micro.items():
+        torch.testing.assert_close(value, whole[key], rtol=0, atol=1e-5)
 
 
 def test_the_halves_check_their_inputs():
