@@ -242,8 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
         model = accelerator.prepare_model(model, evaluation_mode=True)
         loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
         splits = training.split_results(training.evaluate_splits(model, loaders, accelerator))
-        return training.report_results(accelerator, args, {"adapter": args.adapter, "splits": splits, **info,
-                                          "processes": accelerator.num_processes}, f"{args.adapter} on {info['data']}")
+        final = training.report_results(accelerator, args, {"adapter": args.adapter, "splits": splits, **info,
+                                           "processes": accelerator.num_processes}, f"{args.adapter} on {info['data']}")
+        accelerator.end_training()  # the process group destroyed before exit, as after training
+        return final
 
     # ---- optimiser: two learning rates, a scheduler over the whole run, everything handed to accelerate
     if accelerator.is_main_process:
