@@ -367,25 +367,10 @@ class M2ISTModel(BaseTuner):
         check_devices(text_tower, {"input_ids": input_ids, "attention_mask": attention_mask}, "text")
         check_finite_pixels(pixel_values)
         check_token_ids(input_ids, text_vocab_size(text_tower))
-        batch = input_ids.shape[0]
-        step = config.tower_micro_batch_size or batch
         with frozen(vision_tower, text_tower):
-            if step >= batch:
-                return self._encode_chunk(vision_tower, text_tower, pixel_values, input_ids, attention_mask,
-                                          pixel_mask)
-            whole: dict[str, torch.Tensor] = {}
-            for i in range(0, batch, step):
-                chunk = self._encode_chunk(
-                    vision_tower, text_tower, pixel_values[i : i + step], input_ids[i : i + step],
-                    attention_mask[i : i + step], None if pixel_mask is None else pixel_mask[i : i + step],
-                ).to_tensors()
-                # each micro-batch's outputs go straight into whole-batch tensors, so no two copies coexist
-                for key, value in chunk.items():
-                    if key not in whole:
-                        whole[key] = value.new_empty((batch, *value.shape[1:]))
-                    whole[key][i : i + step] = value
-                del chunk
-        return TowerFeatures.from_tensors(whole)
+            return TowerFeatures.from_tensors(self._in_micro_batches(config, input_ids.shape[0], lambda i, j: {
+                **self._encode_vision(vision_tower, pixel_values[i:j], None if pixel_mask is None else pixel_mask[i:j]),
+                **self._encode_text(text_tower, input_ids[i:j], attention_mask[i:j])}))
 
     def encode_vision(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The vision tower's half of `encode_towers(...).to_tensors()`: `vision` `(batch, Nv, Dv)`, `vision_mask`
@@ -421,17 +406,20 @@ class M2ISTModel(BaseTuner):
 
     @staticmethod
     def _in_micro_batches(config: M2ISTConfig, batch: int, encode) -> dict[str, torch.Tensor]:
-        """`encode(start, end)` over `tower_micro_batch_size` samples at a time (all at once when unset), joined."""
+        """`encode(start, end)` over `tower_micro_batch_size` samples at a time (all at once when unset); each
+        micro-batch's outputs go straight into whole-batch tensors, so no two copies coexist."""
         step = config.tower_micro_batch_size or batch
-        parts = [encode(i, min(i + step, batch)) for i in range(0, batch, step)]
-        return parts[0] if len(parts) == 1 else {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-    def _encode_chunk(self, vision_tower: nn.Module, text_tower: nn.Module, pixel_values: torch.Tensor,
-                      input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      pixel_mask: torch.Tensor | None) -> TowerFeatures:
-        """`encode_towers` on one micro-batch, with the towers already frozen."""
-        return TowerFeatures.from_tensors({**self._encode_vision(vision_tower, pixel_values, pixel_mask),
-                                           **self._encode_text(text_tower, input_ids, attention_mask)})
+        if step >= batch:
+            return encode(0, batch)
+        whole: dict[str, torch.Tensor] = {}
+        for i in range(0, batch, step):
+            chunk = encode(i, min(i + step, batch))
+            for key, value in chunk.items():
+                if key not in whole:
+                    whole[key] = value.new_empty((batch, *value.shape[1:]))
+                whole[key][i : i + step] = value
+            del chunk
+        return whole
 
     def _recording(self, taps: list[str], run_tower):
         """`run_tower()` with the active adapter's `taps` recording; returns its output and the recorded taps."""

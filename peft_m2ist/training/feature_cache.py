@@ -36,6 +36,7 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..tower_layouts import get_tower
 from .atomic import fresh_tmp_dir, read_json, replace_dir, write_json
 
 logger = get_logger(__name__)
@@ -131,16 +132,19 @@ def data_fingerprint(dataset: Any, preprocessing: Mapping[str, Any]) -> dict[str
 
 
 def towers_fingerprint(model: Any) -> dict[str, Any]:
-    """What the cached features depend on in `model`: the active adapter's taps, each tower's class, config and
-    dtype, and a digest of its weights and buffers (the first values of each tensor, with names and shapes)."""
+    """What the cached features depend on in `model`: the active adapter's taps, the sizes, and a digest of each
+    tower's class and config and of the pair's weights and buffers (the first values of each tensor, with names,
+    shapes and dtypes; the side networks and heads live on the tuner, not in the pair)."""
     config = model.peft_config[model.active_adapter]
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in [*model.base_model.model.named_parameters(), *model.base_model.model.named_buffers()]:
-        if "m2ist_side" in name or "m2ist_head" in name:
-            continue
         flat = tensor.detach().reshape(-1)[:64].float().cpu()
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(flat.numpy().tobytes())
+    for path in (config.vision_tower, config.text_tower):
+        tower = get_tower(model.base_model.model, path, "tower")
+        tower_config = getattr(tower, "config", None)
+        digest.update(f"{type(tower).__name__}{tower_config.to_json_string() if tower_config else ''}".encode())
     side = model.base_model.m2ist_side[model.active_adapter]
     return {"format": CACHE_FORMAT, "taps": side.tap_names(), "vision_tower": config.vision_tower,
             "text_tower": config.text_tower, "image_size": config.image_size,

@@ -116,6 +116,9 @@ def test_a_finished_cache_is_reused_only_for_the_same_towers_taps_and_data(tmp_p
     other_seen = _vision_images_seen(other_towers)
     build_feature_cache(other_towers, loader, tmp_path / "s", accelerator, "t", {"dataset": "other"})
     assert sum(other_seen) == 3  # other tower weights: rebuilt
+    other_towers.base_model.model.vision_model.config.layer_norm_eps = 1e-3
+    build_feature_cache(other_towers, loader, tmp_path / "s", accelerator, "t", {"dataset": "other"})
+    assert sum(other_seen) == 6  # another tower config (same weights): rebuilt
 
 
 def test_the_other_processes_wait_and_map_the_main_processs_cache(tmp_path):
