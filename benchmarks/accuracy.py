@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks` and the library
 
 from benchmarks import baselines, environment, measurement, scales
-from peft_m2ist.tower_layouts import TOWER_LAYOUTS, tower_model_type
+from peft_m2ist.towers.layouts import TOWER_LAYOUTS, tower_model_type
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -10,7 +10,7 @@ Every method is a `nn.Module` whose forward takes the REC batch (`pixel_values`,
 - ``m2ist_<interaction>_<mixture>``: the library's M2IST adapter through `peft.get_peft_model`;
 - ``m2ist_paper``: the same with `M2ISTConfig(preset="paper")`, the authors' model (docs/fidelity.md).
 
-The baselines are built here from the same towers, `peft_m2ist.head.GroundingHead` and `peft_m2ist.loss.box_losses`,
+The baselines are built here from the same towers, `peft_m2ist.modeling.head.GroundingHead` and `peft_m2ist.modeling.loss.box_losses`,
 mirroring what M2IST's forward does (final tokens -> Linear to the head width -> head), without the side network.
 
 This is the one module of the benchmarks that reaches into the library's internals (the tower runners, the head, the
@@ -27,10 +27,10 @@ from torch import nn
 
 import peft_m2ist
 from benchmarks.scales import Scale
-from peft_m2ist.head import GroundingHead
-from peft_m2ist.loss import box_losses
-from peft_m2ist.model import ReferringExpressionOutput
-from peft_m2ist.tower_forward import frozen, run_text_tower, run_vision_tower
+from peft_m2ist.modeling.head import GroundingHead
+from peft_m2ist.modeling.loss import box_losses
+from peft_m2ist.towers.forward import frozen, run_text_tower, run_vision_tower
+from peft_m2ist.tuner.model import ReferringExpressionOutput
 
 BASELINES = ("full", "lora", "adapter", "head_only")
 M2IST_VARIANTS = tuple(

@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             "frozen_batch_norm": (f"folded into the convolutions before them ({folded} modules)" if folded
                                   else f"fused ({fused} modules)" if fused else "stock"),
             "head_feed_forward": ("hidden stored" if args.store_head_feed_forward else "hidden recomputed")
-            + " (peft_m2ist.feed_forward.LeanFeedForwardEncoderLayer)",
+            + " (peft_m2ist.modeling.feed_forward.LeanFeedForwardEncoderLayer)",
             "image_size": scale.image_size, "text_tokens": scale.text_tokens, "vision_tokens": num_vision_tokens,
             "optimizer": "AdamW(lr=1e-4, weight_decay=1e-4), fp32 parameters",
             "activations_note": "storages packed by saved_tensors_hooks during forward, each counted once; storages "

@@ -60,7 +60,7 @@ def paper_scale() -> Scale:
     vision = DetrModel(DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
                                   d_model=256, encoder_layers=6, decoder_layers=6))
     text = BertModel(BertConfig())
-    # Neither M2IST (`peft_m2ist.tower_forward.run_vision_tower`) nor the baselines run DETR's decoder: drop its weights so
+    # Neither M2IST (`peft_m2ist.towers.forward.run_vision_tower`) nor the baselines run DETR's decoder: drop its weights so
     # every method's account holds only the weights a REC step uses.
     vision.decoder = _Removed("DETR decoder: never run for REC (the encoder's tokens feed the head)")
     vision.query_position_embeddings = _Removed("DETR object queries: decoder only")

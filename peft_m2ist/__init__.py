@@ -4,21 +4,21 @@ Importing this package registers the `M2IST` peft type and the `REFERRING_EXPRES
 `peft.get_peft_model(pair, M2ISTConfig(...))` and `PeftModel.from_pretrained(pair, path)` work.
 """
 
-from .config import M2ISTConfig
-from .frozen_batch_norm import (
+from .modeling.outputs import ReferringExpressionOutput
+from .towers.features import TowerFeatures
+from .towers.frozen_batch_norm import (
     FoldedFrozenBatchNorm2d,
     FrozenBatchNormFoldedConv2d,
     FusedFrozenBatchNorm2d,
     fold_frozen_batch_norms,
     fuse_frozen_batch_norms,
 )
-from .layer import M2ISTTapLayer
-from .model import M2ISTModel
-from .outputs import ReferringExpressionOutput
-from .pair import VisionTextPair
-from .peft_model import PeftModelForReferringExpressionComprehension
-from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE, register
-from .tower_features import TowerFeatures
+from .towers.pair import VisionTextPair
+from .tuner.config import M2ISTConfig
+from .tuner.layer import M2ISTTapLayer
+from .tuner.model import M2ISTModel
+from .tuner.peft_model import PeftModelForReferringExpressionComprehension
+from .tuner.registration import M2IST_PEFT_TYPE, REC_TASK_TYPE, register
 
 register()
 

@@ -32,9 +32,9 @@ from transformers.image_transforms import center_to_corners_format
 
 from .data.collator import RECCollator
 from .data.image_files import IMAGE_ERRORS, to_rgb
-from .pair import VisionTextPair
 from .pretrained import TOWER_DTYPES, load_text_tower, load_vision_tower
 from .pretrained.towers_file import FALLBACK_TOWERS, TOWERS_FILE, read_towers_file
+from .towers.pair import VisionTextPair
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from peft import get_peft_model
 from tiny_towers import batch, build_pair, tiny_config
 
 from peft_m2ist import M2ISTTapLayer
-from peft_m2ist.tower_forward import frozen, run_text_tower, run_vision_tower
+from peft_m2ist.towers.forward import frozen, run_text_tower, run_vision_tower
 
 
 def _towers_alone(pair, inputs):

@@ -249,7 +249,7 @@ def test_runs_before_the_lean_head_recomputed_ffn_and_folded_batch_norms_are_lab
     fused_bn = _paper_run(0.2, 0.3)
     fused_bn["settings"]["frozen_batch_norm"] = "fused (53 modules)"  # --unfolded-batch-norm, or before folding
     assert "(CPU 1 thread, frozen BN not folded; exact account" in "\n".join(goals.summary_section([fused_bn]))
-    for stored in ("lean (peft_m2ist.head.LeanFeedForwardEncoderLayer)", "hidden stored (...)"):  # old, flag
+    for stored in ("lean (peft_m2ist.modeling.head.LeanFeedForwardEncoderLayer)", "hidden stored (...)"):  # old, flag
         run = _paper_run(0.2, 0.3)
         run["settings"]["head_feed_forward"] = stored
         assert "(CPU 1 thread, head FFN hidden stored; exact account" in "\n".join(goals.summary_section([run]))

@@ -10,7 +10,7 @@ import pytest
 from peft import PeftConfig
 
 from peft_m2ist import M2ISTConfig
-from peft_m2ist.experts import M3ISA
+from peft_m2ist.modeling.experts import M3ISA
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 from tiny_towers import PAIRS, batch, build_pair, tiny_config
 
-from peft_m2ist.tower_layouts import get_tower
+from peft_m2ist.towers.layouts import get_tower
 
 
 @pytest.mark.parametrize("pair_name", list(PAIRS))

@@ -1,5 +1,5 @@
 """The head's transformer layer: its feed-forward block keeps less for backward, with the stock outputs and
-gradients (`peft_m2ist.feed_forward`).
+gradients (`peft_m2ist.modeling.feed_forward`).
 
 The recomputation tests also run on CUDA where there is one (the dropout mask is drawn and replayed by another
 generator there): `python -m pytest -q tests/test_feed_forward.py` on a GPU machine."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.measurement import LiveTensorPeak, SavedForBackward
-from peft_m2ist.feed_forward import LeanFeedForwardEncoderLayer, RecomputedReLUFeedForward
+from peft_m2ist.modeling.feed_forward import LeanFeedForwardEncoderLayer, RecomputedReLUFeedForward
 
 DIM, FFN, BATCH, TOKENS = 16, 128, 3, 7
 PADDING = torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 7])

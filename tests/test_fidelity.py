@@ -11,7 +11,7 @@ from peft import get_peft_model
 from tiny_towers import bert, build_pair, clip_text, tiny_config
 
 from peft_m2ist import M2ISTConfig, VisionTextPair
-from peft_m2ist.config import FIDELITY_CHOICES, PAPER_PRESET
+from peft_m2ist.tuner.config import FIDELITY_CHOICES, PAPER_PRESET
 
 VIS_DIM, TEXT_DIM, IMAGE, TOKENS = 16, 48, 128, 6
 
@@ -244,7 +244,7 @@ def test_fidelity_fields_are_validated(kwargs, match):
 
 
 def _taps(pair) -> int:
-    from peft_m2ist.layer import M2ISTTapLayer
+    from peft_m2ist.tuner.layer import M2ISTTapLayer
 
     return sum(isinstance(m, M2ISTTapLayer) for m in pair.modules())
 

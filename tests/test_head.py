@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.measurement import SavedForBackward
-from peft_m2ist.head import (
+from peft_m2ist.modeling.head import (
     GroundingHead,
     PointerBox,
     grid_cell_centres,

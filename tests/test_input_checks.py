@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 from tiny_towers import VOCAB, batch, build_pair, tiny_config
 
 from peft_m2ist import M2ISTConfig, M2ISTTapLayer
-from peft_m2ist.budget import MAX_MODULE_PARAMETERS
+from peft_m2ist.tuner.budget import MAX_MODULE_PARAMETERS
 
 
 @pytest.fixture(scope="module", params=["vit+bert", "clip"])

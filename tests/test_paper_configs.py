@@ -14,7 +14,7 @@ from peft import PeftConfig, get_peft_model
 from test_fidelity import tiny_bert, tiny_detr
 
 from peft_m2ist import M2ISTConfig, VisionTextPair
-from peft_m2ist.config import PAPER_PRESET
+from peft_m2ist.tuner.config import PAPER_PRESET
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"refcoco": (20, 90, 60), "refcoco+": (20, 180, 120), "refcocog": (40, 90, 60), "referit": (20, 90, 60)}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tiny_towers import batch, build_pair, tiny_config
 
 from peft_m2ist import M2ISTConfig, PeftModelForReferringExpressionComprehension
-from peft_m2ist.config import RENAMED_FIELDS
+from peft_m2ist.tuner.config import RENAMED_FIELDS
 
 TESTS_DIR = Path(__file__).parent
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_m2ist.tokens import Tokens, find_patch_grid, grid_token_mask, match_grid, output_tensor, to_tokens
+from peft_m2ist.towers.tokens import (
+    Tokens,
+    find_patch_grid,
+    grid_token_mask,
+    match_grid,
+    output_tensor,
+    to_tokens,
+)
 
 
 @pytest.mark.parametrize(

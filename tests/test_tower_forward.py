@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 from tiny_towers import IMAGE_SIZE, siglip2_vision
 
-from peft_m2ist.tower_forward import default_image_size, naflex_inputs, run_vision_tower
+from peft_m2ist.towers.forward import default_image_size, naflex_inputs, run_vision_tower
 
 
 def _vit(**config):

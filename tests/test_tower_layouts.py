@@ -6,7 +6,7 @@ import pytest
 from tiny_towers import bert, mobilenet_v2, vit
 
 from peft_m2ist import VisionTextPair
-from peft_m2ist.tower_layouts import (
+from peft_m2ist.towers.layouts import (
     TOWER_LAYOUTS,
     count_blocks,
     evenly_spaced,

@@ -8,7 +8,7 @@ from peft import get_peft_model
 from tiny_towers import FAMILY_PAIRS, PAIRS, batch, build_family_pair, build_pair, tiny_config
 
 from peft_m2ist import M2ISTTapLayer, PeftModelForReferringExpressionComprehension
-from peft_m2ist.tower_layouts import get_tower
+from peft_m2ist.towers.layouts import get_tower
 
 
 def _tower_modules(model, config):

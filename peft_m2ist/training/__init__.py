@@ -46,7 +46,7 @@ from .feature_cache import (
     preprocessing_of,
 )
 from .lock import LOCK_FILE, OutputLock, OutputLockedError, check_writable, claim_output_dir
-from .outputs import (
+from .output_dir import (
     BEST_ADAPTER,
     BEST_FILE,
     FINAL_ADAPTER,

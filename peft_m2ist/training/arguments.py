@@ -14,7 +14,6 @@ import types
 import typing
 from collections.abc import Sequence
 
-from peft_m2ist.config import M2ISTConfig
 from peft_m2ist.data.records import BOX_FORMATS
 from peft_m2ist.data.sources import (
     DATASETS,
@@ -23,6 +22,7 @@ from peft_m2ist.data.sources import (
     SourceError,
     parse_split_list,
 )
+from peft_m2ist.tuner.config import M2ISTConfig
 
 CONFIG_FLAGS: tuple[str, ...] = (
     "num_tapped_layers", "bottleneck_dim", "expert_scale", "interaction", "mixture", "head_hidden_size",

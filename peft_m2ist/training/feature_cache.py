@@ -36,7 +36,7 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..tower_layouts import get_tower
+from ..towers.layouts import get_tower
 from .atomic import fresh_tmp_dir, read_json, replace_dir, write_json
 
 logger = get_logger(__name__)

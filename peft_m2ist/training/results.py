@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
-from .outputs import RESULTS_FILE, earlier_outputs
+from .output_dir import RESULTS_FILE, earlier_outputs
 
 RESULTS_TABLE_FILE = "results.md"
 """The Markdown table of the per-split results, next to `results.json`."""

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from peft_m2ist.loss import box_losses
+from peft_m2ist.modeling.loss import box_losses
 from peft_m2ist.training import (
     NonFiniteGuard,
     TrainingDiverged,

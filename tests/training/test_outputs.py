@@ -1,4 +1,4 @@
-"""peft_m2ist.training.outputs: adapters with towers.json, the best adapter restored, a used folder refused."""
+"""peft_m2ist.training.output_dir: adapters with towers.json, the best adapter restored, a used folder refused."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from accelerate import Accelerator
 from earlier_run import write_earlier_run
 
-from peft_m2ist.training.outputs import (
+from peft_m2ist.training.output_dir import (
     earlier_outputs,
     prepare_output_dir,
     restore_best_adapter,

@@ -41,7 +41,7 @@ def check_parameter_budget(builders: Mapping[str, Callable[[], nn.Module]],
             fields = ", ".join(f"`{name}`" for name in SIZE_FIELDS.get(what, ()))
             raise ValueError(
                 f"The {what} of this adapter would allocate {count:,} parameters, more than the ceiling of "
-                f"{limit:,} per module (peft_m2ist.budget.MAX_MODULE_PARAMETERS); check the size fields of the "
+                f"{limit:,} per module (peft_m2ist.tuner.budget.MAX_MODULE_PARAMETERS); check the size fields of the "
                 f"M2ISTConfig ({fields})."
             )
         counts[what] = count

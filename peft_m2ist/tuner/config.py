@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from peft import PeftConfig
 
-from .head import BOX_HEADS
+from ..modeling.head import BOX_HEADS
 from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE
 
 INTERACTION_MODES = ("shared", "cross_attention")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .experts import M3ISA
-from .shapes import TapNames
+from .stream_shapes import TapNames
 
 
 class M2ISTSideNetwork(nn.Module):

@@ -15,8 +15,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .layouts import tower_model_type
 from .tokens import Tokens, find_patch_grid, grid_token_mask, output_tensor, to_tokens
-from .tower_layouts import tower_model_type
 
 
 @contextmanager

@@ -15,27 +15,15 @@ from accelerate import init_empty_weights
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .budget import check_parameter_budget
-from .config import M2ISTConfig
-from .head import GroundingHead
-from .layer import M2ISTTapLayer, TapRecorder
-from .loss import box_losses
-from .outputs import ReferringExpressionOutput
-from .probe import (
-    AdapterPlan,
-    check_plan_matches_config,
-    check_saved_shapes_are_complete,
-    interaction_dim,
-    plan_adapter,
-    record_plan,
-)
-from .side_network import M2ISTSideNetwork
-from .tokens import match_grid, to_tokens
-from .tower_features import TAP_KEY_PREFIX, TowerFeatures
-from .tower_forward import frozen, run_text_tower, run_vision_tower
-from .tower_layouts import get_tower
-from .trainer_support import declare_rec_signature, restore_container_class
-from .validation import (
+from ..modeling.head import GroundingHead
+from ..modeling.loss import box_losses
+from ..modeling.outputs import ReferringExpressionOutput
+from ..modeling.side_network import M2ISTSideNetwork
+from ..towers.features import TAP_KEY_PREFIX, TowerFeatures
+from ..towers.forward import frozen, run_text_tower, run_vision_tower
+from ..towers.layouts import get_tower
+from ..towers.tokens import match_grid, to_tokens
+from ..towers.validation import (
     check_devices,
     check_finite_pixels,
     check_token_ids,
@@ -46,6 +34,18 @@ from .validation import (
     validate_text_inputs,
     validate_vision_inputs,
 )
+from .budget import check_parameter_budget
+from .config import M2ISTConfig
+from .layer import M2ISTTapLayer, TapRecorder
+from .plan import (
+    AdapterPlan,
+    check_plan_matches_config,
+    check_saved_shapes_are_complete,
+    interaction_dim,
+    plan_adapter,
+    record_plan,
+)
+from .trainer_support import declare_rec_signature, restore_container_class
 
 
 class AdapterWeightsError(ValueError):
@@ -152,7 +152,7 @@ class M2ISTModel(BaseTuner):
         self.m2ist_head[adapter_name] = head
         self._set_side_requires_grad()
         self._keep_towers_in_eval()
-        declare_rec_signature(model)  # what transformers' Trainer reads (peft_m2ist.trainer_support)
+        declare_rec_signature(model)  # what transformers' Trainer reads (peft_m2ist.tuner.trainer_support)
 
     @staticmethod
     def _build_side_network(config: M2ISTConfig, plan: AdapterPlan) -> M2ISTSideNetwork:

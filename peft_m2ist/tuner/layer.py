@@ -9,7 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .tokens import output_tensor
+from ..towers.tokens import output_tensor
 
 
 class TapRecorder:

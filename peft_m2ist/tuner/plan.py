@@ -8,10 +8,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .config import M2ISTConfig
-from .shapes import StreamShapes, TapNames
-from .tokens import output_tensor, to_tokens
-from .tower_forward import (
+from ..modeling.stream_shapes import StreamShapes, TapNames
+from ..towers.forward import (
     TowerOutput,
     default_image_size,
     frozen,
@@ -19,7 +17,9 @@ from .tower_forward import (
     run_text_tower,
     run_vision_tower,
 )
-from .tower_layouts import block_norms, count_blocks, get_tower, resolve_taps
+from ..towers.layouts import block_norms, count_blocks, get_tower, resolve_taps
+from ..towers.tokens import output_tensor, to_tokens
+from .config import M2ISTConfig
 
 SHAPE_KEYS = tuple(f.name for f in fields(StreamShapes))
 """The keys of each tower's entry in `M2ISTConfig.tower_shapes` (every one saved since 0.1.0)."""

@@ -11,10 +11,10 @@ import torch
 from peft import PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
+from ..model_card import build_model_card, check_model_card_info, read_model_card_info, write_model_card_info
+from ..modeling.outputs import ReferringExpressionOutput
+from ..towers.features import TowerFeatures
 from .model import AdapterWeightsError
-from .model_card import build_model_card, check_model_card_info, read_model_card_info, write_model_card_info
-from .outputs import ReferringExpressionOutput
-from .tower_features import TowerFeatures
 
 
 class PeftModelForReferringExpressionComprehension(PeftModel):

@@ -1,0 +1,8 @@
+"""Any Hugging Face vision or text tower, run frozen: where its blocks and taps are (`layouts`), how it is run
+(`forward`), its outputs as tokens on one grid (`tokens`, `features`), the input checks (`validation`), the frozen
+batch norms, and `VisionTextPair`, the container of two towers."""
+
+from .features import TowerFeatures
+from .pair import VisionTextPair
+
+__all__ = ["TowerFeatures", "VisionTextPair"]
