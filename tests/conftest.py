@@ -2,5 +2,6 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # `tiny_towers`
+HELPERS = TESTS / "helpers"
+sys.path.insert(0, str(HELPERS))  # the shared builders, imported by module name: `import tiny_towers`
 sys.path.insert(0, str(TESTS.parent))  # the repository root, for `benchmarks`

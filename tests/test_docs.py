@@ -1,86 +1,57 @@
-"""The docs must not drift from the code: config fields and defaults, and the paper-scale parameter count."""
+"""The docs must not drift from the code: docs/config.md is what scripts/config_reference.py writes from the config
+dataclass, and concepts.md quotes the paper-scale parameter count the code gives."""
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 
-import pytest
-from peft import PeftConfig
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 
-from peft_m2ist import M2ISTConfig
-from peft_m2ist.modeling.experts import M3ISA
-
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-
-# the paper's setting (tests/test_paper_scale.py): DETR-R50 encoder d=256 + BERT-base d=768, taps on layers 0-5
-PAPER_BLOCKS = 6
-DETR_DIM, BERT_DIM = 256, 768
+PAPER_BLOCKS = 6  # the paper's setting (tests/test_paper_scale.py): taps on layers 0-5 of both towers
 
 
-def _own_fields() -> list[dataclasses.Field]:
-    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
-    return [f for f in dataclasses.fields(M2ISTConfig) if f.name not in inherited]
-
-
-def _rendered_default(value: object) -> str:
-    return f'"{value}"' if isinstance(value, str) else repr(value)
-
-
-def _table_row(text: str, name: str) -> str | None:
-    for line in text.splitlines():
-        if line.startswith(f"| `{name}` |"):
-            return line
-    return None
+def _config_reference():
+    """scripts/config_reference.py, imported from its file (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_there_are_own_fields_to_check():
-    names = {f.name for f in _own_fields()}
+    names = {f.name for f in _config_reference().own_fields()}
     assert {"vision_tower", "bottleneck_dim", "interaction", "tower_shapes"} <= names
     assert "task_type" not in names and "peft_type" not in names
 
 
-@pytest.mark.parametrize("field", _own_fields(), ids=lambda f: f.name)
-def test_every_config_field_is_documented_with_its_default(field):
-    assert field.default is not dataclasses.MISSING, f"{field.name} has no plain default; extend this test"
-    row = _table_row((DOCS / "config.md").read_text(encoding="utf-8"), field.name)
-    assert row is not None, f"docs/config.md has no table row for `{field.name}`"
-    cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
-    # type cell may contain escaped pipes (`list[str] \| None`), so the default is looked for in the row
-    assert f"`{_rendered_default(field.default)}`" in row, (
-        f"docs/config.md: the row of `{field.name}` does not show its default `{_rendered_default(field.default)}`: "
-        f"{cells}"
-    )
+def test_config_reference_is_current():
+    written = (DOCS / "config.md").read_text(encoding="utf-8")
+    assert written == _config_reference().render(), (
+        "docs/config.md differs from the M2ISTConfig dataclass: run python scripts/config_reference.py")
 
 
-def _paper_scale_adapter_only() -> int:
-    """Parameters of the 6 M3ISA blocks at paper sizes: the adapter-only count, without building the towers."""
-    defaults = M2ISTConfig()
-    blocks = [
-        M3ISA(
-            DETR_DIM, DETR_DIM, DETR_DIM, BERT_DIM, BERT_DIM, BERT_DIM,
-            bottleneck_dim=128,
-            interaction_dim=defaults.resolved_interaction_dim,
-            head_hidden_size=defaults.head_hidden_size,
-            scale=defaults.expert_scale,
-            dropout=0.0,
-            interaction="shared",
-            interaction_heads=defaults.interaction_heads,
-            gated=False,
-        )
-        for _ in range(PAPER_BLOCKS)
-    ]
-    return sum(p.numel() for block in blocks for p in block.parameters())
+def test_config_reference_has_one_row_per_field_with_its_default():
+    reference = _config_reference()
+    text = reference.render()
+    for field in reference.own_fields():
+        rows = [line for line in text.splitlines() if line.startswith(f"| `{field.name}` |")]
+        assert len(rows) == 1, (field.name, rows)
+        shown = reference.render_default(reference.default_of(field)).replace("|", "\\|")
+        assert f"| `{shown}` |" in rows[0], (field.name, rows[0])
 
 
-def test_concepts_quotes_the_paper_scale_adapter_only_count():
+def test_concepts_quotes_the_paper_scale_adapter_only_count_consistently():
+    """concepts.md quotes tests/test_paper_scale.py's printout (that test checks the printout against the model it
+    builds); the bold count and the per-block arithmetic must be the printout's number."""
     text = (DOCS / "concepts.md").read_text(encoding="utf-8")
     match = re.search(r"Paper-scale adapter-only count: \*\*([\d,]+)\*\*", text)
     assert match, "docs/concepts.md must state 'Paper-scale adapter-only count: **N**'"
     quoted = int(match.group(1).replace(",", ""))
-    expected = _paper_scale_adapter_only()
-    assert quoted == expected, f"docs/concepts.md quotes {quoted:,}, the code gives {expected:,}"
-    # the printed test output and the arithmetic in the doc use the same number
-    assert f"adapter-only: {expected:,}" in text
-    assert f"6 blocks \N{MULTIPLICATION SIGN} {expected // PAPER_BLOCKS:,} = **{expected:,}**" in text
+    printed = re.search(r"^adapter-only: ([\d,]+)  projections \+ head", text, flags=re.MULTILINE)
+    assert printed, "docs/concepts.md must quote tests/test_paper_scale.py's printout"
+    assert quoted == int(printed.group(1).replace(",", "")), "the bold count is not the printed one"
+    assert quoted % PAPER_BLOCKS == 0
+    assert f"{PAPER_BLOCKS} blocks \N{MULTIPLICATION SIGN} {quoted // PAPER_BLOCKS:,} = **{quoted:,}**" in text

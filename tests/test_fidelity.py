@@ -1,5 +1,5 @@
 """`M2ISTConfig(preset="paper")` builds the authors' M2IST: compared tensor for tensor with an independent
-re-statement of their forward (tests/authors_reference.py), and counted against their modules at paper scale."""
+re-statement of their forward (tests/helpers/authors_reference.py), and counted against their modules at paper scale."""
 
 from __future__ import annotations
 

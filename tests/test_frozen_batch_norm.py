@@ -18,7 +18,7 @@ from peft_m2ist import (
     fold_frozen_batch_norms,
     fuse_frozen_batch_norms,
 )
-from tests.tiny_towers import detr_resnet
+from tiny_towers import detr_resnet
 
 
 def _frozen_norms(model: nn.Module) -> list[nn.Module]:
@@ -272,7 +272,7 @@ def test_m2ist_on_a_folded_tower_matches_the_stock_tower():
     """Side-tuning a DETR tower whose norms are folded: same loss and adapter gradients as on the stock tower."""
     from peft import get_peft_model
 
-    from tests.tiny_towers import batch, build_pair, tiny_config
+    from tiny_towers import batch, build_pair, tiny_config
 
     results = []
     for fold in (False, True):

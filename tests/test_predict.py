@@ -29,7 +29,7 @@ def predict_script():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> SimpleNamespace:
-    """The tiny towers and adapter of tests/tiny_adapter.py, and a second, wider vision tower that the adapter does
+    """The tiny towers and adapter of tests/helpers/tiny_adapter.py, and a second, wider vision tower that the adapter does
     not fit."""
     root = tmp_path_factory.mktemp("predict")
     built = save_tiny_adapter(root)

@@ -17,7 +17,7 @@ from tiny_towers import batch, build_pair, tiny_config
 from peft_m2ist import M2ISTConfig, PeftModelForReferringExpressionComprehension
 from peft_m2ist.tuner.config import RENAMED_FIELDS
 
-TESTS_DIR = Path(__file__).parent
+HELPERS_DIR = Path(__file__).parent / "helpers"  # tiny_towers, for the fresh processes
 
 
 def _train(model, steps: int = 3) -> None:
@@ -44,7 +44,7 @@ def test_round_trip_in_fresh_process(tmp_path, pair_name):
 
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(TESTS_DIR)!r})
+        sys.path.insert(0, {str(HELPERS_DIR)!r})
         import peft_m2ist
         from peft import PeftModel
         from tiny_towers import build_pair
@@ -183,7 +183,7 @@ def test_loading_without_import_says_to_import(tmp_path):
     get_peft_model(build_pair("vit+bert"), tiny_config()).save_pretrained(tmp_path)
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(TESTS_DIR)!r})
+        sys.path.insert(0, {str(HELPERS_DIR)!r})
         from peft import PeftConfig
         try:
             PeftConfig.from_pretrained({str(tmp_path)!r})

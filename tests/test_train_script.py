@@ -142,7 +142,7 @@ def train_rec():
 def test_build_model_folds_a_detr_towers_frozen_batch_norms(towers, tmp_path, train_rec):
     """`--fold_frozen_batch_norms` (the default) folds a DETR tower's frozen batch norms; the `--no-` form keeps them."""
     from peft_m2ist import FrozenBatchNormFoldedConv2d
-    from tests.tiny_towers import detr_resnet
+    from tiny_towers import detr_resnet
 
     torch.manual_seed(0)
     detr_resnet().save_pretrained(tmp_path / "detr")

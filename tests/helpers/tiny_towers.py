@@ -1,6 +1,6 @@
 """Tiny random backbone pairs built from transformers config classes (no download), shared by the tuner tests.
 
-Importable from a subprocess too (`python -c "import tiny_towers"` with `tests/` on the path), so a fresh process can
+Importable from a subprocess too (`python -c "import tiny_towers"` with `tests/helpers/` on the path), so a fresh process can
 rebuild the exact same towers from the same seed.
 """
 
