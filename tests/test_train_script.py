@@ -141,8 +141,9 @@ def train_rec():
 
 def test_build_model_folds_a_detr_towers_frozen_batch_norms(towers, tmp_path, train_rec):
     """`--fold_frozen_batch_norms` (the default) folds a DETR tower's frozen batch norms; the `--no-` form keeps them."""
-    from peft_m2ist import FrozenBatchNormFoldedConv2d
     from tiny_towers import detr_resnet
+
+    from peft_m2ist import FrozenBatchNormFoldedConv2d
 
     torch.manual_seed(0)
     detr_resnet().save_pretrained(tmp_path / "detr")

