@@ -88,3 +88,10 @@ def test_every_link_between_pages_reaches_a_page_and_heading():
             if anchor and anchor not in headings:
                 broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
     assert not broken, broken
+
+
+def test_readme_and_setup_cfg_name_the_same_python():
+    readme = re.search(r"Python (3\.\d+) or newer", (ROOT / "README.md").read_text(encoding="utf-8"))
+    required = re.search(r"python_requires = >=(3\.\d+)", (ROOT / "setup.cfg").read_text(encoding="utf-8"))
+    assert readme and required, "README.md says 'Python 3.X or newer' and setup.cfg has python_requires = >=3.X"
+    assert readme.group(1) == required.group(1)
