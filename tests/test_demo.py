@@ -3,7 +3,8 @@
 Both compare what the page shows with the inference API's answer for the same image and phrase. The browser test
 saves a screenshot (to ``M2IST_DEMO_SCREENSHOT`` when set; docs/images/demo.png was made with
 ``M2IST_DEMO_ADAPTER`` = the main job's best adapter, ``M2IST_DEMO_IMAGE`` / ``M2IST_DEMO_PHRASE`` = a validation
-scene of the shapes benchmark and its phrase). Chromium and its
+scene of the shapes benchmark and its phrase). The demo runs in the folder that holds the adapter's folder and is
+given the adapter by a relative path, so the page, and the screenshot, show no folder of this run. Chromium and its
 driver come from Debian (``scripts/install.sh test`` installs them); without them the browser test fails, it is
 not skipped.
 """
@@ -37,11 +38,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def served_from(adapter: str, fallback: Path) -> tuple[Path, str]:
+    """(the folder to run the demo in, the adapter as the demo is given it): a local adapter by a path relative to
+    the repository root when it lies inside the repository (`outputs/m2ist-shapes/best_adapter`), else relative to
+    the folder above its own; a Hub id as it is."""
+    folder = Path(adapter).resolve()
+    if not folder.is_dir():
+        return fallback, adapter
+    if folder.is_relative_to(ROOT):
+        return ROOT, folder.relative_to(ROOT).as_posix()
+    return folder.parent.parent, folder.relative_to(folder.parent.parent).as_posix()
+
+
+def test_a_local_adapter_is_served_by_a_relative_path(tmp_path):
+    inside = ROOT / "examples"  # any folder of the repository stands in for outputs/.../best_adapter
+    assert served_from(str(inside), tmp_path) == (ROOT, "examples")
+    (tmp_path / "run" / "best_adapter").mkdir(parents=True)
+    assert served_from(str(tmp_path / "run" / "best_adapter"), ROOT) == (tmp_path, "run/best_adapter")
+    assert served_from("someone/m2ist-adapter", tmp_path) == (tmp_path, "someone/m2ist-adapter")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The demo on the tiny adapter (or ``M2IST_DEMO_ADAPTER``), serving on 127.0.0.1; yields (url, adapter, image)."""
     root = tmp_path_factory.mktemp("demo")
     adapter = os.environ.get("M2IST_DEMO_ADAPTER") or str(save_tiny_adapter(root).adapter)
+    workdir, shown = served_from(adapter, root)
     image = root / "input.png"  # PNG: the upload decodes to the same pixels
     if os.environ.get("M2IST_DEMO_IMAGE"):  # the README's screenshot: a benchmark scene for the trained adapter
         Image.open(os.environ["M2IST_DEMO_IMAGE"]).convert("RGB").save(image)
@@ -49,8 +71,8 @@ def served(tmp_path_factory):
         SAMPLE_PHOTOS[4].image().save(image)
     port = free_port()
     log = open(root / "demo.log", "w")  # noqa: SIM115 - closed below, after the server stops
-    server = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo.py"), "--adapter", adapter,
-                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    server = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo.py"), "--adapter", shown,
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1"})
     url = f"http://127.0.0.1:{port}/"
     try:
