@@ -37,13 +37,20 @@ class Family:
     config: str
     kwargs: dict = field(default_factory=dict)
     image_size: int = IMAGE_SIZE
+    # EfficientNet's init draws its batch-norm scales near 0, so a tiny random tower's outputs are all 0: set them to 1
+    unit_batch_norms: bool = False
 
     def build(self, seed: int = 0) -> torch.nn.Module:
         torch.manual_seed(seed)
         kwargs = dict(self.kwargs)
         if "backbone_config" in kwargs and kwargs["backbone_config"] == "resnet":
             kwargs["backbone_config"] = _detr_backbone()
-        return getattr(tf, self.model)(getattr(tf, self.config)(**kwargs)).eval()
+        tower = getattr(tf, self.model)(getattr(tf, self.config)(**kwargs)).eval()
+        if self.unit_batch_norms:
+            for module in tower.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    torch.nn.init.ones_(module.weight)
+        return tower
 
 
 VISION_FAMILIES = [
@@ -92,7 +99,8 @@ VISION_FAMILIES = [
                                                            "focal_levels": [2, 2], "focal_windows": [3, 3]}),
     Family("efficientnet", "EfficientNetModel", "EfficientNetConfig", {"image_size": 64, "width_coefficient": 0.25,
                                                                        "depth_coefficient": 0.25,
-                                                                       "hidden_dim": 320}, image_size=64),
+                                                                       "hidden_dim": 320}, image_size=64,
+           unit_batch_norms=True),
     Family("regnet", "RegNetModel", "RegNetConfig", {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
                                                      "groups_width": 8}),
     Family("resnet", "ResNetModel", "ResNetConfig", {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],

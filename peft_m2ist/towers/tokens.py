@@ -86,10 +86,12 @@ def grid_last(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
 
 
 def _finer_grid(num_tokens: int, grid: tuple[int, int]) -> tuple[tuple[int, int], int] | None:
-    """The grid `(height * k, width * k)` (integer `k >= 1`) that `num_tokens` tokens tile after the fewest prefix
-    tokens (at most `MAX_PREFIX_TOKENS`): an earlier stage of a hierarchical tower (Swin, PVT, Hiera, FocalNet),
+    """The grid `(height * k, width * k)` (integer `k >= 2`, or the grid itself without prefix tokens) that
+    `num_tokens` tokens tile after the fewest prefix tokens (at most `MAX_PREFIX_TOKENS`): an earlier stage of a hierarchical tower (Swin, PVT, Hiera, FocalNet),
     whose token sequences carry no grid of their own."""
-    k = 1
+    if num_tokens == grid[0] * grid[1]:  # the final grid itself, without the final tokens' prefix (PVT's [CLS])
+        return tuple(grid), 0
+    k = 2
     while (grid[0] * k) * (grid[1] * k) <= num_tokens:
         prefix = num_tokens - (grid[0] * k) * (grid[1] * k)
         if prefix <= MAX_PREFIX_TOKENS:
