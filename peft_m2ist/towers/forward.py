@@ -16,7 +16,16 @@ import torch
 from torch import nn
 
 from .layouts import tower_model_type
-from .tokens import Tokens, find_patch_grid, grid_token_mask, output_tensor, to_tokens
+from .tokens import (
+    TokenGrid,
+    Tokens,
+    find_patch_grid,
+    find_token_grid,
+    grid_last,
+    grid_token_mask,
+    output_tensor,
+    to_tokens,
+)
 
 
 @contextmanager
@@ -53,21 +62,37 @@ class TowerOutput:
     patch_grid: bool = False
 
 
+def is_detr_like(tower: nn.Module) -> bool:
+    """A DETR-family model (DETR, Conditional DETR, Table Transformer): a CNN backbone, an input projection, a
+    transformer encoder and a decoder of object queries, of which only the encoder's tokens tile the image."""
+    return all(hasattr(tower, name) for name in ("backbone", "input_projection", "encoder", "decoder"))
+
+
 def _run_detr_encoder(detr: nn.Module, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> TowerOutput:
-    """DETR's backbone, input projection and transformer encoder; the decoder is never run."""
+    """A DETR-family model's backbone, input projection and transformer encoder; the decoder is never run.
+
+    DETR and Conditional DETR build the position embeddings from the backbone's last map themselves
+    (`position_embedding`); Table Transformer's backbone returns them with its maps (as `object_queries`)."""
     b, _, h, w = pixel_values.shape
     if pixel_mask is None:
         pixel_mask = torch.ones((b, h, w), device=pixel_values.device, dtype=torch.long)
-    feature_map, mask = detr.backbone(pixel_values, pixel_mask)[-1]
-    projected = detr.input_projection(feature_map)
-    position = detr.position_embedding(shape=feature_map.shape, device=pixel_values.device,
-                                       dtype=pixel_values.dtype, mask=mask)
-    position = position.flatten(2).transpose(1, 2)
+    if hasattr(detr, "position_embedding"):
+        feature_map, mask = detr.backbone(pixel_values, pixel_mask)[-1]
+        projected = detr.input_projection(feature_map)
+        position = detr.position_embedding(shape=feature_map.shape, device=pixel_values.device,
+                                           dtype=pixel_values.dtype, mask=mask)
+        position = position.flatten(2).transpose(1, 2)
+        position_kwargs = {"spatial_position_embeddings": position}
+    else:
+        features, positions = detr.backbone(pixel_values, pixel_mask)
+        feature_map, mask = features[-1]
+        projected = detr.input_projection(feature_map)
+        position_kwargs = {"object_queries": positions[-1].flatten(2).transpose(1, 2)}
     flat_mask = mask.flatten(1)
     encoded = detr.encoder(inputs_embeds=projected.flatten(2).transpose(1, 2), attention_mask=flat_mask,
-                           spatial_position_embeddings=position)
+                           **position_kwargs)
     grid = tuple(projected.shape[-2:])
-    return TowerOutput(Tokens(encoded.last_hidden_state, grid), flat_mask.long())
+    return TowerOutput(Tokens(output_tensor(encoded), grid), flat_mask.long())
 
 
 def floating_dtype(module: nn.Module) -> torch.dtype | None:
@@ -115,7 +140,7 @@ def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, pixel_mask: t
     dtype = floating_dtype(tower)
     if dtype is not None and pixel_values.is_floating_point():
         pixel_values = pixel_values.to(dtype)
-    if tower_model_type(tower) == "detr":
+    if is_detr_like(tower):
         return _run_detr_encoder(tower, pixel_values, pixel_mask)
     if tower_model_type(tower) in NAFLEX_MODEL_TYPES:
         kwargs = naflex_inputs(tower, pixel_values)
@@ -123,16 +148,42 @@ def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, pixel_mask: t
         kwargs = {"pixel_values": pixel_values}
     if pixel_mask is not None and _forward_accepts(type(tower), "pixel_mask"):
         kwargs["pixel_mask"] = pixel_mask
+    kwargs.update(_patches_in_order(tower, pixel_values))
     tokens = to_tokens(output_tensor(tower(**kwargs)))
     found = None
     if tokens.grid is None:
-        found = find_patch_grid(tower, tuple(pixel_values.shape[-2:]), tokens.num_tokens)
+        image_size = tuple(pixel_values.shape[-2:])
+        trailing = trailing_tokens(tower)
+        found = find_patch_grid(tower, image_size, tokens.num_tokens - trailing)
+        if found is None:
+            found = find_token_grid(image_size, tokens.num_tokens - trailing)
+        if found is not None and trailing:
+            grid, prefix = found
+            found = TokenGrid(grid, trailing), prefix + trailing
+            tokens = Tokens(grid_last(tokens.tensor, trailing), *found)
     if found is not None:
         tokens = Tokens(tokens.tensor, *found)
     mask = None
     if pixel_mask is not None and tokens.grid is not None:
         mask = grid_token_mask(pixel_mask, tokens.grid, tokens.prefix)
     return TowerOutput(tokens, mask, patch_grid=found is not None)
+
+
+def trailing_tokens(tower: nn.Module) -> int:
+    """How many tokens follow the patch grid in a vision tower's output, from its config: YOLOS's
+    `num_detection_tokens` (every other extra token, [CLS], distillation, registers, comes before the grid)."""
+    return int(getattr(getattr(tower, "config", None), "num_detection_tokens", 0) or 0)
+
+
+def _patches_in_order(tower: nn.Module, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For a tower that shuffles its patches by a `noise` input (ViTMAE, built with `mask_ratio=0`): increasing noise,
+    so every patch is kept in its own place instead of a random order on every call."""
+    patch = getattr(getattr(tower, "config", None), "patch_size", None)
+    if not (_forward_accepts(type(tower), "noise") and isinstance(patch, int) and patch > 0):
+        return {}
+    num_patches = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+    noise = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32)
+    return {"noise": noise.expand(pixel_values.shape[0], num_patches)}
 
 
 def run_text_tower(tower: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:

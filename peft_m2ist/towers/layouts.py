@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .discovery import BlockLayout, discover_layout
+from .refusals import check_tower_is_usable
+
 
 @dataclass(frozen=True)
 class TowerLayout:
@@ -121,11 +124,24 @@ def _blocks_path(tower: nn.Module, layout: TowerLayout) -> str | None:
     return None
 
 
-def count_blocks(tower: nn.Module) -> int | None:
-    """Number of blocks of a tower whose `model_type` has a known layout, else `None`."""
-    layout = TOWER_LAYOUTS.get(tower_model_type(tower))
-    path = _blocks_path(tower, layout) if layout is not None else None
-    return len(tower.get_submodule(path)) if path is not None else None
+def find_layout(tower: nn.Module, discover: bool = True) -> BlockLayout | None:
+    """The blocks of `tower` and what to tap in them: the registered layout of its `model_type` (which wins), else,
+    with `discover`, the one `discover_layout` finds from its modules; `None` where neither applies."""
+    model_type = tower_model_type(tower)
+    layout = TOWER_LAYOUTS.get(model_type)
+    if layout is not None:
+        path = _blocks_path(tower, layout)
+        blocks = () if path is None else tuple(f"{path}.{i}" for i in range(len(tower.get_submodule(path))))
+        return BlockLayout(blocks, layout.ffn, layout.attention, layout.embedding_candidates,
+                           f"registered layout of model_type {model_type!r}: {len(blocks)} blocks at '{path}'")
+    return discover_layout(tower) if discover else None
+
+
+def count_blocks(tower: nn.Module, discover: bool = False) -> int | None:
+    """Number of blocks of a tower whose `model_type` has a registered layout (with `discover`, also of one whose
+    blocks `discover_layout` finds), else `None`."""
+    layout = find_layout(tower, discover)
+    return len(layout.blocks) if layout is not None and layout.blocks else None
 
 
 def first_blocks(num_blocks: int, count: int) -> list[int]:
@@ -168,6 +184,7 @@ class ResolvedTaps:
     ffn: list[str]
     attention: list[str]
     embeddings: str | None
+    source: str = ""
 
 
 def resolve_taps(
@@ -180,39 +197,31 @@ def resolve_taps(
 ) -> ResolvedTaps:
     """Resolve the tap names of one tower from the config fields `{prefix}_layers` / `{prefix}_attention_layers`;
     auto-resolved blocks are `"even"`ly spaced or the `"first"` ones (`M2ISTConfig.tap_layer_spacing`)."""
-    model_type = tower_model_type(tower)
-    layout = TOWER_LAYOUTS.get(model_type)
-    blocks = _blocks_path(tower, layout) if layout is not None else None
+    layout = find_layout(tower)
     needs_auto = ffn_spec is None or attention_spec is None
-    if needs_auto and blocks is None:
+    if needs_auto and (layout is None or not layout.blocks):
+        model_type = tower_model_type(tower)
         known = ", ".join(sorted(TOWER_LAYOUTS))
         raise ValueError(
             f"Cannot auto-resolve the taps of the {prefix} tower ({type(tower).__name__}, model_type={model_type!r}; "
-            f"known: {known}). Set `M2ISTConfig.{prefix}_layers` and `M2ISTConfig.{prefix}_attention_layers` to module "
-            "names or regexes."
+            f"registered: {known}): it has no `nn.ModuleList` of blocks to discover. Set "
+            f"`M2ISTConfig.{prefix}_layers` and `M2ISTConfig.{prefix}_attention_layers` to module names or regexes."
         )
-    embeddings = None
-    for candidate in layout.embedding_candidates if layout is not None else ():
-        try:
-            tower.get_submodule(candidate)
-        except AttributeError:
-            continue
-        embeddings = candidate
-        break
+    check_tower_is_usable(tower, prefix)
+    embeddings = next((c for c in (layout.embeddings if layout is not None else ()) if _has_module(tower, c)), None)
 
     if ffn_spec is None:
-        num_blocks = len(tower.get_submodule(blocks))
-        indices = (first_blocks if spacing == "first" else evenly_spaced)(num_blocks, num_layers)
-        ffn = [_join(blocks, str(i), layout.ffn) for i in indices]
+        indices = (first_blocks if spacing == "first" else evenly_spaced)(len(layout.blocks), num_layers)
+        ffn = [_join(layout.blocks[i], layout.ffn) for i in indices]
     else:
         ffn = _match_spec(tower, ffn_spec, f"{prefix}_layers")
     if attention_spec is None:
         if ffn_spec is None:
-            attention = [_join(blocks, str(i), layout.attention) for i in indices]
+            attention = [_join(layout.blocks[i], layout.attention) for i in indices]
         else:
             attention = []
             for name in ffn:
-                block = _enclosing_block(name, blocks)
+                block = _enclosing_block(name, layout.blocks)
                 attention.append(_join(block, layout.attention) if block is not None else name)
     else:
         attention = _match_spec(tower, attention_spec, f"{prefix}_attention_layers")
@@ -222,14 +231,23 @@ def resolve_taps(
             f"`{prefix}_attention_layers` taps; they pair up one to one."
         )
     _check_not_nested(ffn + attention, prefix)
-    return ResolvedTaps(ffn=ffn, attention=attention, embeddings=embeddings)
+    source = layout.source if layout is not None else "no registered or discovered layout"
+    if ffn_spec is not None or attention_spec is not None:
+        source = f"explicit tap fields ({source})"
+    return ResolvedTaps(ffn=ffn, attention=attention, embeddings=embeddings, source=source)
 
 
-def _enclosing_block(name: str, blocks: str | None) -> str | None:
-    if blocks is None or not name.startswith(blocks + "."):
-        return None
-    index = name[len(blocks) + 1 :].split(".")[0]
-    return _join(blocks, index) if index.isdigit() else None
+def _has_module(tower: nn.Module, path: str) -> bool:
+    try:
+        tower.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _enclosing_block(name: str, blocks: tuple[str, ...]) -> str | None:
+    """The block (one of `blocks`) that `name` lies in, if any."""
+    return next((block for block in blocks if name.startswith(block + ".")), None)
 
 
 def _check_not_nested(names: list[str], prefix: str) -> None:
@@ -250,7 +268,8 @@ def block_norms(tower: nn.Module, tap_names: list[str], kind: str, field_name: s
     model_type = tower_model_type(tower)
     layout = TOWER_LAYOUTS.get(model_type)
     path = getattr(layout, f"{kind}_norm") if layout is not None else None
-    blocks = _blocks_path(tower, layout) if layout is not None else None
+    found = find_layout(tower, discover=False)
+    blocks = found.blocks if found is not None and found.blocks else None
     with_norms = sorted(t for t, lay in TOWER_LAYOUTS.items() if getattr(lay, f"{kind}_norm"))
     if path is None or blocks is None:
         raise ValueError(
@@ -268,7 +287,7 @@ def block_norms(tower: nn.Module, tap_names: list[str], kind: str, field_name: s
         if not isinstance(norm, nn.LayerNorm):
             raise ValueError(
                 f"`{field_name}='tower'`: the tap '{name}' lies in no block of the text tower with a LayerNorm at "
-                f"'{path}'; tap the blocks under '{blocks}'."
+                f"'{path}'; tap the blocks under '{blocks[0].rsplit('.', 1)[0]}'."
             )
         norms.append(norm)
     return norms

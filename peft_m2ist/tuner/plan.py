@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -17,9 +18,12 @@ from ..towers.forward import (
     run_text_tower,
     run_vision_tower,
 )
-from ..towers.layouts import block_norms, count_blocks, get_tower, resolve_taps
-from ..towers.tokens import output_tensor, to_tokens
+from ..towers.layouts import block_norms, count_blocks, find_layout, get_tower, resolve_taps
+from ..towers.refusals import family_name
+from ..towers.tokens import match_grid, output_tensor, to_tokens
 from .config import M2ISTConfig
+
+logger = logging.getLogger(__name__)
 
 SHAPE_KEYS = tuple(f.name for f in fields(StreamShapes))
 """The keys of each tower's entry in `M2ISTConfig.tower_shapes` (every one saved since 0.1.0)."""
@@ -39,6 +43,8 @@ class AdapterPlan:
     # (`interaction_text_output_norm="tower"`)
     text_ffn_norms: list[nn.LayerNorm] | None = None
     text_attention_norms: list[nn.LayerNorm] | None = None
+    # one line per tower: what was tapped and why (`describe_taps`)
+    descriptions: dict[str, str] = field(default_factory=dict)
 
     @property
     def target_modules(self) -> list[str]:
@@ -68,7 +74,17 @@ def _probe(container: nn.Module, names: list[str], run: Callable[[], object]) ->
     return records, result
 
 
-def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final: TowerOutput, prefix: str) -> StreamShapes:
+def _lines_up(record: torch.Tensor, final: TowerOutput) -> bool:
+    """Whether a tap's output can be brought to the final tokens (same count, or a finer grid pooled onto theirs)."""
+    try:
+        match_grid(to_tokens(record), final.tokens.num_tokens, final.tokens.grid)
+    except ValueError:
+        return False
+    return True
+
+
+def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final: TowerOutput, prefix: str,
+                   tappable: Callable[[], list[str]]) -> StreamShapes:
     num_tokens, grid = final.tokens.num_tokens, final.tokens.grid
     ffn_dims, attention_dims = [], []
     for kind, names, dims in (("", taps.ffn, ffn_dims), ("attention_", taps.attention, attention_dims)):
@@ -76,10 +92,12 @@ def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final: Towe
             if name not in records:
                 raise ValueError(f"The tap '{name}' (`{prefix}_{kind}layers`) did not run during a forward pass.")
             tokens = to_tokens(records[name])
-            if tokens.num_tokens != num_tokens and (tokens.grid is None or grid is None or final.tokens.prefix):
+            if tokens.num_tokens != num_tokens and not _lines_up(records[name], final):
                 raise ValueError(
                     f"The tap '{name}' (`{prefix}_{kind}layers`) yields {tokens.num_tokens} tokens but the tower's "
-                    f"output has {num_tokens}; tap modules whose outputs line up with the final tokens."
+                    f"output has {num_tokens}, and they cannot be put on one grid or sequence (a tower that pools "
+                    f"tokens between its blocks, like Funnel). Blocks whose outputs line up with the final tokens, "
+                    f"which can be tapped: {tappable()}."
                 )
             dims.append(tokens.dim)
     has_embedding = False
@@ -95,6 +113,16 @@ def _stream_shapes(records: dict[str, torch.Tensor], taps: TapNames, final: Towe
                         has_embedding, final.tokens.prefix, final.patch_grid)
 
 
+def _tappable_blocks(container: nn.Module, tower_path: str, tower: nn.Module, run: Callable[[], TowerOutput],
+                     ) -> list[str]:
+    """The blocks of `tower` (full names) whose outputs line up with its final tokens, for a refusal's message."""
+    layout = find_layout(tower)
+    names = _full(tower_path, list(layout.blocks)) if layout is not None else []
+    with frozen(tower):
+        records, final = _probe(container, names, run)
+    return [name for name in names if name in records and _lines_up(records[name], final)]
+
+
 def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
     """Resolve `config`'s taps on `container` and measure the shapes with a dummy image and a dummy phrase."""
     vision_tower = get_tower(container, config.vision_tower, "vision_tower")
@@ -107,7 +135,9 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
                 "measure the taps."
             )
     # auto-resolved towers tap the same number of layers: the smallest of the request and both depths
-    depths = [count_blocks(vision_tower), count_blocks(text_tower)]
+    # (a discovered depth counts only where that tower's taps are auto-resolved)
+    depths = [count_blocks(vision_tower, discover=config.vision_layers is None),
+              count_blocks(text_tower, discover=config.text_layers is None)]
     num_layers = min([config.num_tapped_layers, *[d for d in depths if d]])
     spacing = config.tap_layer_spacing
     vision = resolve_taps(vision_tower, config.vision_layers, config.vision_attention_layers, num_layers, "vision",
@@ -145,11 +175,55 @@ def plan_adapter(container: nn.Module, config: M2ISTConfig) -> AdapterPlan:
             lambda: (run_vision_tower(vision_tower, pixel_values, pixel_mask),
                      run_text_tower(text_tower, input_ids, attention_mask)),
         )
-    vision_shapes = _stream_shapes(records, vision_taps, v_out, "vision")
-    text_shapes = _stream_shapes(records, text_taps, t_out, "text")
+    def tappable(kind: str) -> Callable[[], list[str]]:
+        if kind == "vision":
+            return lambda: _tappable_blocks(container, config.vision_tower, vision_tower, lambda: run_vision_tower(
+                vision_tower, pixel_values, pixel_mask))
+        return lambda: _tappable_blocks(container, config.text_tower, text_tower, lambda: run_text_tower(
+            text_tower, input_ids, attention_mask))
+
+    try:
+        vision_shapes = _stream_shapes(records, vision_taps, v_out, "vision", tappable("vision"))
+        text_shapes = _stream_shapes(records, text_taps, t_out, "text", tappable("text"))
+    except ValueError as err:
+        tower = text_tower if "(`text_" in str(err) else vision_tower
+        raise ValueError(f"{family_name(tower)}: {err}") from None
     plan = AdapterPlan(vision_taps, text_taps, vision_shapes, text_shapes, image_size)
+    for kind, tower, resolved, taps in (("vision", vision_tower, vision, vision_taps), ("text", text_tower, text,
+                                                                                          text_taps)):
+        plan.descriptions[kind] = _describe(kind, tower, resolved.source, taps)
+        logger.info(plan.descriptions[kind])
     _plan_fidelity_choices(plan, config, text_tower, text.ffn, text.attention)
     return plan
+
+
+def _describe(kind: str, tower: nn.Module, source: str, taps: TapNames) -> str:
+    embedding = f"embedding '{taps.embeddings}'" if taps.embeddings else "no embedding tap"
+    return (f"{kind} tower {family_name(tower)}: {len(taps.ffn)} layers tapped, FFN {taps.ffn}, attention "
+            f"{taps.attention}, {embedding}; from the {source}")
+
+
+def describe_taps(model: nn.Module, adapter_name: str | None = None) -> str:
+    """What an adapter taps in each tower and why, one line per tower (as logged when it was built): the registered
+    layout of the tower's `model_type`, the structure discovery found, or explicit tap fields (taps other than the
+    ones auto-resolution gives). `model`: the `PeftModel` or its `M2ISTModel`."""
+    tuner = getattr(model, "base_model", model)
+    config: M2ISTConfig = tuner.peft_config[adapter_name or tuner.active_adapters[0]]
+    lines = []
+    for kind in ("vision", "text"):
+        path = getattr(config, f"{kind}_tower")
+        tower = get_tower(tuner.model, path, f"{kind}_tower")
+        ffn, attention = getattr(config, f"{kind}_layers"), getattr(config, f"{kind}_attention_layers")
+        try:
+            auto = resolve_taps(tower, None, None, len(ffn), kind, config.tap_layer_spacing)
+            source = auto.source if (auto.ffn, auto.attention) == (ffn, attention) else "explicit tap fields"
+        except ValueError:
+            source = "explicit tap fields"
+        embedding = None
+        if (config.tower_shapes or {}).get(kind, {}).get("has_embedding"):
+            embedding = resolve_taps(tower, ffn, attention, len(ffn), kind).embeddings
+        lines.append(_describe(kind, tower, source, TapNames(ffn, attention, embedding)))
+    return "\n".join(lines)
 
 
 def interaction_dim(config: M2ISTConfig, vision: StreamShapes) -> int:
