@@ -237,6 +237,6 @@ def test_help_lists_every_group_and_flag(train_rec, capsys):
     text = capsys.readouterr().out
     for group in ("towers:", "adapter:", "data:", "optimisation:", "output:"):
         assert f"\n{group}\n" in text, group
-    assert "by about 40%" in text
+    assert "by about 40%" in text and "See docs/real-data.md for each --dataset's files" in text  # group summaries
     parser = train_rec.build_parser()
     assert all(action.option_strings[0] in text for action in parser._actions if action.option_strings)

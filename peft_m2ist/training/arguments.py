@@ -130,6 +130,10 @@ def build_parser(description: str | None = None) -> FlagParser:
     parser = FlagParser([TowersArguments, adapter_arguments(), DataArguments, OptimisationArguments, OutputArguments],
                         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags on the CLI win).")
+    descriptions = {dtype._argument_group_name: " ".join(dtype.__doc__.split("\n\n")[0].split())
+                    for dtype in parser.dataclass_types}
+    for group in parser._action_groups:  # each group's --help heading says what it holds: its dataclass's summary
+        group.description = descriptions.get(group.title, group.description)
     return parser
 
 

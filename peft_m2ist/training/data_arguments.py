@@ -31,7 +31,8 @@ def _flag(default, help: str, **metadata) -> field:
 
 @dataclass
 class DataArguments:
-    """The flags that pick the records (`--dataset` and its sources), the splits, how they load and how they look.
+    """The records (`--dataset` and its sources), the splits, how they load and look. See docs/real-data.md for
+    each --dataset's files and standard splits.
 
     The per-dataset defaults (None here) are filled by `resolve_data_args`.
     """
