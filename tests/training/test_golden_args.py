@@ -119,6 +119,14 @@ def jsonable(value: Any, data: Path) -> Any:
     raise TypeError(f"no JSON form for {value!r}")
 
 
+def dumped(golden: dict[str, dict[str, Any]]) -> str:
+    """`golden` as JSON, one line per flag."""
+    cases = [f"  {json.dumps(name)}: {{\n" + ",\n".join(f"    {json.dumps(key)}: {json.dumps(value)}"
+                                                         for key, value in flags.items()) + "\n  }"
+             for name, flags in golden.items()]
+    return "{\n" + ",\n".join(cases) + "\n}\n"
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("train_rec_golden", ROOT / "examples" / "train_rec.py")
     module = importlib.util.module_from_spec(spec)
@@ -156,5 +164,5 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
 
     with tempfile.TemporaryDirectory() as folder:
         write_layouts(Path(folder))
-        GOLDEN.write_text(json.dumps(parsed(load_script(), Path(folder)), indent=1) + "\n")
+        GOLDEN.write_text(dumped(parsed(load_script(), Path(folder))))
     print(f"wrote {GOLDEN.relative_to(ROOT)}")
