@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from peft_m2ist import M2ISTConfig, VisionTextPair, fold_frozen_batch_norms, pretrained, training
-from peft_m2ist.data import CONTROLS, RECCollator, apply_control, chance_level
+from peft_m2ist.data import RECCollator, apply_control, chance_level
 from peft_m2ist.data.sources import DataSource, load_report
 from peft_m2ist.pretrained.towers_file import towers_record
 
@@ -42,94 +42,18 @@ logger = get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags on the CLI win).")
-    on_off = argparse.BooleanOptionalAction
-    g = p.add_argument_group("towers")
-    towers = "Hub id, local folder or offline:* name."
-    g.add_argument("--vision_model", default=pretrained.DEFAULT_VISION_TOWER, help=towers)
-    g.add_argument("--text_model", default=pretrained.DEFAULT_TEXT_TOWER, help=towers)
-    g.add_argument("--tower_dtype", choices=sorted(pretrained.TOWER_DTYPES), default="float32",
-                   help="The frozen towers' dtype: bfloat16/float16 halve their weights and the feature cache.")
-    g.add_argument("--fold_frozen_batch_norms", action=on_off, default=True,
-                   help="Fold a DETR-family vision tower's frozen batch norms into its convolutions (same features).")
-    g = p.add_argument_group("adapter", "M2ISTConfig's fields of the same names, with its defaults (docs/config.md).")
-    g.add_argument("--adapter", default=None, help="Start from (or, with --eval_only, evaluate) a saved adapter.")
-    training.add_config_arguments(g)  # training.CONFIG_FLAGS: default, type, choices and help from M2ISTConfig
-    g = p.add_argument_group("data", "See docs/real-data.md for each --dataset's files and standard splits.")
-    training.add_data_arguments(g)  # --dataset, its sources, --train_split, --eval_splits, --on_bad_record, ...
-    g.add_argument("--data_seed", type=int, default=0, help="Seed of the built-in shapes benchmark.")
-    g.add_argument("--image_size", type=int, default=None, help="Canvas side (default 128 for shapes, 640 real data).")
-    g.add_argument("--train_samples", type=int, default=None, help="Use only the first N training rows.")
-    g.add_argument("--eval_samples", type=int, default=None, help="Use only the first N rows of each eval split.")
-    g.add_argument("--control", choices=CONTROLS, default="none",
-                   help="Hide one modality in every split (the benchmark's controls).")
-    g.add_argument("--augment", action=on_off, default=None, help="TransVG's training augmentation (random resize/"
-                   "crop, colour jitter, flip swapping left/right). Default: on for real data, off for shapes.")
-    g.add_argument("--cache_dir", default=None, help="Where the benchmark build is cached.")
-    g.add_argument("--cache_features", action=on_off, default=None,
-                   help="Run the frozen towers once per sample and train on their cached outputs. Default: on "
-                   "without --augment, off with it (its images change every epoch: giving both is an error).")
-    g.add_argument("--feature_cache_dir", default=None, help="Where the tower-feature cache is written, memory-mapped "
-                   "by every process (default: OUTPUT/feature_cache); runs with the same towers and data reuse it.")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--seed", type=int, default=13)
-    g.add_argument("--num_epochs", type=int, default=8)
-    g.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimiser steps.")
-    g.add_argument("--batch_size", type=int, default=32, help="Per process.")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--lr_head", type=float, default=1e-4, help="Projections, [REG], position embedding, head.")
-    g.add_argument("--lr_adapter", type=float, default=1e-4, help="The M3ISA experts.")
-    g.add_argument("--weight_decay", type=float, default=1e-4)
-    g.add_argument("--lr_scheduler", default="cosine", help="Any transformers scheduler name, or 'step' (x0.1 at "
-                   "epoch --lr_drop_epoch, the authors').")
-    g.add_argument("--lr_drop_epoch", type=int, default=None, help="--lr_scheduler step: the epoch of the drop.")
-    g.add_argument("--warmup_ratio", type=float, default=0.05)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--on_nonfinite", choices=training.ON_NONFINITE, default="stop",
-                   help="A non-finite loss or gradient norm: 'stop' the run (default) or 'skip' that step.")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Default: what `accelerate config` says.")
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="outputs/m2ist-shapes")
-    g.add_argument("--checkpointing_steps", type=int, default=200, help="accelerate save_state every N steps.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=2)
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="A checkpoint folder, or 'latest' (the newest complete OUTPUT/checkpoints/step_N).")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Delete the checkpoints, adapters, best.json and results.json an earlier run left in "
-                   "--output_dir before training (without it, such an --output_dir is refused unless resuming).")
-    g.add_argument("--eval_only", action="store_true",
-                   help="Evaluate --adapter on every --eval_splits split, write results.json/.md and stop.")
-    g.add_argument("--report_to", default="auto", help="'auto' (tensorboard or trackio if installed), 'none', ...")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", default=None)
-    return p
+def build_parser() -> training.FlagParser:
+    """The flags, one dataclass per group (towers, adapter: M2ISTConfig's fields, data, optimisation, output: see
+    `peft_m2ist.training.arguments`), through `transformers.HfArgumentParser`; and `--config`."""
+    return training.build_parser(description=__doc__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse `argv` over the values of the YAML `--config` (if any); exits with a usage error on bad values."""
+    """Parse `argv` over the values of the YAML `--config` (if any), then check the flags together and the data
+    flags against the files (filling their per-dataset defaults); exits with a usage error on bad values."""
     parser = build_parser()
     args = training.parse_args_with_config(parser, argv)
-    training.check_schedule_args(parser, args)
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id")
-    if args.eval_only and not args.adapter:
-        parser.error("--eval_only needs --adapter")
-    if args.overwrite_output_dir and args.resume_from_checkpoint == "latest":
-        parser.error("--overwrite_output_dir would delete the checkpoints --resume_from_checkpoint latest resumes")
-    try:  # the data flags against the files, before anything loads (towers included); fills per-dataset defaults
-        training.resolve_data_args(args)
-        if args.eval_only:  # it writes results.json/.md into --output_dir: not into a training run's
-            training.check_eval_only_output_dir(args.output_dir)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.cache_features is None:  # auto: cache the towers' outputs unless augmentation changes the images
-        args.cache_features = not args.augment
-    elif args.augment and args.cache_features:
-        parser.error("--augment changes the images every epoch, so their tower features cannot be cached: "
-                     "drop --cache_features (or cache_features in the --config file), or pass --no-cache_features")
+    training.check_args(parser, args)
     return args
 
 

@@ -13,8 +13,10 @@ that frame (see ``peft_m2ist.data.records``). A split that yields no record rais
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
@@ -34,15 +36,41 @@ from peft_m2ist.data.records import (
 )
 
 
-def _open_source(source: Dataset | DatasetDict | str | os.PathLike) -> DatasetDict | Dataset:
+def is_saved_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``save_to_disk`` (a ``DatasetDict``'s or a ``Dataset``'s)."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name))
+                                       for name in ("dataset_dict.json", "state.json"))
+
+
+def _empty_saved_splits(path: str | os.PathLike) -> list[str]:
+    """The splits of the ``save_to_disk`` folder ``path`` saved without a data file (those of no row)."""
+    root = Path(path)
+    listing = root / "dataset_dict.json"
+    names = json.loads(listing.read_text())["splits"] if listing.is_file() else [""]
+    return [name or root.name for name in names
+            if not json.loads((root / name / "state.json").read_text()).get("_data_files")]
+
+
+def open_hf_source(source: Dataset | DatasetDict | str | os.PathLike, name: str | None = None) -> DatasetDict | Dataset:
+    """``source`` itself, its ``save_to_disk`` folder, or ``datasets.load_dataset(source, name)``.
+
+    Raises:
+        ValueError: a ``save_to_disk`` folder holding an empty split (``datasets`` cannot read one back: its
+            ``IndexError`` said nothing of the split), naming the split.
+    """
     if isinstance(source, (Dataset, DatasetDict)):
         return source
     path = str(source)
-    if os.path.isdir(path) and (
-        os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json"))
-    ):
+    if not is_saved_folder(path):
+        return load_dataset(path, name)
+    try:
         return load_from_disk(path)
-    return load_dataset(path)
+    except IndexError as error:
+        empty = _empty_saved_splits(path)
+        if not empty:
+            raise
+        raise ValueError(f"{path}: split {empty[0]!r} is empty (no row, no data file), and datasets cannot read back "
+                         "a save_to_disk folder with an empty split: drop the split and save it again") from error
 
 
 def _source_split(data: DatasetDict | Dataset, split: str, split_names: Mapping[str, str]) -> Dataset:
@@ -138,9 +166,9 @@ def load_hf_rec(
 
     Raises:
         ValueError: an unknown split or column, a bad row (``RecordError``, with ``on_error="raise"``),
-            or no record kept.
+            or no record kept (an empty split included).
     """
-    opened = _open_source(source)
+    opened = open_hf_source(source)
     data = _source_split(opened, split, split_names)
     for column in (image_column, bbox_column, sentences_column, phrase_type_column, image_id_column):
         if column is not None and column not in data.column_names:

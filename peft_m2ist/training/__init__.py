@@ -9,19 +9,24 @@
 - `divergence`: a non-finite loss or gradient norm stops the run (or skips the step); no broken best adapter.
 - `signals`: SIGTERM / SIGINT save a checkpoint at the next step boundary and end the run.
 - `feature_cache`: the memory-mapped disk cache of the frozen towers' outputs (once per image / expression).
-- `config_file`: flag values from a YAML `--config` file, checked like the command line.
+- `config_file`: flag values from a YAML `--config` file, parsed under the command line and checked like it.
 - `evaluation`: Acc@0.5, mean IoU and per-phrase-type accuracy, gathered across processes, per split.
 - `results`: the per-split results in the paper's layout (`results.json`'s `splits`, the table `results.md`).
-- `arguments`: flags from one source each (the adapter's from `M2ISTConfig`), the data flags and their checks.
+- `arguments`: the flags as dataclasses (the adapter's made from `M2ISTConfig`'s fields) for
+  `transformers.HfArgumentParser`, and the checks across flags after parsing.
+- `data_arguments`: the data flags, their per-dataset defaults and their checks against the files.
 - `tracking`: which experiment trackers `--report_to` means.
 """
 
 from .arguments import (
     CONFIG_FLAGS,
-    IMAGE_SIZES,
-    add_config_arguments,
-    add_data_arguments,
-    resolve_data_args,
+    FlagParser,
+    OptimisationArguments,
+    OutputArguments,
+    TowersArguments,
+    adapter_arguments,
+    build_parser,
+    check_args,
 )
 from .atomic import fresh_tmp_dir, read_json, replace_dir, write_json
 from .checkpoints import (
@@ -35,7 +40,8 @@ from .checkpoints import (
     save_checkpoint,
     trainable_names,
 )
-from .config_file import config_values, parse_args_with_config
+from .config_file import config_arguments, parse_args_with_config
+from .data_arguments import IMAGE_SIZES, DataArguments, resolve_data_args
 from .divergence import ON_NONFINITE, NonFiniteGuard, TrainingDiverged, check_finite_weights, is_new_best
 from .evaluation import evaluate, evaluate_splits
 from .feature_cache import (
@@ -93,17 +99,23 @@ __all__ = [
     "STEP_DECAY",
     "TOWERS_FILE",
     "CachedTowerFeatures",
+    "DataArguments",
+    "FlagParser",
     "NonFiniteGuard",
+    "OptimisationArguments",
+    "OutputArguments",
     "OutputLock",
     "OutputLockedError",
     "RunState",
     "StopSignals",
+    "TowersArguments",
     "TrainingDiverged",
-    "add_config_arguments",
-    "add_data_arguments",
+    "adapter_arguments",
     "build_feature_cache",
+    "build_parser",
     "build_scheduler",
     "cached_loaders",
+    "check_args",
     "check_eval_only_output_dir",
     "check_finite_weights",
     "check_free_space",
@@ -112,7 +124,7 @@ __all__ = [
     "checkpoint_dirs",
     "checkpoint_step",
     "claim_output_dir",
-    "config_values",
+    "config_arguments",
     "drop_checkpoints_after",
     "earlier_outputs",
     "epoch_to_evaluate_first",

@@ -1,27 +1,26 @@
-"""Flags of `examples/train_rec.py` defined from one source each: the adapter's from `M2ISTConfig`, the data's here.
+"""Flags of `examples/train_rec.py` as dataclasses, turned into an argument parser by `transformers.HfArgumentParser`.
 
-`add_config_arguments` makes a flag of each named `M2ISTConfig` field, with the field's own default, choices (a
-`Literal`), type and help, so the script's defaults are the config's and are never typed twice.
-`add_data_arguments` adds the real-data flags; `resolve_data_args` fills their per-dataset defaults and checks them
-against the files (`peft_m2ist.data.sources`) before anything loads.
+One dataclass per group, in the order of `--help`: `TowersArguments`, the adapter's (`adapter_arguments`, made from
+`M2ISTConfig`'s own fields so that their defaults, types, choices and help are never typed twice), `DataArguments`
+(`data_arguments`), `OptimisationArguments` and `OutputArguments`. `build_parser` makes the parser (plus `--config`,
+a YAML file of flag values: `config_file`); `check_args` does the checks that span several flags after parsing.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
-from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
-from peft_m2ist.data.records import BOX_FORMATS
-from peft_m2ist.data.sources import (
-    DATASETS,
-    HF_COLUMN_KEYS,
-    DataSource,
-    SourceError,
-    parse_split_list,
-)
+from transformers import HfArgumentParser
+
+from peft_m2ist import pretrained
+from peft_m2ist.training.data_arguments import DataArguments, resolve_data_args
+from peft_m2ist.training.divergence import ON_NONFINITE
+from peft_m2ist.training.results import check_eval_only_output_dir
+from peft_m2ist.training.schedule import check_schedule_args
 from peft_m2ist.tuner.config import M2ISTConfig
 
 CONFIG_FLAGS: tuple[str, ...] = (
@@ -30,82 +29,136 @@ CONFIG_FLAGS: tuple[str, ...] = (
     "head_attention_dropout", "box_head", "head_recompute_feed_forward", "head_gradient_checkpointing",
     "max_text_tokens", "tower_micro_batch_size", "preset",
 )
-"""The `M2ISTConfig` fields `examples/train_rec.py` takes as flags of the same name."""
-
-IMAGE_SIZES: dict[str, int] = {"shapes": 128, "refer": 640, "transvg": 640, "hf": 640}
-"""Default `--image_size` of each `--dataset`: the benchmark's native 128 px, the paper's 640 px canvas for real data."""
+"""The `M2ISTConfig` fields `examples/train_rec.py` takes as flags of the same name (the others are peft's or
+measured from the towers)."""
 
 
-def add_config_arguments(group: argparse._ActionsContainer, names: Sequence[str] = CONFIG_FLAGS,
-                         config_class: type = M2ISTConfig) -> None:
-    """A `--NAME` flag for each field `NAME` of `config_class`, its default, type, choices and help the field's."""
+def _flag(default: Any, help: str | None = None, **metadata: Any) -> Any:
+    """A dataclass field with its flag's `help` (and `choices`, ...) in the metadata `HfArgumentParser` reads."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TowersArguments:
+    """The frozen vision and text towers."""
+
+    _argument_group_name: ClassVar[str] = "towers"
+
+    vision_model: str = _flag(pretrained.DEFAULT_VISION_TOWER, "Hub id, local folder or offline:* name.")
+    text_model: str = _flag(pretrained.DEFAULT_TEXT_TOWER, "Hub id, local folder or offline:* name.")
+    tower_dtype: str = _flag("float32", "The frozen towers' dtype: bfloat16/float16 halve their weights and the "
+                             "feature cache.", choices=sorted(pretrained.TOWER_DTYPES))
+    fold_frozen_batch_norms: bool = _flag(True, "Fold a DETR-family vision tower's frozen batch norms into its "
+                                          "convolutions (same features).")
+
+
+def adapter_arguments(names: typing.Sequence[str] = CONFIG_FLAGS, config_class: type = M2ISTConfig) -> type:
+    """The `adapter` group: `--adapter` (a saved adapter to start from) and a flag per field `names` of
+    `config_class`, with the field's own type, default and help (`%` escaped for argparse)."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     hints = typing.get_type_hints(config_class)
+    specs: list[tuple[str, Any, Any]] = [
+        ("adapter", str | None, _flag(None, "Start from (or, with --eval_only, evaluate) a saved adapter."))]
     for name in names:
-        field, hint = fields[name], hints[name]
-        kwargs: dict = {"default": field.default, "help": field.metadata.get("help")}
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `int | None`: an int, default None
-            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        if typing.get_origin(hint) is typing.Literal:
-            kwargs["choices"] = typing.get_args(hint)
-        elif hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = hint
-        group.add_argument(f"--{name}", **kwargs)
+        help_text = fields[name].metadata.get("help")
+        specs.append((name, hints[name], _flag(fields[name].default, help_text and help_text.replace("%", "%%"))))
+    made = dataclasses.make_dataclass("AdapterArguments", specs)
+    made._argument_group_name = "adapter"
+    made.__doc__ = "M2ISTConfig's fields of the same names, with its defaults (docs/config.md)."
+    return made
 
 
-def add_data_arguments(group: argparse._ActionsContainer) -> None:
-    """The flags that pick the records (`--dataset` and its sources) and the splits, and how they load."""
-    group.add_argument("--dataset", choices=DATASETS, default="shapes",
-                       help="shapes (built in), refer (refer API files), transvg (TransVG split files) or hf (a "
-                       "Hugging Face dataset). See docs/real-data.md.")
-    group.add_argument("--data_root", default=None, help="refer: the folder holding refcoco/, refcoco+/, refcocog/; "
-                       "transvg: the folder of the split files (TransVG's data/).")
-    group.add_argument("--dataset_name", default=None,
-                       help="refer: refcoco, refcoco+ or refcocog; transvg: unc, unc+, gref, gref_umd, referit, flickr.")
-    group.add_argument("--split_by", default=None, help="refer: unc or google (refcoco), unc (refcoco+), umd or "
-                       "google (refcocog); default the first.")
-    group.add_argument("--image_dir", default=None, help="The images (refer: default DATA_ROOT/images).")
-    group.add_argument("--hf_path", default=None, help="hf: a Hub dataset id, a save_to_disk or a parquet folder.")
-    group.add_argument("--hf_name", default=None, help="hf: the dataset's configuration name.")
-    group.add_argument("--hf_columns", default=None, help=f"hf: KEY=COLUMN,... for the keys {', '.join(HF_COLUMN_KEYS)}"
-                       " (default image=image,bbox=bbox,sentences=sentences).")
-    group.add_argument("--hf_box_format", choices=BOX_FORMATS, default=None,
-                       help="hf: how the boxes are written, in pixels (default xywh, COCO's).")
-    group.add_argument("--hf_split_names", default=None,
-                       help="hf: OURS=THEIRS,... e.g. val=validation,testA=test_a (unmapped names are used as they are).")
-    group.add_argument("--train_split", default=None, help="Default train.")
-    group.add_argument("--eval_splits", default=None, help="NAME,NAME,...; the best adapter is chosen on the first. "
-                       "Default: the dataset's standard splits (docs/real-data.md).")
-    group.add_argument("--on_bad_record", choices=("raise", "skip"), default="raise",
-                       help="A malformed record stops the run (raise) or is skipped and counted (skip).")
-    group.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes (decode the images).")
+@dataclass
+class OptimisationArguments:
+    """The optimiser, its schedule and the run's length."""
+
+    _argument_group_name: ClassVar[str] = "optimisation"
+
+    seed: int = _flag(13)
+    num_epochs: int = _flag(8)
+    max_train_steps: int | None = _flag(None, "Stop after this many optimiser steps.")
+    batch_size: int = _flag(32, "Per process.")
+    gradient_accumulation_steps: int = _flag(1)
+    lr_head: float = _flag(1e-4, "Projections, [REG], position embedding, head.")
+    lr_adapter: float = _flag(1e-4, "The M3ISA experts.")
+    weight_decay: float = _flag(1e-4)
+    lr_scheduler: str = _flag("cosine", "Any transformers scheduler name, or 'step' (x0.1 at epoch --lr_drop_epoch, "
+                              "the authors').")
+    lr_drop_epoch: int | None = _flag(None, "--lr_scheduler step: the epoch of the drop.")
+    warmup_ratio: float = _flag(0.05)
+    max_grad_norm: float = _flag(1.0)
+    on_nonfinite: str = _flag("stop", "A non-finite loss or gradient norm: 'stop' the run (default) or 'skip' that "
+                              "step.", choices=ON_NONFINITE)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _flag(None, "Default: what `accelerate config` says.")
 
 
-def resolve_data_args(args: argparse.Namespace) -> DataSource:
-    """Fill the per-dataset defaults of `args` in place and check the data flags against the files.
+@dataclass
+class OutputArguments:
+    """The output folder, checkpoints, evaluation-only runs and where the results go."""
 
-    `--augment` defaults to on for real data (the TransVG augmentation), off for the shapes benchmark; `--image_size`
-    to `IMAGE_SIZES`; the splits to the dataset's standard ones. Raises `SourceError` (its message starts with the
-    flag) for anything that does not fit, before any image, tower or weight is loaded.
+    _argument_group_name: ClassVar[str] = "output"
+
+    output_dir: str = _flag("outputs/m2ist-shapes")
+    checkpointing_steps: int = _flag(200, "accelerate save_state every N steps.")
+    checkpoints_total_limit: int = _flag(2)
+    resume_from_checkpoint: str | None = _flag(None, "A checkpoint folder, or 'latest' (the newest complete "
+                                               "OUTPUT/checkpoints/step_N).")
+    overwrite_output_dir: bool = _flag(False, "Delete the checkpoints, adapters, best.json and results.json an "
+                                       "earlier run left in --output_dir before training (without it, such an "
+                                       "--output_dir is refused unless resuming).")
+    eval_only: bool = _flag(False, "Evaluate --adapter on every --eval_splits split, write results.json/.md and stop.")
+    report_to: str = _flag("auto", "'auto' (tensorboard or trackio if installed), 'none', ...")
+    push_to_hub: bool = _flag(False)
+    hub_model_id: str | None = _flag(None)
+
+
+class FlagParser(HfArgumentParser):
+    """`HfArgumentParser`, with a boolean field as the flag pair `--NAME` / `--no-NAME` (argparse's
+    `BooleanOptionalAction`; a default None stays None unless one of them is given)."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        if field.type is bool or field.type == bool | None:
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=field.default,
+                                **field.metadata)
+            return
+        HfArgumentParser._parse_dataclass_field(parser, field)
+
+
+def build_parser(description: str | None = None) -> FlagParser:
+    """The parser of every group's flags, and `--config` (a YAML file of flag values, under the command line)."""
+    parser = FlagParser([TowersArguments, adapter_arguments(), DataArguments, OptimisationArguments, OutputArguments],
+                        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML file of flag values (flags on the CLI win).")
+    descriptions = {dtype._argument_group_name: " ".join(dtype.__doc__.split("\n\n")[0].split())
+                    for dtype in parser.dataclass_types}
+    for group in parser._action_groups:  # each group's --help heading says what it holds: its dataclass's summary
+        group.description = descriptions.get(group.title, group.description)
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks across flags, after parsing: a usage error (`parser.error`) for anything that does not fit.
+
+    The schedule flags, `--push_to_hub` / `--hub_model_id`, `--eval_only` / `--adapter`, `--overwrite_output_dir` with
+    `--resume_from_checkpoint latest`; the data flags against the files (filling their per-dataset defaults, before
+    anything loads, towers included); `--cache_features` (default: on unless `--augment`).
     """
-    source = DataSource.from_flags(vars(args))
-    if args.augment is None:
-        args.augment = source.dataset != "shapes"
-    if args.image_size is None:
-        args.image_size = IMAGE_SIZES[source.dataset]
-    if args.num_workers < 0:
-        raise SourceError(f"--num_workers {args.num_workers}: must be 0 (load in the main process) or more")
-    train, evals = source.standard_splits()
-    args.train_split = args.train_split or train
-    args.eval_splits = parse_split_list(args.eval_splits, "--eval_splits") if args.eval_splits else list(evals)
-    if source.dataset == "refer":
-        args.split_by = source.split_by
-    if source.dataset == "hf":
-        args.hf_box_format = source.hf_box_format
-    needed = {"--eval_splits": args.eval_splits}
-    if not args.eval_only:
-        needed = {"--train_split": [args.train_split], **needed}
-    source.check(needed)
-    return source
+    check_schedule_args(parser, args)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    if args.eval_only and not args.adapter:
+        parser.error("--eval_only needs --adapter")
+    if args.overwrite_output_dir and args.resume_from_checkpoint == "latest":
+        parser.error("--overwrite_output_dir would delete the checkpoints --resume_from_checkpoint latest resumes")
+    try:
+        resolve_data_args(args)
+        if args.eval_only:  # it writes results.json/.md into --output_dir: not into a training run's
+            check_eval_only_output_dir(args.output_dir)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.cache_features is None:  # auto: cache the towers' outputs unless augmentation changes the images
+        args.cache_features = not args.augment
+    elif args.augment and args.cache_features:
+        parser.error("--augment changes the images every epoch, so their tower features cannot be cached: "
+                     "drop --cache_features (or cache_features in the --config file), or pass --no-cache_features")

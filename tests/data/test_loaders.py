@@ -168,6 +168,17 @@ def test_hf_unknown_split_is_a_clear_error(tmp_path):
         load_hf_rec(data, "val", split_names={}, box_format="xywh")
 
 
+def test_hf_empty_split_is_a_clear_error_naming_it(tmp_path):
+    """A split of no row: in memory, and saved with `save_to_disk` (which `datasets` cannot read back: it raised a
+    bare `IndexError` from its table concatenation)."""
+    data = DatasetDict({"validation": hf_split(tmp_path).select([]), "train": hf_split(tmp_path)})
+    with pytest.raises(ValueError, match=r"\[val\]: no records; its source split holds 0 rows"):
+        load_hf_rec(data, "val", split_names={"val": "validation"}, box_format="xywh")
+    data.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"saved: split 'validation' is empty \(no row, no data file\)"):
+        load_hf_rec(str(tmp_path / "saved"), "train", split_names={}, box_format="xywh")
+
+
 # ---- malformed input: raise or count ------------------------------------------------------------
 def refer_case(root: Path, reason: str) -> dict:
     """Write a refer fixture with one problem; return load_refer kwargs."""
