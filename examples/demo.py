@@ -29,8 +29,9 @@ TITLE = "M²IST: find the object a phrase names"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", default=DEFAULT_ADAPTER, help="Adapter folder (save_pretrained) or Hub id.")
-    p.add_argument("--vision_model", default=None, help="Vision tower (default: the adapter's towers.json).")
-    p.add_argument("--text_model", default=None, help="Text tower (default: the adapter's towers.json).")
+    recorded = "the one the adapter records in its adapter_config.json (or an older adapter's towers.json)"
+    p.add_argument("--vision_model", default=None, help=f"Vision tower (default: {recorded}).")
+    p.add_argument("--text_model", default=None, help=f"Text tower (default: {recorded}).")
     p.add_argument("--device", default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: this machine only).")
     p.add_argument("--port", type=int, default=7860)

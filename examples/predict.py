@@ -9,10 +9,10 @@ ground truth (validation samples) in green. Images are turned upright by their E
 viewers show phone photos, and so as whoever wrote the phrase saw them), so boxes are `[x0, y0, x1, y1]` in pixels
 of the *displayed* image, clamped to it.
 
-Towers: --vision_model / --text_model / --tower_dtype win where given; the rest comes from the `towers.json` that
-train_rec.py writes next to its adapters (for a Hub id, downloaded from the adapter's repository when it has one);
-without it, the training example's default towers (the stride-16 cut of the offline MobileNetV2 and MiniLM-L6,
-float32). An adapter trained on other towers and saved without `towers.json` needs the flags.
+Towers: --vision_model / --text_model / --tower_dtype win where given; the rest comes from what the adapter records:
+`base_towers` in its `adapter_config.json` (saved by `save_pretrained` and `push_to_hub`; for a Hub id, read from the
+adapter's repository), or the `towers.json` of adapters saved before that. An adapter that records no towers needs
+the flags; no default towers are guessed.
 """
 
 from __future__ import annotations
@@ -28,15 +28,9 @@ from PIL import Image, ImageDraw
 
 from peft_m2ist.data import load_shapes_benchmark
 from peft_m2ist.data.visualize import TRUTH_COLOUR, draw_box
-from peft_m2ist.inference import (
-    Grounding,
-    ReferringExpressionGrounder,
-    check_phrase,
-    load_image,
-    resolve_towers,
-)
+from peft_m2ist.inference import Grounding, ReferringExpressionGrounder, check_phrase, load_image
+from peft_m2ist.loading import resolve_towers
 from peft_m2ist.pretrained import TOWER_DTYPES
-from peft_m2ist.pretrained.towers_file import FALLBACK_TOWERS, TOWERS_FILE
 from peft_m2ist.training.atomic import write_json as write_json_atomic
 
 logger = logging.getLogger("predict")
@@ -59,14 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of this script."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="Folder written by save_pretrained (or a Hub id).")
-    p.add_argument("--vision_model", default=None,
-                   help=f"Vision tower; default: the one in the adapter's {TOWERS_FILE}, else "
-                   f"{FALLBACK_TOWERS['vision']}.")
-    p.add_argument("--text_model", default=None,
-                   help=f"Text tower; default: the one in the adapter's {TOWERS_FILE}, else {FALLBACK_TOWERS['text']}.")
+    recorded = "the one the adapter records (adapter_config.json's base_towers, or an older adapter's towers.json)"
+    p.add_argument("--vision_model", default=None, help=f"Vision tower; default: {recorded}.")
+    p.add_argument("--text_model", default=None, help=f"Text tower; default: {recorded}.")
     p.add_argument("--tower_dtype", choices=sorted(TOWER_DTYPES), default=None,
-                   help=f"dtype of the frozen towers; default: the one in the adapter's {TOWERS_FILE}, else "
-                   f"{FALLBACK_TOWERS['dtype']}.")
+                   help=f"dtype of the frozen towers; default: {recorded}, else float32.")
     p.add_argument("--image", nargs="*", default=[],
                    help="Image file(s); one --phrase per image. Turned upright by their EXIF orientation first: "
                    "boxes are in pixels of the image as displayed.")
@@ -117,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         towers = resolve_towers(args.adapter, given["vision"], given["text"], given["dtype"])
     except ValueError as err:
-        p.error(f"{err}; fix it, or pass --vision_model, --text_model and --tower_dtype")
+        p.error(f"{err} (on this command line: --vision_model, --text_model and --tower_dtype)")
     for key, flag in _FLAGS.items():
         setattr(args, flag, towers[key])
     args.tower_sources = {key: f"--{flag}" if given[key] is not None else towers["source"]

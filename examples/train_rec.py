@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from peft_m2ist import M2ISTConfig, VisionTextPair, fold_frozen_batch_norms, pretrained, training
 from peft_m2ist.data import RECCollator, apply_control, chance_level
 from peft_m2ist.data.sources import DataSource, load_report
-from peft_m2ist.pretrained.towers_file import towers_record
 
 logger = get_logger(__name__)
 
@@ -72,9 +71,17 @@ def build_model(args: argparse.Namespace):
         model = PeftModel.from_pretrained(pair, args.adapter, is_trainable=not args.eval_only)
         if args.tower_micro_batch_size is not None:  # a run-time setting: the flag wins over the saved config
             model.peft_config[model.active_adapter].tower_micro_batch_size = args.tower_micro_batch_size
+        model.peft_config[model.active_adapter].base_towers = towers_of(args)  # the towers it now trains / runs on
         return model, image_processor, tokenizer
     config = M2ISTConfig(**{name: getattr(args, name) for name in training.CONFIG_FLAGS}, image_size=args.image_size)
+    config.base_towers = towers_of(args)  # saved in adapter_config.json: the towers to load the adapter on again
     return get_peft_model(pair, config), image_processor, tokenizer
+
+
+def towers_of(args: argparse.Namespace) -> dict[str, str]:
+    """`M2ISTConfig.base_towers`: the towers as the flags name them, saved in every adapter's `adapter_config.json`
+    (and so pushed with it), from which `peft_m2ist.loading.load_adapter_with_towers` loads them again."""
+    return {"vision": args.vision_model, "text": args.text_model, "dtype": args.tower_dtype}
 
 
 def parameter_groups(model, args: argparse.Namespace) -> list[dict]:
@@ -129,12 +136,7 @@ def evaluate_epoch(model, eval_loaders: dict, accelerator: Accelerator, run: tra
     accelerator.log({f"{name}/{k}": v for name, s in scores.items() for k, v in s.items()}, step=run.step)
     if training.is_new_best(scores[first], run.best):  # a real evaluation, better than the best so far
         run.best = {"epoch": epoch, "step": run.step, "split": first, **scores[first]}
-        training.save_best(accelerator.unwrap_model(model), args.output_dir, run.best, towers_of(args))
-
-
-def towers_of(args: argparse.Namespace) -> dict[str, str]:
-    """What `towers.json` records next to each adapter (and the inference API reloads)."""
-    return towers_record(args.vision_model, args.text_model, args.tower_dtype)
+        training.save_best(accelerator.unwrap_model(model), args.output_dir, run.best)
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     # results.md); the best adapter to the Hub
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        training.save_adapter(unwrapped, output_dir / training.FINAL_ADAPTER, towers_of(args))
+        training.save_adapter(unwrapped, output_dir / training.FINAL_ADAPTER)
     accelerator.wait_for_everyone()
     # the main process chose the best adapter; every process takes part in re-evaluating it
     best, first, splits = broadcast_object_list([run.best])[0], args.eval_splits[0], {}
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(f"best {first} Acc@0.5 = {100 * best['accuracy']:.2f}% (epoch {best.get('epoch')}); "
                           f"adapter in {output_dir / training.BEST_ADAPTER}")
         unwrapped.model_card_info = training.model_card_info(info["data"], splits)  # the card: data, command, scores
-        training.save_adapter(unwrapped, output_dir / training.BEST_ADAPTER, towers_of(args))  # the best weights again
+        training.save_adapter(unwrapped, output_dir / training.BEST_ADAPTER)  # the best weights again, with the card
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id)
     accelerator.end_training()

@@ -9,8 +9,9 @@ or, to keep the model loaded and batch several inputs:
     >>> grounder = ReferringExpressionGrounder.from_pretrained("outputs/m2ist-shapes/best_adapter", device="cpu")
     >>> grounder([image_a, image_b], ["the red circle", "the blue square"])
 
-Which towers: the ones passed, else those recorded in the adapter's ``towers.json`` (written by
-``examples/train_rec.py``; fetched from the Hub for a Hub id), else the training example's default towers.
+Which towers: the ones passed, else those the adapter records (``base_towers`` in its ``adapter_config.json``, or
+the ``towers.json`` of adapters saved before that; read from the Hub for a Hub id): see ``peft_m2ist.loading``. An
+adapter that records no towers, with none passed, is refused with a message naming the arguments to pass.
 Images are turned upright by their EXIF orientation tag first (as whoever wrote the phrase saw them), so boxes
 are ``[x0, y0, x1, y1]`` in pixels of the *displayed* image, clamped to it; ``box_normalized`` divides them by the
 image's width and height.
@@ -32,9 +33,7 @@ from transformers.image_transforms import center_to_corners_format
 
 from .data.collator import RECCollator
 from .data.image_files import IMAGE_ERRORS, to_rgb
-from .pretrained import TOWER_DTYPES, load_text_tower, load_vision_tower
-from .pretrained.towers_file import FALLBACK_TOWERS, TOWERS_FILE, read_towers_file
-from .towers.pair import VisionTextPair
+from .loading import check_adapter_location, load_adapter_with_towers
 
 logger = logging.getLogger(__name__)
 
@@ -127,48 +126,31 @@ class ReferringExpressionGrounder:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> ReferringExpressionGrounder:
-        """Load ``adapter`` (a folder written by ``save_pretrained``, or a Hub id) onto its towers.
+        """Load ``adapter`` (a folder written by ``save_pretrained``, or a Hub id) onto the towers it records
+        (``peft_m2ist.loading.load_adapter_with_towers``).
 
         Args:
             adapter: the adapter folder or Hub id.
-            vision_model, text_model: tower names (Hub ids, folders, ``offline:*``); default: the adapter's
-                ``towers.json``, else the training example's default towers.
+            vision_model, text_model: tower names (Hub ids, folders, ``offline:*``); default: the ones the adapter
+                records.
             dtype: the towers' dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype); default: the
-                adapter's ``towers.json``, else float32.
+                recorded one, else float32.
             device: where to run; default: CUDA when available, else the CPU.
 
         Raises:
-            ValueError: a missing adapter folder, towers that cannot be loaded, or an adapter that does not fit them.
+            ValueError: a missing adapter folder, an adapter that records no towers when none are given, towers
+                that cannot be loaded, or an adapter that does not fit them.
         """
-        from peft import PeftModel
-
         adapter = str(adapter)
-        local = Path(adapter).expanduser()
-        looks_local = local.exists() or adapter.startswith((".", "/", "~")) or adapter.count("/") > 1
-        if looks_local and not (local / "adapter_config.json").is_file():
-            hint = ("run the README's main job first (it writes outputs/m2ist-shapes/best_adapter)"
-                    if adapter == DEFAULT_ADAPTER else "pass the folder that save_pretrained wrote")
-            raise ValueError(f"no adapter at {adapter!r} (no adapter_config.json there); {hint}")
-        towers = resolve_towers(adapter, vision_model, text_model, dtype)
+        check_adapter_location(adapter, "run the README's main job first (it writes outputs/m2ist-shapes/best_adapter)"
+                               if adapter == DEFAULT_ADAPTER else "pass the folder that save_pretrained wrote")
+        loaded = load_adapter_with_towers(adapter, vision_model=vision_model, text_model=text_model, dtype=dtype)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            vision, image_processor = load_vision_tower(towers["vision"])
-            text, tokenizer = load_text_tower(towers["text"])
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load the towers {towers['vision']!r} + {towers['text']!r} for adapter "
-                             f"{adapter!r}: {err}") from err
-        torch_dtype = TOWER_DTYPES[towers["dtype"]]
-        pair = VisionTextPair(vision.to(torch_dtype), text.to(torch_dtype))
-        try:
-            model = PeftModel.from_pretrained(pair, adapter)
-        except ValueError as err:
-            raise ValueError(f"{err}\nThe adapter {adapter!r} was tried on the towers {towers['vision']!r} + "
-                             f"{towers['text']!r}; pass the towers it was trained on (vision_model=, text_model=, "
-                             "dtype=).") from err
-        config = model.peft_config[model.active_adapter]
-        collator = RECCollator.from_image_processor(tokenizer, image_processor, image_size=config.image_size,
+        config = loaded.model.peft_config[loaded.model.active_adapter]
+        collator = RECCollator.from_image_processor(loaded.tokenizer, loaded.image_processor,
+                                                    image_size=config.image_size,
                                                     max_text_tokens=config.max_text_tokens)
-        return cls(model.to(device).eval(), collator, device, towers, adapter)
+        return cls(loaded.model.to(device).eval(), collator, device, loaded.towers, adapter)
 
     @torch.no_grad()
     def __call__(self, images: ImageInput | Sequence[ImageInput], phrases: str | Sequence[str],
@@ -224,25 +206,6 @@ class ReferringExpressionGrounder:
         box = torch.minimum(corners.clamp(min=0), limits)
         normalized = box / torch.tensor([width, height, width, height], dtype=box.dtype)
         return Grounding(phrase, tuple(float(c) for c in box), tuple(float(c) for c in normalized), (width, height))
-
-
-def resolve_towers(adapter: str, vision_model: str | None = None, text_model: str | None = None,
-                   dtype: str | torch.dtype | None = None) -> dict[str, str]:
-    """``{"vision", "text", "dtype", "source"}``: the given values win, then the adapter's ``towers.json``, then
-    the training example's default towers (``FALLBACK_TOWERS``); ``source`` says where they came from."""
-    if isinstance(dtype, torch.dtype):
-        names = {v: k for k, v in TOWER_DTYPES.items()}
-        if dtype not in names:
-            raise ValueError(f"dtype {dtype} is not one of {sorted(TOWER_DTYPES)}")
-        dtype = names[dtype]
-    given = {k: v for k, v in (("vision", vision_model), ("text", text_model), ("dtype", dtype)) if v is not None}
-    found = None if len(given) == 3 else read_towers_file(adapter)
-    recorded, source = found if found else ({}, None)
-    towers = {key: given.get(key, recorded.get(key, FALLBACK_TOWERS[key])) for key in ("vision", "text", "dtype")}
-    if towers["dtype"] not in TOWER_DTYPES:
-        raise ValueError(f"tower dtype {towers['dtype']!r} is not one of {sorted(TOWER_DTYPES)}")
-    towers["source"] = source or f"no {TOWERS_FILE} with the adapter: the training example's default towers"
-    return towers
 
 
 _CACHE: dict[tuple, ReferringExpressionGrounder] = {}

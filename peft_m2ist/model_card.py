@@ -165,20 +165,40 @@ def _evaluation_section(info: Mapping[str, Any]) -> str:
     return "This adapter was not evaluated."
 
 
-def _loading_section(model: Any, vision_name: str, text_name: str) -> str:
+def _loading_section(model: Any, record: Mapping[str, Any]) -> str:
+    """How to load the adapter: for a `VisionTextPair`, in one call from its recorded towers (`record`, the
+    config's `base_towers`) and by hand; for a dual-encoder container, from the container's checkpoint."""
     container = model.base_model.model
     container_class = type(container).__name__
     if container_class == "VisionTextPair":
-        imports = ("from peft_m2ist import VisionTextPair\n"
+        vision_name, text_name, dtype = (record.get(key) for key in ("vision", "text", "dtype"))
+        unrecorded = [f'{arg}="{placeholder}"' for arg, placeholder, name in (
+            ("vision_model", "VISION_TOWER", vision_name), ("text_model", "TEXT_TOWER", text_name)) if not name]
+        one_call = ", ".join(["PATH", *unrecorded])
+        note = ("# the towers recorded in its adapter_config.json (base_towers), in their dtype" if not unrecorded
+                else "# the towers it was trained on: the record in its adapter_config.json lacks them")
+        cast = f".to(torch.{dtype})" if dtype and dtype != "float32" else ""
+        imports = (("import torch\n" if cast else "") + "from peft_m2ist import VisionTextPair\n"
                    "from peft_m2ist.pretrained import load_text_tower, load_vision_tower")
         build = (f'vision, image_processor = load_vision_tower("{vision_name or "VISION_TOWER"}")\n'
                  f'text, tokenizer = load_text_tower("{text_name or "TEXT_TOWER"}")\n'
-                 "model = PeftModel.from_pretrained(VisionTextPair(vision, text), PATH)")
+                 f"model = PeftModel.from_pretrained(VisionTextPair(vision{cast}, text{cast}), PATH)")
+        first = (
+            "In one call, towers included:\n\n"
+            "```python\n"
+            "from peft_m2ist.loading import load_adapter_with_towers\n\n"
+            'PATH = "path/to/this/adapter"  # this folder, or its Hub id\n'
+            f"{note}\nmodel, image_processor, tokenizer, towers = load_adapter_with_towers({one_call})\n"
+            "```\n\n"
+            "or by hand:\n\n"
+        )
     else:
         container_name = getattr(getattr(container, "config", None), "_name_or_path", "") or "CONTAINER"
         imports = f"from transformers import {container_class}"
         build = f'model = PeftModel.from_pretrained({container_class}.from_pretrained("{container_name}"), PATH)'
+        first = ""
     return (
+        f"{first}"
         "```python\n"
         "import peft_m2ist  # registers M2IST with peft: import it before PeftModel.from_pretrained\n"
         "from peft import PeftModel\n"
@@ -212,7 +232,8 @@ def build_model_card(model: Any, info: Mapping[str, Any] | None = None) -> Model
     container = model.base_model.model
     vision = container.get_submodule(config.vision_tower)
     text = container.get_submodule(config.text_tower)
-    vision_name, text_name = tower_name(vision), tower_name(text)
+    record = config.base_towers or {}  # the towers' names as saved in adapter_config.json (a VisionTextPair's)
+    vision_name, text_name = record.get("vision") or tower_name(vision), record.get("text") or tower_name(text)
     counts = model.get_parameter_counts()
     hub_ids = [name for name in (vision_name, text_name) if is_hub_id(name)]
     container_name = getattr(getattr(container, "config", None), "_name_or_path", "") or ""
@@ -257,7 +278,7 @@ Only the side network and the grounding head are stored here; the towers are loa
 
 ## How to use
 
-{_loading_section(model, vision_name, text_name)}
+{_loading_section(model, record)}
 
 ## Training
 

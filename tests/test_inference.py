@@ -1,7 +1,10 @@
-"""The inference API on tiny towers saved to tmp_path: one call, batches, tower choice, pixel boxes, bad input."""
+"""The inference API on tiny towers saved to tmp_path: one call, batches, tower choice (the adapter's record, its
+older towers.json, or the arguments; never default towers), pixel boxes, bad input."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,9 +23,8 @@ from peft_m2ist.inference import (
     ReferringExpressionGrounder,
     ground,
     load_image,
-    resolve_towers,
 )
-from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER
+from peft_m2ist.loading import resolve_towers
 from peft_m2ist.pretrained.towers_file import TOWERS_FILE
 
 
@@ -93,17 +95,47 @@ def test_16_bit_images_are_scaled_not_whitened():
     assert np.all(np.asarray(load_image(image)) == 128)
 
 
-def test_towers_come_from_arguments_then_towers_json_then_the_training_defaults(tiny, tmp_path):
+def _config_without_record(tiny, folder):
+    """`folder` holding the tiny adapter's files with an adapter_config.json as saved before `base_towers` existed."""
+    shutil.copytree(tiny.adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["base_towers"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_towers_come_from_arguments_then_the_adapters_record(tiny):
     recorded = resolve_towers(str(tiny.adapter))
     assert (recorded["vision"], recorded["text"], recorded["dtype"]) == (str(tiny.vision), str(tiny.text), "float32")
-    assert recorded["source"].endswith(TOWERS_FILE)
+    assert recorded["source"] == "adapter_config.json (base_towers)"
     mixed = resolve_towers(str(tiny.adapter), vision_model="offline:mobilenet_v2", dtype=torch.bfloat16)
     assert (mixed["vision"], mixed["text"], mixed["dtype"]) == ("offline:mobilenet_v2", str(tiny.text), "bfloat16")
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    defaults = resolve_towers(str(bare))
-    assert (defaults["vision"], defaults["text"]) == (MOBILENET_V2_STRIDE16_TOWER, DEFAULT_TEXT_TOWER)
-    assert "no towers.json" in defaults["source"]
+
+
+def test_an_adapter_saved_before_the_record_reads_its_towers_json(tiny, tmp_path):
+    old = _config_without_record(tiny, tmp_path / "old")
+    (old / TOWERS_FILE).write_text(json.dumps({"vision": str(tiny.vision), "text": str(tiny.text),
+                                               "dtype": "float32"}))
+    towers = resolve_towers(str(old))
+    assert (towers["vision"], towers["text"], towers["dtype"]) == (str(tiny.vision), str(tiny.text), "float32")
+    assert towers["source"].endswith(TOWERS_FILE)
+    image = SAMPLE_PHOTOS[3].image()
+    old_grounder = ReferringExpressionGrounder.from_pretrained(old, device="cpu")
+    assert old_grounder(image, "the cat").box == pytest.approx(expected_box(tiny, image, "the cat"), abs=1e-4)
+
+
+def test_an_adapter_without_a_record_is_refused_naming_the_arguments_not_given_default_towers(tiny, tmp_path):
+    bare = _config_without_record(tiny, tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"does not record its vision and text tower.*pass vision_model= and "
+                                         r"text_model="):
+        ReferringExpressionGrounder.from_pretrained(bare, device="cpu")
+    with pytest.raises(ValueError, match=r"does not record its text tower.*pass text_model="):
+        resolve_towers(str(bare), vision_model=str(tiny.vision))
+    given = ReferringExpressionGrounder.from_pretrained(bare, vision_model=str(tiny.vision),
+                                                        text_model=str(tiny.text), device="cpu")
+    assert given.towers["source"] == "given"
+    image = SAMPLE_PHOTOS[3].image()
+    assert given(image, "the cat").box == pytest.approx(expected_box(tiny, image, "the cat"), abs=1e-4)
 
 
 @pytest.mark.parametrize("image,phrase,message", [

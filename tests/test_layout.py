@@ -23,7 +23,8 @@ RULES: dict[str, set[str]] = {
     "model_card": {"pretrained", "__init__"},  # `__version__`, read inside a function
     "tuner": {"modeling", "towers", "model_card"},
     "training": {"tuner", "modeling", "towers", "pretrained", "data", "metrics", "model_card", "__init__"},
-    "inference": {"tuner", "modeling", "towers", "pretrained", "data", "__init__"},
+    "loading": {"tuner", "towers", "pretrained"},
+    "inference": {"tuner", "modeling", "towers", "pretrained", "data", "loading", "__init__"},
     "__init__": {"tuner", "modeling", "towers"},
 }
 

@@ -166,3 +166,26 @@ def test_saving_offline_towers_asks_for_no_vocabulary_config(tmp_path, monkeypat
     assert "sentinel warning from inside save_pretrained" in messages
     with pytest.raises(ValueError, match="never saves tower weights"):
         model.save_pretrained(tmp_path, save_embedding_layers=True)
+
+
+def test_the_loading_snippet_comes_from_the_record(tmp_path):
+    model = get_peft_model(_pair(), tiny_config())
+    model.save_pretrained(tmp_path / "offline")
+    body = _card(tmp_path / "offline")[1]
+    assert "model, image_processor, tokenizer, towers = load_adapter_with_towers(PATH)\n" in body
+    assert "VisionTextPair(vision, text)" in body  # float32 towers: no cast
+    # towers built from a config have no name: the snippet asks for them, and no tag or base_model is made up
+    unnamed = get_peft_model(build_pair("mobilenet_v2+bert"), tiny_config())
+    unnamed.save_pretrained(tmp_path / "unnamed")
+    meta, body = _card(tmp_path / "unnamed")
+    assert 'load_adapter_with_towers(PATH, vision_model="VISION_TOWER", text_model="TEXT_TOWER")' in body
+    assert 'load_vision_tower("VISION_TOWER")' in body and "built from a config (no name recorded)" in body
+    assert meta.get("base_model") is None and not [t for t in meta["tags"] if t.startswith("base_model:")]
+    # a record set by hand (here after the fact) is what the card names
+    unnamed.peft_config["default"].base_towers = {"vision": "google/vit-base-patch16-224", "text": None,
+                                                  "dtype": "float16"}
+    unnamed.save_pretrained(tmp_path / "by_hand")
+    meta, body = _card(tmp_path / "by_hand")
+    assert meta["base_model"] == "google/vit-base-patch16-224"
+    assert 'load_adapter_with_towers(PATH, text_model="TEXT_TOWER")' in body
+    assert "VisionTextPair(vision.to(torch.float16), text.to(torch.float16))" in body

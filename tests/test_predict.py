@@ -10,9 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as tf
+from hub_stand_in import LocalHub
 from PIL import Image
 from tiny_adapter import save_tiny_adapter
 
+from peft_m2ist import M2ISTConfig
 from peft_m2ist.pretrained import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,69 +52,79 @@ def _image(path: Path, size: tuple[int, int] = (60, 20), orientation: int | None
     return path
 
 
-def _empty_adapter(tmp_path: Path, towers: dict | None = None) -> Path:
-    adapter = tmp_path / "adapter"
+RECORD = {"vision": "/v", "text": "/t", "dtype": "bfloat16"}
+
+
+def _empty_adapter(tmp_path: Path, record: dict | None = RECORD, towers_json: str | None = None,
+                   name: str = "adapter") -> Path:
+    """An adapter folder holding only its adapter_config.json, with the towers `record` (`None`: saved before the
+    record existed) and, if given, the text of an older adapter's towers.json."""
+    adapter = tmp_path / name
     adapter.mkdir()
-    if towers is not None:
-        (adapter / "towers.json").write_text(json.dumps(towers))
+    config = M2ISTConfig(base_towers=record).to_dict()
+    if record is None:
+        del config["base_towers"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config, default=str))
+    if towers_json is not None:
+        (adapter / "towers.json").write_text(towers_json)
     return adapter
 
 
 # ------------------------------------------------------------------------------------------------ tower choice
 
 
-def test_without_towers_json_the_training_default_towers_are_used(predict_script, tmp_path):
-    args = predict_script.parse_args(["--adapter", str(_empty_adapter(tmp_path)), "--val_samples", "1"])
-    assert (args.vision_model, args.text_model, args.tower_dtype) == (MOBILENET_V2_STRIDE16_TOWER, DEFAULT_TEXT_TOWER,
-                                                                      "float32")
-    assert "no towers.json" in predict_script.describe_towers(args)
+def test_without_a_record_the_flags_are_asked_for_and_no_default_towers_used(predict_script, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_script.parse_args(["--adapter", str(_empty_adapter(tmp_path, None)), "--val_samples", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "does not record its vision and text tower" in err
+    assert "--vision_model" in err and "--text_model" in err
+    assert MOBILENET_V2_STRIDE16_TOWER not in err and DEFAULT_TEXT_TOWER not in err
 
 
-def test_flags_win_over_towers_json_one_by_one(predict_script, tmp_path):
-    adapter = _empty_adapter(tmp_path, {"vision": "/v", "text": "/t", "dtype": "bfloat16"})
+def test_flags_win_over_the_record_one_by_one(predict_script, tmp_path):
+    adapter = _empty_adapter(tmp_path)
     args = predict_script.parse_args(["--adapter", str(adapter), "--val_samples", "1"])
     assert (args.vision_model, args.text_model, args.tower_dtype) == ("/v", "/t", "bfloat16")
+    assert "adapter_config.json" in predict_script.describe_towers(args)
     args = predict_script.parse_args(["--adapter", str(adapter), "--val_samples", "1", "--text_model", "/mine"])
     assert (args.vision_model, args.text_model, args.tower_dtype) == ("/v", "/mine", "bfloat16")
     assert "--text_model" in predict_script.describe_towers(args)
 
 
-def test_a_broken_towers_json_is_an_argparse_error(predict_script, tmp_path, capsys):
-    adapter = _empty_adapter(tmp_path)
-    (adapter / "towers.json").write_text("{not json")
+def test_an_older_adapters_towers_json_is_read(predict_script, tmp_path, capsys):
+    adapter = _empty_adapter(tmp_path, None, json.dumps({"vision": "/old_v", "text": "/old_t", "dtype": "float16"}))
+    args = predict_script.parse_args(["--adapter", str(adapter), "--val_samples", "1"])
+    assert (args.vision_model, args.text_model, args.tower_dtype) == ("/old_v", "/old_t", "float16")
+    assert "towers.json" in predict_script.describe_towers(args)
+    broken = _empty_adapter(tmp_path, None, "{not json", name="broken")
     with pytest.raises(SystemExit) as exit_info:
-        predict_script.parse_args(["--adapter", str(adapter), "--val_samples", "1"])
+        predict_script.parse_args(["--adapter", str(broken), "--val_samples", "1"])
     assert exit_info.value.code == 2 and "towers.json" in capsys.readouterr().err
 
 
-def test_a_hub_adapters_towers_json_is_downloaded(predict_script, tmp_path, monkeypatch):
-    import huggingface_hub
+def test_a_hub_adapters_record_is_downloaded(predict_script, tmp_path, monkeypatch, capsys):
+    hub = LocalHub(tmp_path / "hub").install(monkeypatch)
+    from huggingface_hub import HfApi
 
-    towers = tmp_path / "downloaded_towers.json"
-    towers.write_text(json.dumps({"vision": "org/vision", "text": "org/text", "dtype": "float16"}))
-    calls = []
-
-    def fake_download(repo_id: str, filename: str, **kwargs) -> str:
-        calls.append((repo_id, filename))
-        return str(towers)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    for repo, folder in (("org/m2ist-adapter", _empty_adapter(tmp_path, {"vision": "org/vision", "text": "org/text",
+                                                                          "dtype": "float16"}, name="new")),
+                         ("org/old-adapter", _empty_adapter(tmp_path, None, json.dumps(
+                             {"vision": "org/old-vision", "text": "org/old-text", "dtype": "float32"}), name="old")),
+                         ("org/bare-adapter", _empty_adapter(tmp_path, None, name="bare"))):
+        HfApi().create_repo(repo)
+        HfApi().upload_folder(repo_id=repo, folder_path=folder)
+    assert set(hub.files("org/old-adapter")) == {"adapter_config.json", "towers.json"}
     args = predict_script.parse_args(["--adapter", "org/m2ist-adapter", "--val_samples", "1"])
-    assert calls == [("org/m2ist-adapter", "towers.json")]
     assert (args.vision_model, args.text_model, args.tower_dtype) == ("org/vision", "org/text", "float16")
-
-    def failing_download(repo_id: str, filename: str, **kwargs) -> str:
-        calls.append((repo_id, filename))
-        raise OSError("offline")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
-    args = predict_script.parse_args(["--adapter", "org/m2ist-adapter", "--val_samples", "1"])
-    assert (args.vision_model, args.text_model, args.tower_dtype) == (MOBILENET_V2_STRIDE16_TOWER, DEFAULT_TEXT_TOWER,
-                                                                      "float32")
-    # a local folder is never looked up on the Hub
-    calls.clear()
-    predict_script.parse_args(["--adapter", str(_empty_adapter(tmp_path)), "--val_samples", "1"])
-    assert calls == []
+    args = predict_script.parse_args(["--adapter", "org/old-adapter", "--val_samples", "1"])
+    assert (args.vision_model, args.text_model, args.tower_dtype) == ("org/old-vision", "org/old-text", "float32")
+    with pytest.raises(SystemExit):  # neither a record nor towers.json: the flags, not default towers
+        predict_script.parse_args(["--adapter", "org/bare-adapter", "--val_samples", "1"])
+    assert "--vision_model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no such repository on the (stand-in) Hub
+        predict_script.parse_args(["--adapter", "org/nothing-here", "--val_samples", "1"])
+    assert "adapter_config.json" in capsys.readouterr().err
 
 
 def test_an_adapter_that_does_not_fit_the_towers_names_them_and_the_flags(predict_script, tiny):

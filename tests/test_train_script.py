@@ -83,10 +83,11 @@ def test_two_processes_report_the_same_evaluation_as_one(towers, tmp_path):
     for key in s1:
         assert s1[key] == pytest.approx(s2[key], abs=1e-6), key
 
-    # predict.py finds the towers in the adapter's towers.json and draws its boxes for validation samples
+    # predict.py finds the towers in the adapter's config (base_towers) and draws its boxes for validation samples
     vision, text = towers
-    assert json.loads((adapter / "towers.json").read_text()) == {"vision": str(vision), "text": str(text),
-                                                                 "dtype": "float32"}
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_towers"] == {
+        "vision": str(vision), "text": str(text), "dtype": "float32"}
+    assert not (adapter / "towers.json").exists()
     png = tmp_path / "grid.png"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "predict.py"), "--adapter", str(adapter), "--val_samples", "3",
@@ -110,7 +111,7 @@ def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
     adapter = load_file(out / "final_adapter" / "adapter_model.safetensors")
     assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
     # predict.py reloads the towers in the dtype recorded next to the adapter
-    assert json.loads((out / "best_adapter" / "towers.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "best_adapter" / "adapter_config.json").read_text())["base_towers"]["dtype"] == "bfloat16"
     # the best adapter's model card: the data, the command and its scores on every eval split, no empty template
     card = (out / "best_adapter" / "README.md").read_text()
     assert "[More Information Needed]" not in card and "train_rec.py" in card and result["data"] in card

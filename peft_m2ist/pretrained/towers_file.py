@@ -1,8 +1,9 @@
-"""``towers.json``: which frozen towers (and dtype) an adapter was trained on, saved next to it.
+"""``towers.json``: which frozen towers (and dtype) an adapter was trained on, as older adapters record it.
 
-An adapter holds only the side network and the head; to use it, the same towers must be loaded again. The
-training example writes ``{"vision": ..., "text": ..., "dtype": ...}`` (tower names as ``load_vision_tower`` /
-``load_text_tower`` take them) beside every adapter it saves; the inference API and ``examples/predict.py`` read it.
+The training example used to write ``{"vision": ..., "text": ..., "dtype": ...}`` (tower names as
+``load_vision_tower`` / ``load_text_tower`` take them) beside every adapter it saved. Adapters now carry that record in
+their ``adapter_config.json`` (``M2ISTConfig.base_towers``), which ``save_pretrained`` and ``push_to_hub`` save with
+them; this file is no longer written, and is read only for adapters saved before (``peft_m2ist.loading``).
 """
 
 from __future__ import annotations
@@ -12,19 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .offline import DEFAULT_TEXT_TOWER, MOBILENET_V2_STRIDE16_TOWER
-
 logger = logging.getLogger(__name__)
 
 TOWERS_FILE = "towers.json"
-FALLBACK_TOWERS = {"vision": MOBILENET_V2_STRIDE16_TOWER, "text": DEFAULT_TEXT_TOWER, "dtype": "float32"}
-"""The towers of the training example's default config (examples/configs/default.yaml), for adapters saved
-without ``towers.json``."""
-
-
-def towers_record(vision: str, text: str, dtype: str) -> dict[str, str]:
-    """What ``towers.json`` holds."""
-    return {"vision": vision, "text": text, "dtype": dtype}
 
 
 def read_towers_file(adapter: str) -> tuple[dict[str, Any], str] | None:

@@ -3,8 +3,8 @@
 - `atomic`: JSON files and folders replaced whole or not at all (`write_json`, `read_json`, `replace_dir`).
 - `checkpoints`: `OUTPUT/checkpoints/step_N` written whole, the newest few kept, `latest` resolved.
 - `run_state`: what a checkpoint records besides accelerate's state, and where a resumed run picks up.
-- `outputs`: the output folder: adapters with their `towers.json`, `best.json`, the check of a used folder, the
-  free-space check.
+- `outputs`: the output folder: adapters (their towers recorded in their config), `best.json`, the check of a used
+  folder, the free-space check.
 - `lock`: one run at a time per output folder (`OUTPUT/.lock`, naming the holder), and a writable folder first.
 - `divergence`: a non-finite loss or gradient norm stops the run (or skips the step); no broken best adapter.
 - `signals`: SIGTERM / SIGINT save a checkpoint at the next step boundary and end the run.
@@ -58,7 +58,6 @@ from .output_dir import (
     FINAL_ADAPTER,
     RESULTS_FILE,
     RUN_OUTPUTS,
-    TOWERS_FILE,
     check_free_space,
     earlier_outputs,
     estimated_sizes,
@@ -97,7 +96,6 @@ __all__ = [
     "RUN_OUTPUTS",
     "RUN_STATE_FILE",
     "STEP_DECAY",
-    "TOWERS_FILE",
     "CachedTowerFeatures",
     "DataArguments",
     "FlagParser",

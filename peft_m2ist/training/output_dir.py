@@ -1,4 +1,5 @@
-"""The run's output folder: adapters with their `towers.json`, `best.json`, and the check of a used folder.
+"""The run's output folder: the adapters (their towers recorded in their config), `best.json`, and the check of a
+used folder.
 
 Layout of `OUTPUT` (besides tracker logs): `.lock` while a run writes into it (`peft_m2ist.training.lock`),
 `checkpoints/` (see `peft_m2ist.training.checkpoints`),
@@ -16,7 +17,6 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from ..pretrained.towers_file import TOWERS_FILE
 from .atomic import fresh_tmp_dir, replace_dir, write_json
 from .checkpoints import CHECKPOINTS_DIR, drop_checkpoints_after, resolve_checkpoint
 from .lock import OutputLock, claim_output_dir
@@ -34,17 +34,17 @@ RUN_OUTPUTS = (CHECKPOINTS_DIR, BEST_ADAPTER, FINAL_ADAPTER, BEST_FILE, RESULTS_
 """What a training run writes into its output folder (besides tracker logs); see `prepare_output_dir`."""
 
 
-def save_adapter(model: Any, folder: str | os.PathLike, towers: dict[str, str]) -> None:
-    """`model.save_pretrained` plus `towers` as `towers.json`, written into `<folder>.tmp`, then moved to `folder`."""
+def save_adapter(model: Any, folder: str | os.PathLike) -> None:
+    """`model.save_pretrained`, written into `<folder>.tmp`, then moved to `folder`. The towers the adapter was
+    trained on travel in its `adapter_config.json` (`M2ISTConfig.base_towers`)."""
     tmp = fresh_tmp_dir(folder)
     model.save_pretrained(tmp)
-    write_json(tmp / TOWERS_FILE, towers, default=str)
     replace_dir(tmp, folder)
 
 
-def save_best(model: Any, output_dir: str | os.PathLike, best: dict[str, Any], towers: dict[str, str]) -> None:
+def save_best(model: Any, output_dir: str | os.PathLike, best: dict[str, Any]) -> None:
     """Save `model` as `OUTPUT/best_adapter` (see `save_adapter`), then its score `best` as `OUTPUT/best.json`."""
-    save_adapter(model, Path(output_dir) / BEST_ADAPTER, towers)
+    save_adapter(model, Path(output_dir) / BEST_ADAPTER)
     write_json(Path(output_dir) / BEST_FILE, best, default=str)
 
 

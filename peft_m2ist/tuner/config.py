@@ -17,6 +17,7 @@ from peft import PeftConfig
 
 from ..modeling.head import BOX_HEADS
 from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE
+from .tower_record import check_base_towers
 
 INTERACTION_MODES = ("shared", "cross_attention")
 MIXTURE_MODES = ("sum", "gated")
@@ -414,6 +415,16 @@ class M2ISTConfig(PeftConfig):
             "for. Loading the adapter onto a pair whose shapes differ raises a ValueError."
         },
     )
+    base_towers: dict[str, str | None] | None = field(
+        default=None,
+        metadata={
+            "help": "The frozen towers the adapter was built on: {'vision': ..., 'text': ..., 'dtype': ...}, the "
+            "tower names as peft_m2ist.pretrained's load_vision_tower / load_text_tower take them (Hub id, local "
+            "folder, offline:* name) and their dtype ('float32', 'bfloat16', ...). Filled at get_peft_model from "
+            "a VisionTextPair's towers (their name_or_path and dtype) where left None; set it by hand for towers "
+            "built from a config. Saved with the adapter; load_adapter_with_towers loads these towers again."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.task_type is None:
@@ -425,6 +436,7 @@ class M2ISTConfig(PeftConfig):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"`{name}` must be a non-empty dotted module path, got {value!r}.")
         _check_tower_shapes(self.tower_shapes)
+        self.base_towers = check_base_towers(self.base_towers)
         for name in ("vision_layers", "text_layers", "vision_attention_layers", "text_attention_layers"):
             _check_tap_spec(name, getattr(self, name))
             if isinstance(getattr(self, name), tuple):

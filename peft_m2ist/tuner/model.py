@@ -45,6 +45,7 @@ from .plan import (
     plan_adapter,
     record_plan,
 )
+from .tower_record import record_base_towers
 from .trainer_support import declare_rec_signature, restore_container_class
 
 
@@ -130,6 +131,7 @@ class M2ISTModel(BaseTuner):
             raise ValueError(f"This adapter does not fit these towers: {err}") from None
         from_saved_config = bool(config.tower_shapes)
         record_plan(plan, config)
+        record_base_towers(model, config)  # the towers' names and dtype, saved in adapter_config.json
         check_parameter_budget({
             "side network": lambda: self._build_side_network(config, plan),
             "grounding head": lambda: self._build_head(config, plan),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,38 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
             info = self.model_card_info or {}
         card = build_model_card(self, info)
         card.save(Path(output_dir) / "README.md")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        model_card_info: Mapping[str, Any] | None = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Save the adapter as `save_pretrained` does (its M2IST card, and the towers it was built on in
+        `adapter_config.json`'s `base_towers`) and upload that folder to the Hub repository `repo_id`, created if
+        missing. Returns the Hub client's `CommitInfo`.
+
+        transformers' `push_to_hub`, which peft's `PeftModel` inherits, replaces the saved `README.md` with the
+        repository's existing card or a generic template; this one uploads the M2IST card as saved.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, model_card_info=model_card_info, **save_kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, token=token, revision=revision,
+                                     commit_message=commit_message or "Upload M2IST adapter",
+                                     commit_description=commit_description, create_pr=create_pr)
 
     def encode_towers(
         self,

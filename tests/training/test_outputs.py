@@ -1,4 +1,4 @@
-"""peft_m2ist.training.output_dir: adapters with towers.json, the best adapter restored, a used folder refused."""
+"""peft_m2ist.training.output_dir: adapters saved whole, the best adapter restored, a used folder refused."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from peft_m2ist.training.output_dir import (
     save_best,
 )
 
-TOWERS = {"vision": "offline:mobilenet_v2", "text": "offline:minilm-l6", "dtype": "float32"}
-
 
 class FakeAdapter:
     """Stands in for a PeftModel: `save_pretrained` writes one file."""
@@ -31,21 +29,22 @@ class FakeAdapter:
         (Path(folder) / "adapter_model.safetensors").write_text(self.content)
 
 
-def test_an_adapter_is_saved_with_its_towers(tmp_path):
-    save_adapter(FakeAdapter("v1"), tmp_path / "final_adapter", TOWERS)
-    save_adapter(FakeAdapter("v2"), tmp_path / "final_adapter", TOWERS)
+def test_an_adapter_is_saved_whole_without_a_towers_file(tmp_path):
+    save_adapter(FakeAdapter("v1"), tmp_path / "final_adapter")
+    save_adapter(FakeAdapter("v2"), tmp_path / "final_adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final_adapter"]
-    assert json.loads((tmp_path / "final_adapter" / "towers.json").read_text()) == TOWERS
+    # the towers travel in the adapter's own config (M2ISTConfig.base_towers), not in a side file
+    assert [p.name for p in (tmp_path / "final_adapter").iterdir()] == ["adapter_model.safetensors"]
     assert (tmp_path / "final_adapter" / "adapter_model.safetensors").read_text() == "v2"
 
 
 def test_the_best_adapter_is_put_back_as_the_checkpoint_saw_it(tmp_path):
     out, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_8"
-    save_best(FakeAdapter("as of step 6"), out, {"accuracy": 0.5, "step": 6}, TOWERS)
+    save_best(FakeAdapter("as of step 6"), out, {"accuracy": 0.5, "step": 6})
     checkpoint.mkdir(parents=True)
     (checkpoint / "best_adapter").mkdir()
     (checkpoint / "best_adapter" / "adapter_model.safetensors").write_text("as of step 6")
-    save_best(FakeAdapter("as of step 12"), out, {"accuracy": 0.75, "step": 12}, TOWERS)  # after the checkpoint
+    save_best(FakeAdapter("as of step 12"), out, {"accuracy": 0.75, "step": 12})  # after the checkpoint
 
     restore_best_adapter(checkpoint, out, {"accuracy": 0.5, "step": 6})
     assert (out / "best_adapter" / "adapter_model.safetensors").read_text() == "as of step 6"
