@@ -1,5 +1,5 @@
 """The Hub round trip: an adapter records its towers in its config (`M2ISTConfig.base_towers`), travels to the Hub
-with `push_to_hub` (a local stand-in, tests/hub_stand_in.py) and loads back in one call onto those towers.
+with `push_to_hub` (a local stand-in, tests/helpers/hub_stand_in.py) and loads back in one call onto those towers.
 
 Pushed by examples/train_rec.py (tiny local towers, not the defaults) or saved by a user's own script, the adapter
 gives the same boxes from its Hub id as from its folder; one that records no tower is refused, never given defaults.
