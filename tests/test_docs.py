@@ -56,21 +56,8 @@ def test_every_config_field_is_documented_with_its_default(field):
 
 def _paper_scale_adapter_only() -> int:
     """Parameters of the 6 M3ISA blocks at paper sizes: the adapter-only count, without building the towers."""
-    defaults = M2ISTConfig()
-    blocks = [
-        M3ISA(
-            DETR_DIM, DETR_DIM, DETR_DIM, BERT_DIM, BERT_DIM, BERT_DIM,
-            bottleneck_dim=128,
-            interaction_dim=defaults.resolved_interaction_dim,
-            head_hidden_size=defaults.head_hidden_size,
-            scale=defaults.expert_scale,
-            dropout=0.0,
-            interaction="shared",
-            interaction_heads=defaults.interaction_heads,
-            gated=False,
-        )
-        for _ in range(PAPER_BLOCKS)
-    ]
+    defaults = M2ISTConfig()  # the paper's sizes: bottleneck 128, interaction width = head width 256
+    blocks = [M3ISA(defaults, DETR_DIM, DETR_DIM, DETR_DIM, BERT_DIM, BERT_DIM, BERT_DIM) for _ in range(PAPER_BLOCKS)]
     return sum(p.numel() for block in blocks for p in block.parameters())
 
 

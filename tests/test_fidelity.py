@@ -11,6 +11,7 @@ from peft import get_peft_model
 from tiny_towers import bert, build_pair, clip_text, tiny_config
 
 from peft_m2ist import M2ISTConfig, VisionTextPair
+from peft_m2ist.modeling.experts import interaction_dim
 from peft_m2ist.tuner.config import FIDELITY_CHOICES, PAPER_PRESET
 
 VIS_DIM, TEXT_DIM, IMAGE, TOKENS = 16, 48, 128, 6
@@ -268,6 +269,25 @@ def test_preset_refuses_what_the_towers_cannot_do_before_touching_them():
                                        image_size=IMAGE))
     block = model.base_model.m2ist_side["default"].blocks[0]
     assert block.interactive_expert.text_up.out_features == 32 - VIS_DIM and block.text_to_head is None
+
+
+@pytest.mark.parametrize("pair_name", ["vit+bert", "mobilenet_v2+bert"])
+def test_one_interaction_width_rule_for_the_plan_and_the_side_network(pair_name):
+    """`interaction_width="vision"`: the shared space is the vision tower's width (not the head's) both where the
+    side network is built and where the plan checks the concatenated text path against it."""
+    config = tiny_config(interaction_width="vision")
+    model = get_peft_model(build_pair(pair_name), config)
+    vision_dim, text_dim = (config.tower_shapes[tower]["stream_dim"] for tower in ("vision", "text"))
+    assert vision_dim != config.head_hidden_size
+    assert interaction_dim(config, vision_dim) == vision_dim
+    blocks = model.base_model.m2ist_side["default"].blocks
+    assert all(block.interactive_expert.shared_up.out_features == vision_dim for block in blocks)
+    # the text tower (32 wide) is not wider than this width: the plan refuses the concatenation, naming the width
+    assert text_dim <= vision_dim
+    pair = build_pair(pair_name)
+    with pytest.raises(ValueError, match=f"the text tower is {text_dim} wide and the interaction width {vision_dim},"):
+        get_peft_model(pair, tiny_config(interaction_width="vision", interaction_text_path="concat"))
+    assert _taps(pair) == 0
 
 
 def test_head_positions_in_attention_checkpoint_to_the_same_gradients():
