@@ -31,10 +31,11 @@ from peft_m2ist.modeling.head import GroundingHead
 from peft_m2ist.modeling.loss import box_losses
 from peft_m2ist.modeling.outputs import ReferringExpressionOutput
 from peft_m2ist.towers.forward import frozen, run_text_tower, run_vision_tower
+from peft_m2ist.tuner.config import field_choices
 
 BASELINES = ("full", "lora", "adapter", "head_only")
 M2IST_VARIANTS = tuple(
-    f"m2ist_{interaction}_{mixture}" for interaction in ("shared", "cross_attention") for mixture in ("sum", "gated")
+    f"m2ist_{interaction}_{mixture}" for interaction in field_choices("interaction") for mixture in field_choices("mixture")
 )
 M2IST_PRESET_METHODS = ("m2ist_paper",)  # `M2ISTConfig(preset="paper")`: the authors' model (docs/fidelity.md)
 ALL_METHODS = BASELINES + M2IST_VARIANTS + M2IST_PRESET_METHODS
