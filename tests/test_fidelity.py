@@ -3,6 +3,9 @@ re-statement of their forward (tests/authors_reference.py), and counted against 
 
 from __future__ import annotations
 
+import re
+from typing import get_type_hints
+
 import pytest
 import torch
 import transformers as tf
@@ -12,7 +15,7 @@ from tiny_towers import bert, build_pair, clip_text, tiny_config
 
 from peft_m2ist import M2ISTConfig, VisionTextPair
 from peft_m2ist.modeling.experts import interaction_dim
-from peft_m2ist.tuner.config import FIDELITY_CHOICES, PAPER_PRESET
+from peft_m2ist.tuner.config import FIDELITY_CHOICES, PAPER_PRESET, field_choices
 
 VIS_DIM, TEXT_DIM, IMAGE, TOKENS = 16, 48, 128, 6
 
@@ -242,6 +245,20 @@ def test_preset_sets_every_fidelity_field_and_refuses_contradictions():
 def test_fidelity_fields_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         M2ISTConfig(**kwargs)
+
+
+def test_every_choice_field_is_checked_against_its_literal():
+    """The choices are written once, in the field's `Literal` type: each such field refuses any other value, naming
+    them."""
+    hints = get_type_hints(M2ISTConfig)
+    literal_fields = [name for name in M2ISTConfig.__annotations__ if "Literal" in str(hints[name])]
+    assert {"interaction", "mixture", "box_head", "preset", "head_init"} <= set(literal_fields)
+    assert field_choices("mixture") == ("sum", "gated") and field_choices("preset") == ("paper", None)
+    assert field_choices("head_input_norm") == (True, False)
+    for name in literal_fields:
+        choices = tuple(choice for choice in field_choices(name) if choice is not None)
+        with pytest.raises(ValueError, match=re.escape(f"`{name}` must be ") + ".*" + re.escape(f"{choices}")):
+            M2ISTConfig(**{name: "no-such-choice"})
 
 
 def _taps(pair) -> int:
