@@ -3,6 +3,7 @@ re-statement of their forward (tests/authors_reference.py), and counted against 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import get_type_hints
 
@@ -15,6 +16,7 @@ from tiny_towers import bert, build_pair, clip_text, tiny_config
 
 from peft_m2ist import M2ISTConfig, VisionTextPair
 from peft_m2ist.modeling.experts import interaction_dim
+from peft_m2ist.modeling.settings import ExpertSettings, HeadSettings, LossSettings
 from peft_m2ist.tuner.config import FIDELITY_CHOICES, PAPER_PRESET, field_choices
 
 VIS_DIM, TEXT_DIM, IMAGE, TOKENS = 16, 48, 128, 6
@@ -259,6 +261,15 @@ def test_every_choice_field_is_checked_against_its_literal():
         choices = tuple(choice for choice in field_choices(name) if choice is not None)
         with pytest.raises(ValueError, match=re.escape(f"`{name}` must be ") + ".*" + re.escape(f"{choices}")):
             M2ISTConfig(**{name: "no-such-choice"})
+
+
+@pytest.mark.parametrize("settings", [ExpertSettings, HeadSettings, LossSettings], ids=lambda p: p.__name__)
+def test_the_modeling_settings_name_config_fields(settings):
+    """The modules read the config's fields by their own names: each protocol of `modeling.settings` lists fields of
+    `M2ISTConfig` only (the modeling room may not import the config itself)."""
+    names = set(settings.__annotations__)
+    fields = {f.name for f in dataclasses.fields(M2ISTConfig)}
+    assert names and not names - fields, sorted(names - fields)
 
 
 def _taps(pair) -> int:
