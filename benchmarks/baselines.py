@@ -29,12 +29,13 @@ import peft_m2ist
 from benchmarks.scales import Scale
 from peft_m2ist.modeling.head import GroundingHead
 from peft_m2ist.modeling.loss import box_losses
+from peft_m2ist.modeling.outputs import ReferringExpressionOutput
 from peft_m2ist.towers.forward import frozen, run_text_tower, run_vision_tower
-from peft_m2ist.tuner.model import ReferringExpressionOutput
+from peft_m2ist.tuner.config import field_choices
 
 BASELINES = ("full", "lora", "adapter", "head_only")
 M2IST_VARIANTS = tuple(
-    f"m2ist_{interaction}_{mixture}" for interaction in ("shared", "cross_attention") for mixture in ("sum", "gated")
+    f"m2ist_{interaction}_{mixture}" for interaction in field_choices("interaction") for mixture in field_choices("mixture")
 )
 M2IST_PRESET_METHODS = ("m2ist_paper",)  # `M2ISTConfig(preset="paper")`: the authors' model (docs/fidelity.md)
 ALL_METHODS = BASELINES + M2IST_VARIANTS + M2IST_PRESET_METHODS
@@ -57,10 +58,12 @@ class BaselineREC(nn.Module):
         vision_dim, text_dim = _token_width(pair.vision_model), pair.text_model.config.hidden_size
         self.vision_proj = nn.Linear(vision_dim, head_dim)
         self.text_proj = nn.Linear(text_dim, head_dim)
-        self.head = GroundingHead(head_dim, head_layers, head_heads, head_ffn_dim, head_dropout, max_text_tokens,
-                                  num_vision_tokens, vision_grid=vision_grid,
-                                  gradient_checkpointing=head_gradient_checkpointing,
-                                  recompute_feed_forward=head_recompute_feed_forward)  # M2IST's head, same defaults
+        head_config = peft_m2ist.M2ISTConfig(  # M2IST's head, same defaults
+            head_hidden_size=head_dim, head_num_hidden_layers=head_layers, head_num_attention_heads=head_heads,
+            head_intermediate_size=head_ffn_dim, head_dropout=head_dropout, max_text_tokens=max_text_tokens,
+            head_gradient_checkpointing=head_gradient_checkpointing,
+            head_recompute_feed_forward=head_recompute_feed_forward)
+        self.head = GroundingHead(head_config, num_vision_tokens, vision_grid)
         self.adapters = nn.ModuleList()  # filled by `add_bottleneck_adapters`
 
     def forward(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None, labels=None):

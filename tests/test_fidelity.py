@@ -3,6 +3,10 @@ re-statement of their forward (tests/helpers/authors_reference.py), and counted 
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from typing import get_type_hints
+
 import pytest
 import torch
 import transformers as tf
@@ -11,7 +15,9 @@ from peft import get_peft_model
 from tiny_towers import bert, build_pair, clip_text, tiny_config
 
 from peft_m2ist import M2ISTConfig, VisionTextPair
-from peft_m2ist.tuner.config import FIDELITY_CHOICES, PAPER_PRESET
+from peft_m2ist.modeling.experts import interaction_dim
+from peft_m2ist.modeling.settings import ExpertSettings, HeadSettings, LossSettings
+from peft_m2ist.tuner.config import FIDELITY_CHOICES, PAPER_PRESET, field_choices
 
 VIS_DIM, TEXT_DIM, IMAGE, TOKENS = 16, 48, 128, 6
 
@@ -243,6 +249,29 @@ def test_fidelity_fields_are_validated(kwargs, match):
         M2ISTConfig(**kwargs)
 
 
+def test_every_choice_field_is_checked_against_its_literal():
+    """The choices are written once, in the field's `Literal` type: each such field refuses any other value, naming
+    them."""
+    hints = get_type_hints(M2ISTConfig)
+    literal_fields = [name for name in M2ISTConfig.__annotations__ if "Literal" in str(hints[name])]
+    assert {"interaction", "mixture", "box_head", "preset", "head_init"} <= set(literal_fields)
+    assert field_choices("mixture") == ("sum", "gated") and field_choices("preset") == ("paper", None)
+    assert field_choices("head_input_norm") == (True, False)
+    for name in literal_fields:
+        choices = tuple(choice for choice in field_choices(name) if choice is not None)
+        with pytest.raises(ValueError, match=re.escape(f"`{name}` must be ") + ".*" + re.escape(f"{choices}")):
+            M2ISTConfig(**{name: "no-such-choice"})
+
+
+@pytest.mark.parametrize("settings", [ExpertSettings, HeadSettings, LossSettings], ids=lambda p: p.__name__)
+def test_the_modeling_settings_name_config_fields(settings):
+    """The modules read the config's fields by their own names: each protocol of `modeling.settings` lists fields of
+    `M2ISTConfig` only (the modeling room may not import the config itself)."""
+    names = set(settings.__annotations__)
+    fields = {f.name for f in dataclasses.fields(M2ISTConfig)}
+    assert names and not names - fields, sorted(names - fields)
+
+
 def _taps(pair) -> int:
     from peft_m2ist.tuner.layer import M2ISTTapLayer
 
@@ -268,6 +297,25 @@ def test_preset_refuses_what_the_towers_cannot_do_before_touching_them():
                                        image_size=IMAGE))
     block = model.base_model.m2ist_side["default"].blocks[0]
     assert block.interactive_expert.text_up.out_features == 32 - VIS_DIM and block.text_to_head is None
+
+
+@pytest.mark.parametrize("pair_name", ["vit+bert", "mobilenet_v2+bert"])
+def test_one_interaction_width_rule_for_the_plan_and_the_side_network(pair_name):
+    """`interaction_width="vision"`: the shared space is the vision tower's width (not the head's) both where the
+    side network is built and where the plan checks the concatenated text path against it."""
+    config = tiny_config(interaction_width="vision")
+    model = get_peft_model(build_pair(pair_name), config)
+    vision_dim, text_dim = (config.tower_shapes[tower]["stream_dim"] for tower in ("vision", "text"))
+    assert vision_dim != config.head_hidden_size
+    assert interaction_dim(config, vision_dim) == vision_dim
+    blocks = model.base_model.m2ist_side["default"].blocks
+    assert all(block.interactive_expert.shared_up.out_features == vision_dim for block in blocks)
+    # the text tower (32 wide) is not wider than this width: the plan refuses the concatenation, naming the width
+    assert text_dim <= vision_dim
+    pair = build_pair(pair_name)
+    with pytest.raises(ValueError, match=f"the text tower is {text_dim} wide and the interaction width {vision_dim},"):
+        get_peft_model(pair, tiny_config(interaction_width="vision", interaction_text_path="concat"))
+    assert _taps(pair) == 0
 
 
 def test_head_positions_in_attention_checkpoint_to_the_same_gradients():

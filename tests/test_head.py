@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks.measurement import SavedForBackward
+from peft_m2ist import M2ISTConfig
 from peft_m2ist.modeling.head import (
     GroundingHead,
     PointerBox,
@@ -14,10 +15,13 @@ from peft_m2ist.modeling.head import (
 )
 
 
-def _head(**kw) -> GroundingHead:
-    args = dict(dim=16, num_layers=1, num_heads=2, ffn_dim=32, dropout=0.0, max_text_tokens=5, num_vision_tokens=6)
-    args.update(kw)
-    return GroundingHead(**args).eval()
+def _head(num_vision_tokens: int = 6, vision_grid: tuple[int, int] | None = None, vision_prefix_tokens: int = 0,
+          **fields) -> GroundingHead:
+    """A small head built from an `M2ISTConfig` whose head fields default to a 16-wide, 1-layer head."""
+    sizes = dict(head_hidden_size=16, head_num_hidden_layers=1, head_num_attention_heads=2, head_intermediate_size=32,
+                 head_dropout=0.0, max_text_tokens=5)
+    config = M2ISTConfig(**{**sizes, **fields})
+    return GroundingHead(config, num_vision_tokens, vision_grid, vision_prefix_tokens).eval()
 
 
 @pytest.mark.parametrize("box_head", ["pointer", "mlp"])
@@ -82,7 +86,7 @@ def test_grid_that_does_not_fit_after_the_prefix_is_dropped():
 
 
 def test_unknown_box_head_is_refused():
-    with pytest.raises(ValueError, match="box_head"):
+    with pytest.raises(ValueError, match=r"`box_head` must be one of \('pointer', 'mlp'\), got 'argmax'"):
         _head(box_head="argmax")
 
 
@@ -112,6 +116,9 @@ def test_wrong_sizes_raise():
         head(torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.long), torch.randn(1, 5, 16))
 
 
+THREE_LAYERS = dict(head_num_hidden_layers=3, head_intermediate_size=256, head_dropout=0.1)
+
+
 def _saved_bytes(fn):
     """`fn()` and the bytes autograd keeps for backward while it runs (`benchmarks.measurement.SavedForBackward`)."""
     with SavedForBackward() as saved:
@@ -121,8 +128,8 @@ def _saved_bytes(fn):
 
 def test_gradient_checkpointing_gives_the_same_boxes_and_gradients_for_less_memory():
     torch.manual_seed(0)
-    plain = _head(num_layers=3, ffn_dim=256, dropout=0.1, vision_grid=(2, 3)).train()
-    ckpt = _head(num_layers=3, ffn_dim=256, dropout=0.1, vision_grid=(2, 3), gradient_checkpointing=True).train()
+    plain = _head(**THREE_LAYERS, vision_grid=(2, 3)).train()
+    ckpt = _head(**THREE_LAYERS, vision_grid=(2, 3), head_gradient_checkpointing=True).train()
     ckpt.load_state_dict(plain.state_dict())
     text, mask = torch.randn(4, 5, 16), torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 5, [1] * 4 + [0]])
     vision = torch.randn(4, 6, 16)
@@ -146,7 +153,7 @@ def test_gradient_checkpointing_runs_only_when_training_with_gradients(monkeypat
     calls = []
     real = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    head = _head(num_layers=2, gradient_checkpointing=True)  # eval mode
+    head = _head(head_num_hidden_layers=2, head_gradient_checkpointing=True)  # eval mode
     text, mask, vision = torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.long), torch.randn(2, 6, 16)
     head(text, mask, vision)
     head.train()
@@ -159,8 +166,8 @@ def test_gradient_checkpointing_runs_only_when_training_with_gradients(monkeypat
 
 def test_recomputed_feed_forward_gives_the_same_boxes_and_gradients_without_the_hidden_tensors():
     torch.manual_seed(0)
-    stored = _head(num_layers=3, ffn_dim=256, dropout=0.1, vision_grid=(2, 3), recompute_feed_forward=False).train()
-    recomputed = _head(num_layers=3, ffn_dim=256, dropout=0.1, vision_grid=(2, 3)).train()  # the default
+    stored = _head(**THREE_LAYERS, vision_grid=(2, 3), head_recompute_feed_forward=False).train()
+    recomputed = _head(**THREE_LAYERS, vision_grid=(2, 3)).train()  # the default
     recomputed.load_state_dict(stored.state_dict())
     text, mask, vision = torch.randn(4, 5, 16), torch.tensor([[1] * 5, [1] * 3 + [0] * 2] * 2), torch.randn(4, 6, 16)
     results = []
@@ -179,6 +186,9 @@ def test_recomputed_feed_forward_gives_the_same_boxes_and_gradients_without_the_
 
 
 def test_checkpointed_layers_do_not_recompute_their_feed_forward_twice():
-    assert all(layer.recompute_hidden for layer in _head(num_layers=2).encoder.layers)
-    assert not any(layer.recompute_hidden for layer in _head(num_layers=2, gradient_checkpointing=True).encoder.layers)
-    assert not any(layer.recompute_hidden for layer in _head(num_layers=2, recompute_feed_forward=False).encoder.layers)
+    def recompute(**fields) -> list[bool]:
+        return [layer.recompute_hidden for layer in _head(head_num_hidden_layers=2, **fields).encoder.layers]
+
+    assert all(recompute())
+    assert not any(recompute(head_gradient_checkpointing=True))
+    assert not any(recompute(head_recompute_feed_forward=False))

@@ -194,7 +194,7 @@ def test_loading_without_import_says_to_import(tmp_path):
     assert "import peft_m2ist" in out.stdout, out.stdout + out.stderr
 
 
-def test_config_saved_with_the_pre_0_2_head_names_loads_with_a_warning(tmp_path):
+def test_config_saved_with_the_earlier_head_names_loads_with_a_warning(tmp_path):
     tiny_config(head_hidden_size=32, head_num_attention_heads=4).save_pretrained(tmp_path)
     config_file = tmp_path / "adapter_config.json"
     saved = json.loads(config_file.read_text())

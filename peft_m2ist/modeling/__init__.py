@@ -1,5 +1,6 @@
-"""What an adapter adds to the frozen towers, as plain `nn.Module`s: the M3ISA experts, the side network, the
-grounding head, its feed-forward block, the box loss and the model output."""
+"""What an adapter adds to the frozen towers, as plain `nn.Module`s built from the adapter's config (`settings`):
+the M3ISA experts, the side network, the grounding head, its feed-forward block, the box loss, the model output and
+the REC forward from the towers' features to a box (`grounding`)."""
 
 from .head import GroundingHead
 from .outputs import ReferringExpressionOutput

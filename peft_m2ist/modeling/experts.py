@@ -12,7 +12,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-EXPERT_INITS = ("zero_up", "kaiming")
+from .settings import ExpertSettings
+
+
+def interaction_dim(config: ExpertSettings, vision_stream_dim: int) -> int:
+    """Width of the interactive expert's shared up-projection, the one rule for it: `config.interaction_dim`, else
+    the head's width (`interaction_width="head"`) or the vision tower's token width `vision_stream_dim`
+    (`interaction_width="vision"`, the authors')."""
+    if config.interaction_dim is not None:
+        return config.interaction_dim
+    return vision_stream_dim if config.interaction_width == "vision" else config.head_hidden_size
 
 
 def init_projection(linear: nn.Linear, init: str, zero: bool = False) -> None:
@@ -59,21 +68,21 @@ class ModalityExpert(nn.Module):
     and AdaptFormer's up-projection do), so an untrained expert adds nothing and the head starts from the towers' own
     tokens (random corrections at the start slowed learning on the built-in benchmark; see docs/results.md).
 
-    With `affine_norm` (`M2ISTConfig.expert_norm="affine"`, the authors') the LayerNorm has a learned scale and shift,
-    applied after the plain normalisation, so autograd still keeps the normalised copy and not the tap. With
-    `init="kaiming"` (the authors') both projections get `init_projection`'s kaiming weights and U(0, 1) biases.
+    Reads `config.bottleneck_dim`, `expert_scale` and `expert_dropout`. With `expert_norm="affine"` (the authors')
+    the LayerNorm has a learned scale and shift, applied after the plain normalisation, so autograd still keeps the
+    normalised copy and not the tap. With `expert_init="kaiming"` (the authors') both projections get
+    `init_projection`'s kaiming weights and U(0, 1) biases.
     """
 
-    def __init__(self, in_dim: int, bottleneck_dim: int, out_dim: int, scale: float, dropout: float,
-                 affine_norm: bool = False, init: str = "zero_up") -> None:
+    def __init__(self, config: ExpertSettings, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim, elementwise_affine=affine_norm)
-        self.down = nn.Linear(in_dim, bottleneck_dim)
-        self.up = nn.Linear(bottleneck_dim, out_dim)
-        init_projection(self.up, init, zero=True)
-        init_projection(self.down, init)
-        self.dropout = nn.Dropout(dropout)
-        self.scale = scale
+        self.norm = nn.LayerNorm(in_dim, elementwise_affine=config.expert_norm == "affine")
+        self.down = nn.Linear(in_dim, config.bottleneck_dim)
+        self.up = nn.Linear(config.bottleneck_dim, out_dim)
+        init_projection(self.up, config.expert_init, zero=True)
+        init_projection(self.down, config.expert_init)
+        self.dropout = nn.Dropout(config.expert_dropout)
+        self.scale = config.expert_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the expert output `(batch, tokens, out_dim)` and its bottleneck `(batch, tokens, bottleneck)`."""
@@ -87,7 +96,8 @@ class ModalityExpert(nn.Module):
 class InteractiveExpert(nn.Module):
     """The interactive expert (IEA) linking the two modalities at one layer pair.
 
-    Each tower's tapped attention output goes through its own (non-affine) LayerNorm -> down-projection -> ReLU. Then:
+    Each tower's tapped attention output `(batch, tokens, vision_dim or text_dim)` goes through its own (non-affine)
+    LayerNorm -> down-projection to `config.bottleneck_dim` -> ReLU. Then, by `config.interaction`:
     - `interaction="shared"` (the paper): one up-projection, whose weights are shared by both modalities, maps each
       stream into the interaction space;
     - `interaction="cross_attention"` (ours): before the shared up-projection, the vision bottleneck tokens attend to the
@@ -95,28 +105,18 @@ class InteractiveExpert(nn.Module):
     Outputs are `(batch, vision_tokens, interaction_dim)` and `(batch, text_tokens, interaction_dim)`, x scale. The
     shared up-projection starts at zero, like the modality experts' (see `ModalityExpert`).
 
-    The authors' variant, by options: `input_norm=False` (no LayerNorm before the down-projections), `scaled=False`
-    (no x scale), `init="kaiming"` and `text_extra > 0`: the text output is `cat[text_up(t), shared_up(t)]`, with
-    `text_up` a `Linear(bottleneck_dim, text_extra)` (the authors' 128 -> 512 beside the shared 128 -> 256).
+    The authors' variant, by `config` fields: `interaction_input_norm=False` (no LayerNorm before the
+    down-projections), `interaction_scaled=False` (no x scale), `expert_init="kaiming"` and
+    `interaction_text_path="concat"`: the text output is `cat[text_up(t), shared_up(t)]`, `text_stream_dim` wide,
+    with `text_up` a `Linear(bottleneck_dim, text_stream_dim - interaction_dim)` (the authors' 128 -> 512 beside the
+    shared 128 -> 256).
     """
 
-    def __init__(
-        self,
-        vision_dim: int,
-        text_dim: int,
-        bottleneck_dim: int,
-        interaction_dim: int,
-        scale: float,
-        dropout: float,
-        mode: str = "shared",
-        heads: int = 4,
-        *,
-        input_norm: bool = True,
-        scaled: bool = True,
-        init: str = "zero_up",
-        text_extra: int = 0,
-    ) -> None:
+    def __init__(self, config: ExpertSettings, vision_dim: int, text_dim: int, *, interaction_dim: int,
+                 text_stream_dim: int) -> None:
         super().__init__()
+        bottleneck_dim, init = config.bottleneck_dim, config.expert_init
+        text_extra = text_stream_dim - interaction_dim if config.interaction_text_path == "concat" else 0
         self.vision_norm = nn.LayerNorm(vision_dim, elementwise_affine=False)
         self.vision_down = nn.Linear(vision_dim, bottleneck_dim)
         self.text_norm = nn.LayerNorm(text_dim, elementwise_affine=False)
@@ -130,11 +130,12 @@ class InteractiveExpert(nn.Module):
                     init_projection(linear, init)
         elif self.text_up is not None:
             init_projection(self.text_up, init, zero=True)
-        self.dropout = nn.Dropout(dropout)
-        self.scale = scale if scaled else 1.0
-        self.input_norm = input_norm
-        self.mode = mode
-        if mode == "cross_attention":
+        self.dropout = nn.Dropout(config.expert_dropout)
+        self.scale = config.expert_scale if config.interaction_scaled else 1.0
+        self.input_norm = config.interaction_input_norm
+        self.mode = config.interaction
+        if self.mode == "cross_attention":
+            heads = config.interaction_heads
             self.vision_from_text = nn.MultiheadAttention(bottleneck_dim, heads, batch_first=True)
             self.text_from_vision = nn.MultiheadAttention(bottleneck_dim, heads, batch_first=True)
             self.cross_norm_vision = nn.LayerNorm(bottleneck_dim)
@@ -184,12 +185,13 @@ class ExpertGate(nn.Module):
 
 
 class M3ISA(nn.Module):
-    """The three experts (and, with `mixture="gated"`, two gates) of one tapped vision/text layer pair.
+    """The three experts (and, with `config.mixture="gated"`, two gates) of one tapped vision/text layer pair.
 
-    The interactive expert's output lives in the interaction space. For a modality whose final tokens have exactly
-    that width it joins the stream directly (the stream's projection to the head then maps it); otherwise a
-    modality-specific `Linear(interaction_dim, head_hidden_size)` maps it, and it joins after the projection. With
-    `text_concat` (the authors' text path) the text output is widened to the text width instead (see
+    The interactive expert's output lives in the interaction space (`interaction_dim(config, vision_stream_dim)`
+    wide). For a modality whose final tokens have exactly that width it joins the stream directly (the stream's
+    projection to the head then maps it); otherwise a modality-specific `Linear(interaction width,
+    config.head_hidden_size)` maps it, and it joins after the projection. With
+    `interaction_text_path="concat"` (the authors' text path) the text output is widened to the text width instead (see
     `InteractiveExpert`) and joins the text stream. `language_output_norm` / `interaction_text_norm` (the text
     block's own frozen LayerNorms, `FrozenTowerNorm`) normalise the language expert's output and the interactive
     expert's text output before they join the stream, as the authors' BERT blocks do.
@@ -197,6 +199,7 @@ class M3ISA(nn.Module):
 
     def __init__(
         self,
+        config: ExpertSettings,
         vision_ffn_dim: int,
         vision_attention_dim: int,
         vision_stream_dim: int,
@@ -204,42 +207,26 @@ class M3ISA(nn.Module):
         text_attention_dim: int,
         text_stream_dim: int,
         *,
-        bottleneck_dim: int,
-        interaction_dim: int,
-        head_hidden_size: int,
-        scale: float,
-        dropout: float,
-        interaction: str,
-        interaction_heads: int,
-        gated: bool,
-        expert_init: str = "zero_up",
-        affine_norm: bool = False,
-        interaction_input_norm: bool = True,
-        interaction_scaled: bool = True,
-        text_concat: bool = False,
         language_output_norm: nn.LayerNorm | None = None,
         interaction_text_norm: nn.LayerNorm | None = None,
     ) -> None:
         super().__init__()
-        if expert_init not in EXPERT_INITS:
-            raise ValueError(f"`expert_init` must be one of {EXPERT_INITS}, got {expert_init!r}.")
-        if text_concat and text_stream_dim <= interaction_dim:
+        width = interaction_dim(config, vision_stream_dim)
+        text_concat = config.interaction_text_path == "concat"
+        if text_concat and text_stream_dim <= width:
             raise ValueError(f"The concatenated text path needs a text width ({text_stream_dim}) above the "
-                             f"interaction width ({interaction_dim}).")
-        self.vision_expert = ModalityExpert(vision_ffn_dim, bottleneck_dim, vision_stream_dim, scale, dropout,
-                                            affine_norm, expert_init)
-        self.language_expert = ModalityExpert(text_ffn_dim, bottleneck_dim, text_stream_dim, scale, dropout,
-                                              affine_norm, expert_init)
-        self.interactive_expert = InteractiveExpert(
-            vision_attention_dim, text_attention_dim, bottleneck_dim, interaction_dim, scale, dropout,
-            mode=interaction, heads=interaction_heads, input_norm=interaction_input_norm, scaled=interaction_scaled,
-            init=expert_init, text_extra=text_stream_dim - interaction_dim if text_concat else 0,
-        )
-        self.vision_to_head = None if vision_stream_dim == interaction_dim else nn.Linear(interaction_dim, head_hidden_size)
-        text_joins_stream = text_concat or text_stream_dim == interaction_dim
-        self.text_to_head = None if text_joins_stream else nn.Linear(interaction_dim, head_hidden_size)
-        self.vision_gate = ExpertGate(bottleneck_dim) if gated else None
-        self.text_gate = ExpertGate(bottleneck_dim) if gated else None
+                             f"interaction width ({width}).")
+        self.vision_expert = ModalityExpert(config, vision_ffn_dim, vision_stream_dim)
+        self.language_expert = ModalityExpert(config, text_ffn_dim, text_stream_dim)
+        self.interactive_expert = InteractiveExpert(config, vision_attention_dim, text_attention_dim,
+                                                    interaction_dim=width, text_stream_dim=text_stream_dim)
+        head_hidden_size = config.head_hidden_size
+        self.vision_to_head = None if vision_stream_dim == width else nn.Linear(width, head_hidden_size)
+        text_joins_stream = text_concat or text_stream_dim == width
+        self.text_to_head = None if text_joins_stream else nn.Linear(width, head_hidden_size)
+        gated = config.mixture == "gated"
+        self.vision_gate = ExpertGate(config.bottleneck_dim) if gated else None
+        self.text_gate = ExpertGate(config.bottleneck_dim) if gated else None
         # the tower's own norms: plain attributes, not submodules (see FrozenTowerNorm)
         self.language_output_norm = None if language_output_norm is None else FrozenTowerNorm(language_output_norm)
         self.interaction_text_norm = None if interaction_text_norm is None else FrozenTowerNorm(interaction_text_norm)

@@ -1,6 +1,6 @@
 """The grounding head: [REG] + text tokens + vision tokens -> transformer -> one `cxcywh` box.
 
-Two ways to read the box off the transformer (`box_head`):
+Two ways to read the box off the transformer (`M2ISTConfig.box_head`):
 
 - `"mlp"` (TransVG, the paper's head): a 3-layer MLP on the [REG] output regresses the box.
 - `"pointer"` (ours, the default): [REG] points at the vision tokens (one softmax over them); the box centre is the
@@ -17,11 +17,7 @@ from torch import nn
 from torch.utils import checkpoint as activation_checkpoint
 
 from .feed_forward import LeanFeedForwardEncoderLayer
-
-BOX_HEADS = ("pointer", "mlp")
-"""The ways to read the box off the head's transformer (`GroundingHead(box_head=...)`)."""
-HEAD_POSITIONS = ("input", "attention")
-HEAD_INITS = ("trunc_normal", "transvg")
+from .settings import HeadSettings
 
 
 def sine_grid_encoding(grid: tuple[int, int], dim: int) -> torch.Tensor:
@@ -104,6 +100,7 @@ class PointerBox(nn.Module):
 class GroundingHead(nn.Module):
     """TransVG-style grounding head.
 
+    Reads its sizes and options from `config` (`HeadSettings`: the `head_*` fields, `max_text_tokens`, `box_head`).
     A learned [REG] token is prepended to the text tokens and the vision tokens; the sequence is layer-normalised
     (the two towers' streams can differ in scale by orders of magnitude); a learned position embedding covers
     the `1 + max_text_tokens + num_vision_tokens` slots; a post-norm transformer encoder mixes them; the box, `cxcywh`
@@ -112,60 +109,43 @@ class GroundingHead(nn.Module):
     patches after `vision_prefix_tokens` leading tokens such as [CLS]) the vision tokens get a fixed sine encoding of
     their cell and the pointer uses the cell centres; without one, the pointer learns a centre per token.
 
-    `dropout` applies to the residual and feed-forward paths; `attention_dropout` (default 0) to the attention
-    probabilities, which with a non-zero value have to be stored for backward.
+    `head_dropout` applies to the residual and feed-forward paths; `head_attention_dropout` (default 0) to the
+    attention probabilities, which with a non-zero value have to be stored for backward.
 
     Training memory, two options with the same outputs and gradients (dropout masks replayed):
-    `recompute_feed_forward` makes each layer's feed-forward block recompute its `(batch, tokens, ffn_dim)` hidden
-    tensor in backward (one more `linear1` matmul and dropout draw per layer; `LeanFeedForwardEncoderLayer`), about
-    40% less activation memory for TransVG's head. With `gradient_checkpointing` each layer keeps only its input and
-    runs its whole forward again in backward (`torch.utils.checkpoint`, about one more head forward per step): one
-    `(batch, tokens, dim)` tensor per layer plus the layer being recomputed.
+    `head_recompute_feed_forward` makes each layer's feed-forward block recompute its `(batch, tokens,
+    head_intermediate_size)` hidden tensor in backward (one more `linear1` matmul and dropout draw per layer;
+    `LeanFeedForwardEncoderLayer`), about 40% less activation memory for TransVG's head. With
+    `head_gradient_checkpointing` each layer keeps only its input and runs its whole forward again in backward
+    (`torch.utils.checkpoint`, about one more head forward per step): one `(batch, tokens, dim)` tensor per layer plus
+    the layer being recomputed.
 
-    TransVG's head, by options (`M2ISTConfig`'s fidelity fields): `input_norm=False` (no input LayerNorm),
-    `grid_encoding=False` (learned positions only), `positions="attention"` (positions added to the queries and keys
-    of every layer, not once to the input) and `init="transvg"` ([REG] and positions N(0, 1), every matrix of the
-    transformer layers xavier-uniform, so the layers also start different from each other).
+    TransVG's head, by `config` fields: `head_input_norm=False` (no input LayerNorm), `head_grid_encoding="none"`
+    (learned positions only), `head_positions="attention"` (positions added to the queries and keys of every layer,
+    not once to the input) and `head_init="transvg"` ([REG] and positions N(0, 1), every matrix of the transformer
+    layers xavier-uniform, so the layers also start different from each other).
     """
 
     def __init__(
         self,
-        dim: int,
-        num_layers: int,
-        num_heads: int,
-        ffn_dim: int,
-        dropout: float,
-        max_text_tokens: int,
+        config: HeadSettings,
         num_vision_tokens: int,
-        attention_dropout: float = 0.0,
         vision_grid: tuple[int, int] | None = None,
-        box_head: str = "pointer",
-        gradient_checkpointing: bool = False,
-        recompute_feed_forward: bool = True,
         vision_prefix_tokens: int = 0,
-        input_norm: bool = True,
-        grid_encoding: bool = True,
-        positions: str = "input",
-        init: str = "trunc_normal",
     ) -> None:
         super().__init__()
-        self.gradient_checkpointing = gradient_checkpointing
-        if box_head not in BOX_HEADS:
-            raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {box_head!r}.")
-        if positions not in HEAD_POSITIONS:
-            raise ValueError(f"`positions` must be one of {HEAD_POSITIONS}, got {positions!r}.")
-        if init not in HEAD_INITS:
-            raise ValueError(f"`init` must be one of {HEAD_INITS}, got {init!r}.")
-        self.positions = positions
+        dim, max_text_tokens = config.head_hidden_size, config.max_text_tokens
+        self.gradient_checkpointing = config.head_gradient_checkpointing
+        self.positions, init = config.head_positions, config.head_init
         if vision_grid is not None and vision_grid[0] * vision_grid[1] != num_vision_tokens - vision_prefix_tokens:
             vision_grid = None
         if vision_grid is None:
             vision_prefix_tokens = 0
         self.max_text_tokens = max_text_tokens
         self.num_vision_tokens = num_vision_tokens
-        self.input_norm = nn.LayerNorm(dim) if input_norm else nn.Identity()
-        encoding = None
-        if vision_grid is not None and grid_encoding:  # prefix tokens have no place in the image: no grid encoding
+        self.input_norm = nn.LayerNorm(dim) if config.head_input_norm else nn.Identity()
+        encoding = None  # prefix tokens have no place in the image: no grid encoding
+        if vision_grid is not None and config.head_grid_encoding == "sine":
             encoding = nn.functional.pad(sine_grid_encoding(vision_grid, dim), (0, 0, vision_prefix_tokens, 0))
         self.register_buffer("vision_grid_encoding", encoding, persistent=False)
         self.reg_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -177,18 +157,19 @@ class GroundingHead(nn.Module):
             nn.init.trunc_normal_(self.reg_token, std=0.02)
             nn.init.trunc_normal_(self.position_embedding, std=0.02)
         # a checkpointed layer recomputes everything anyway: recomputing its feed-forward block too would do it twice
-        layer = LeanFeedForwardEncoderLayer(dim, num_heads, ffn_dim, dropout, batch_first=True,
-                                            recompute_hidden=recompute_feed_forward and not gradient_checkpointing)
+        layer = LeanFeedForwardEncoderLayer(
+            dim, config.head_num_attention_heads, config.head_intermediate_size, config.head_dropout, batch_first=True,
+            recompute_hidden=config.head_recompute_feed_forward and not self.gradient_checkpointing)
         # `dropout` covers the residual and feed-forward paths; dropout on the attention probabilities is separate
         # because it forces the attention kernel to keep a (tokens x tokens) probability map per head for backward.
-        layer.self_attn.dropout = attention_dropout
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        layer.self_attn.dropout = config.head_attention_dropout
+        self.encoder = nn.TransformerEncoder(layer, config.head_num_hidden_layers, enable_nested_tensor=False)
         if init == "transvg":  # TransVG's _reset_parameters, after the layers were cloned
             for param in self.encoder.parameters():
                 if param.dim() > 1:
                     nn.init.xavier_uniform_(param)
-        self.box_head = box_head
-        if box_head == "pointer":
+        self.box_head = config.box_head
+        if self.box_head == "pointer":
             self.pointer = PointerBox(dim, num_vision_tokens, vision_grid, vision_prefix_tokens)
         else:
             self.box_mlp = BoxMLP(dim)

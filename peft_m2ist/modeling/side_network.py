@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from .experts import M3ISA
-from .stream_shapes import TapNames
+from .settings import ExpertSettings
+from .stream_shapes import AdapterPlan
 
 
 class M2ISTSideNetwork(nn.Module):
@@ -19,78 +18,34 @@ class M2ISTSideNetwork(nn.Module):
     token count (`encode_towers` pools feature-map taps onto the final grid).
 
     Args:
-        vision_taps, text_taps: the full names of the taps each M3ISA block reads, one per tapped layer pair, and the
-            embedding tap added to the stream (`None`: none).
-        vision_dim, text_dim: widths of the towers' final tokens (the streams).
-        vision_ffn_dims, vision_attention_dims, text_ffn_dims, text_attention_dims: widths of each tapped output.
-        head_hidden_size: width of the tokens handed to the grounding head.
-        bottleneck_dim, interaction_dim, expert_scale, expert_dropout, interaction, interaction_heads, gated: the
-            M3ISA experts' settings (see `M3ISA`).
-        expert_init, affine_norm, interaction_input_norm, interaction_scaled, text_concat: the M3ISA experts'
-            fidelity options (see `M3ISA`; `M2ISTConfig`'s fidelity fields).
-        text_ffn_norms, text_attention_norms: the text tower's own frozen LayerNorms, one per tapped layer, applied to
-            the language expert's output and to the interactive expert's text output (`None`: not applied).
+        config: the adapter's config (`M2ISTConfig`); the experts read their fields from it (`ExpertSettings`),
+            the projections `head_hidden_size`.
+        plan: what the probe measured on the pair (`AdapterPlan`): the full names of the taps each M3ISA block reads,
+            one per tapped layer pair, and the embedding tap added to the stream (`None`: none); each tower's
+            shapes (`StreamShapes`: the widths of its final tokens and of each tapped output); and the text tower's
+            own frozen LayerNorms, one per tapped layer, applied to the language expert's output and to the
+            interactive expert's text output (`None`: not applied).
     """
 
-    def __init__(
-        self,
-        vision_taps: TapNames,
-        text_taps: TapNames,
-        vision_dim: int,
-        text_dim: int,
-        vision_ffn_dims: Sequence[int],
-        vision_attention_dims: Sequence[int],
-        text_ffn_dims: Sequence[int],
-        text_attention_dims: Sequence[int],
-        *,
-        head_hidden_size: int,
-        bottleneck_dim: int,
-        interaction_dim: int,
-        expert_scale: float,
-        expert_dropout: float,
-        interaction: str,
-        interaction_heads: int,
-        gated: bool,
-        expert_init: str = "zero_up",
-        affine_norm: bool = False,
-        interaction_input_norm: bool = True,
-        interaction_scaled: bool = True,
-        text_concat: bool = False,
-        text_ffn_norms: Sequence[nn.LayerNorm] | None = None,
-        text_attention_norms: Sequence[nn.LayerNorm] | None = None,
-    ) -> None:
+    def __init__(self, config: ExpertSettings, plan: AdapterPlan) -> None:
         super().__init__()
-        self.vision_taps = vision_taps
-        self.text_taps = text_taps
-        num_layers = len(vision_ffn_dims)
-        ffn_norms = list(text_ffn_norms) if text_ffn_norms is not None else [None] * num_layers
-        attention_norms = list(text_attention_norms) if text_attention_norms is not None else [None] * num_layers
-        layer_dims = zip(vision_ffn_dims, vision_attention_dims, text_ffn_dims, text_attention_dims, ffn_norms,
+        self.vision_taps = plan.vision_taps
+        self.text_taps = plan.text_taps
+        vision, text = plan.vision, plan.text
+        num_layers = len(vision.ffn_dims)
+        ffn_norms = list(plan.text_ffn_norms) if plan.text_ffn_norms is not None else [None] * num_layers
+        attention_norms = (list(plan.text_attention_norms) if plan.text_attention_norms is not None
+                           else [None] * num_layers)
+        layer_dims = zip(vision.ffn_dims, vision.attention_dims, text.ffn_dims, text.attention_dims, ffn_norms,
                          attention_norms)
         self.blocks = nn.ModuleList(
-            M3ISA(
-                vision_ffn_dim, vision_attention_dim, vision_dim, text_ffn_dim, text_attention_dim, text_dim,
-                bottleneck_dim=bottleneck_dim,
-                interaction_dim=interaction_dim,
-                head_hidden_size=head_hidden_size,
-                scale=expert_scale,
-                dropout=expert_dropout,
-                interaction=interaction,
-                interaction_heads=interaction_heads,
-                gated=gated,
-                expert_init=expert_init,
-                affine_norm=affine_norm,
-                interaction_input_norm=interaction_input_norm,
-                interaction_scaled=interaction_scaled,
-                text_concat=text_concat,
-                language_output_norm=ffn_norm,
-                interaction_text_norm=attention_norm,
-            )
+            M3ISA(config, vision_ffn_dim, vision_attention_dim, vision.stream_dim, text_ffn_dim, text_attention_dim,
+                  text.stream_dim, language_output_norm=ffn_norm, interaction_text_norm=attention_norm)
             for vision_ffn_dim, vision_attention_dim, text_ffn_dim, text_attention_dim, ffn_norm, attention_norm
             in layer_dims
         )
-        self.vision_proj = nn.Linear(vision_dim, head_hidden_size)
-        self.text_proj = nn.Linear(text_dim, head_hidden_size)
+        self.vision_proj = nn.Linear(vision.stream_dim, config.head_hidden_size)
+        self.text_proj = nn.Linear(text.stream_dim, config.head_hidden_size)
 
     def tap_names(self) -> list[str]:
         """Every tap this side network reads (vision, then text)."""
@@ -120,8 +75,8 @@ class M2ISTSideNetwork(nn.Module):
 
         Args:
             taps: full tap name -> recorded output `(batch, tokens, dim)`, at its tower's final token count.
-            vision: the vision tower's final tokens `(batch, Nv, vision_dim)`.
-            text: the text tower's final tokens `(batch, Nt, text_dim)`.
+            vision: the vision tower's final tokens `(batch, Nv, Dv)`.
+            text: the text tower's final tokens `(batch, Nt, Dt)`.
             vision_mask: `(batch, Nv)`, 1 = real image content, or `None` (all real).
             text_mask: `(batch, Nt)`, 1 = real token, or `None` (all real).
 

@@ -1,12 +1,15 @@
-"""What the probe measures on a pair: each tower's shapes (`StreamShapes`) and its tap names (`TapNames`).
+"""What the probe measures on a pair: each tower's shapes (`StreamShapes`), its tap names (`TapNames`), and both
+gathered in an `AdapterPlan`.
 
-`probe.plan_adapter` fills them; `M2ISTModel` builds the side network and the grounding head from them and saves
-the shapes in `M2ISTConfig.tower_shapes`.
+`peft_m2ist.tuner.plan.plan_adapter` fills them; the side network and the grounding head are built from them, and
+the shapes are saved in `M2ISTConfig.tower_shapes`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
 
 
 @dataclass
@@ -45,3 +48,25 @@ class TapNames:
     def all(self) -> list[str]:
         """Every tapped module name, embeddings included."""
         return [*self.ffn, *self.attention, *([self.embeddings] if self.embeddings else [])]
+
+
+@dataclass
+class AdapterPlan:
+    """Everything needed to build one adapter's taps, side network and head on a given container."""
+
+    vision_taps: TapNames
+    text_taps: TapNames
+    vision: StreamShapes
+    text: StreamShapes
+    image_size: int
+    # the text tower's own frozen LayerNorms, one per tapped layer, where the config applies them (else None):
+    # ending each tapped block's FFN (`language_expert_output_norm="tower"`) and attention
+    # (`interaction_text_output_norm="tower"`)
+    text_ffn_norms: list[nn.LayerNorm] | None = None
+    text_attention_norms: list[nn.LayerNorm] | None = None
+    # one line per tower: what was tapped and why (`peft_m2ist.tuner.plan.describe_taps`)
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted(set(self.vision_taps.all() + self.text_taps.all()))

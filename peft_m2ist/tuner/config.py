@@ -1,28 +1,27 @@
 """`M2ISTConfig`: every knob of the M2IST side-tuner, documented and validated.
 
-Longer than this package's other modules (about 560 lines) because it is one dataclass of about 40 fields, each with
-its help text as peft's configs have it, plus the paper preset's fields (docs/fidelity.md) and their checks; a
-split would scatter one config over several files.
+Longer than this package's other modules because it is one dataclass of about 40 fields, each with its help text as
+peft's configs have it, plus the paper preset's fields (docs/fidelity.md) and their checks; a split would scatter one
+config over several files. The choices of a field are written once, in its `Literal` type (`field_choices`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from peft import PeftConfig
 
-from ..modeling.head import BOX_HEADS
 from .registration import M2IST_PEFT_TYPE, REC_TASK_TYPE
 from .tower_record import check_base_towers
 
-INTERACTION_MODES = ("shared", "cross_attention")
-MIXTURE_MODES = ("sum", "gated")
-# Field names of releases before 0.2, renamed to the words transformers configs use; adapter configs saved with the
-# old names still load (`M2ISTConfig.from_pretrained`, `PeftModel.from_pretrained`), with a FutureWarning.
+# Field names of earlier development versions of 0.1.0 (until 2026-12-04), renamed to the words transformers configs
+# use; adapter configs saved with the old names still load (`M2ISTConfig.from_pretrained`,
+# `PeftModel.from_pretrained`), with a FutureWarning.
 RENAMED_FIELDS = {
     "head_dim": "head_hidden_size",
     "head_layers": "head_num_hidden_layers",
@@ -32,7 +31,7 @@ RENAMED_FIELDS = {
 
 
 def rename_deprecated_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Map the pre-0.2 field names in `kwargs` to the current ones, warning once per name."""
+    """Map the earlier field names (`RENAMED_FIELDS`) in `kwargs` to the current ones, warning once per name."""
     renamed = dict(kwargs)
     for old, new in RENAMED_FIELDS.items():
         if old not in renamed:
@@ -68,7 +67,7 @@ def _is_count(value: Any, minimum: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-# what each saved key of `tower_shapes[tower]` must hold (the fields of `shapes.StreamShapes`)
+# what each saved key of `tower_shapes[tower]` must hold (the fields of `modeling.stream_shapes.StreamShapes`)
 _TOWER_SHAPE_CHECKS: dict[str, tuple[str, Any]] = {
     "stream_dim": ("a positive integer", _is_count),
     "num_tokens": ("a positive integer", _is_count),
@@ -85,8 +84,8 @@ _TOWER_SHAPE_CHECKS: dict[str, tuple[str, Any]] = {
 
 def _check_tower_shapes(value: Any) -> None:
     """`tower_shapes` is filled by the tuner: None, or {"vision": {...}, "text": {...}} with the keys of
-    `shapes.StreamShapes`. A hand-edited or damaged value gets a `ValueError` naming what is wrong (missing keys are
-    reported when the adapter is built, with what they mean)."""
+    `modeling.stream_shapes.StreamShapes`. A hand-edited or damaged value gets a `ValueError` naming what is wrong
+    (missing keys are reported when the adapter is built, with what they mean)."""
     if value is None:
         return
     if not isinstance(value, dict) or set(value) != {"vision", "text"}:
@@ -133,8 +132,8 @@ class M2ISTConfig(PeftConfig):
         expert_dropout (`float`): Dropout on the expert bottleneck activations.
         interaction (`str`): `"shared"` (the paper: a weight-shared up-projection links the modalities) or
             `"cross_attention"` (the two streams attend to each other in the bottleneck).
-        interaction_dim (`int`, *optional*): Width of the interactive expert's shared space; `None` means
-            `head_hidden_size`.
+        interaction_dim (`int`, *optional*): Width of the interactive expert's shared space; `None`: the width
+            `interaction_width` picks (`head_hidden_size` by default).
         interaction_heads (`int`): Heads of the bottleneck cross-attention (`interaction="cross_attention"` only).
         mixture (`str`): `"sum"` (the paper: experts are added) or `"gated"` (a learned per-token gate weighs them).
         head_hidden_size (`int`): Width of the grounding head.
@@ -230,7 +229,11 @@ class M2ISTConfig(PeftConfig):
         },
     )
     interaction_dim: int | None = field(
-        default=None, metadata={"help": "Width of the interactive expert's shared space; None means head_hidden_size."}
+        default=None,
+        metadata={
+            "help": "Width of the interactive expert's shared space; None: the width interaction_width picks "
+            "(head_hidden_size by default)."
+        },
     )
     interaction_heads: int = field(
         default=4, metadata={"help": "Heads of the bottleneck cross-attention (interaction='cross_attention')."}
@@ -467,12 +470,8 @@ class M2ISTConfig(PeftConfig):
                 raise ValueError(f"`{name}` must be non-negative, got {getattr(self, name)!r}.")
         if self.l1_weight == 0 and self.giou_weight == 0:
             raise ValueError("At least one of `l1_weight` and `giou_weight` must be positive.")
-        if self.interaction not in INTERACTION_MODES:
-            raise ValueError(f"`interaction` must be one of {INTERACTION_MODES}, got {self.interaction!r}.")
-        if self.mixture not in MIXTURE_MODES:
-            raise ValueError(f"`mixture` must be one of {MIXTURE_MODES}, got {self.mixture!r}.")
-        if self.box_head not in BOX_HEADS:
-            raise ValueError(f"`box_head` must be one of {BOX_HEADS}, got {self.box_head!r}.")
+        for name in ("interaction", "mixture", "box_head"):
+            _check_choice(self, name)
         for name in ("head_recompute_feed_forward", "head_gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
@@ -490,35 +489,43 @@ class M2ISTConfig(PeftConfig):
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
-        """peft's hook on the loaded config file: accept the field names of earlier releases."""
+        """peft's hook on the loaded config file: accept the field names of earlier versions (`RENAMED_FIELDS`)."""
         return rename_deprecated_fields(super().check_kwargs(**kwargs))
 
-    @property
-    def resolved_interaction_dim(self) -> int:
-        """Width of the interactive expert's shared space, where the towers do not decide it (with
-        `interaction_width="vision"` it is the vision tower's width, known once the towers are probed)."""
-        return self.interaction_dim or self.head_hidden_size
+
+# ------------------------------------------------------------------ choices, read off the field types
+@functools.cache
+def field_choices(name: str) -> tuple[Any, ...]:
+    """The values the field `name` of `M2ISTConfig` allows, read off its type: the values of its `Literal` (with
+    `None` where the type is `Literal[...] | None`), or `(True, False)` for a `bool`, in the order written there."""
+    hint = get_type_hints(M2ISTConfig)[name]
+    if hint is bool:
+        return (True, False)
+    choices: list[Any] = []
+    for part in get_args(hint) if get_origin(hint) is not Literal else (hint,):
+        choices.extend(get_args(part) if get_origin(part) is Literal else [None] if part is type(None) else [])
+    if not choices:
+        raise TypeError(f"`M2ISTConfig.{name}` is neither a Literal nor a bool.")
+    return tuple(choices)
+
+
+def _check_choice(config: M2ISTConfig, name: str) -> None:
+    allowed = field_choices(name)
+    if getattr(config, name) not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(config, name)!r}.")
 
 
 # ------------------------------------------------------------------ fidelity fields and the paper preset
-FIDELITY_CHOICES: dict[str, tuple[Any, ...]] = {
-    "tap_layer_spacing": ("even", "first"),
-    "expert_init": ("zero_up", "kaiming"),
-    "expert_norm": ("non_affine", "affine"),
-    "language_expert_output_norm": ("none", "tower"),
-    "interaction_width": ("head", "vision"),
-    "interaction_input_norm": (True, False),
-    "interaction_scaled": (True, False),
-    "interaction_text_path": ("to_head", "concat"),
-    "interaction_text_output_norm": ("none", "tower"),
-    "head_input_norm": (True, False),
-    "head_grid_encoding": ("sine", "none"),
-    "head_positions": ("input", "attention"),
-    "head_init": ("trunc_normal", "transvg"),
-}
-"""Each fidelity field's allowed values; the first is the library default."""
+FIDELITY_FIELDS = (
+    "tap_layer_spacing", "expert_init", "expert_norm", "language_expert_output_norm", "interaction_width",
+    "interaction_input_norm", "interaction_scaled", "interaction_text_path", "interaction_text_output_norm",
+    "head_input_norm", "head_grid_encoding", "head_positions", "head_init",
+)
+"""The fields where the library departs from the authors' code (docs/fidelity.md), in declaration order."""
+FIDELITY_CHOICES: dict[str, tuple[Any, ...]] = {name: field_choices(name) for name in FIDELITY_FIELDS}
+"""Each fidelity field's allowed values, from its type; the first is the library default."""
 
-PRESETS = ("paper",)
+PRESETS = tuple(choice for choice in field_choices("preset") if choice is not None)
 PAPER_PRESET: dict[str, Any] = {
     "tap_layer_spacing": "first",
     "expert_init": "kaiming",

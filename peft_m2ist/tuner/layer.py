@@ -2,45 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..towers.recording import TapRecorder
 from ..towers.tokens import output_tensor
-
-
-class TapRecorder:
-    """Collects the outputs of tap layers during one forward pass of the towers.
-
-    A plain object (not an `nn.Module`) shared by every tap of one `M2ISTModel`; it records only between `start()`
-    and `stop()`, so running the towers on their own (or with adapters disabled) stores nothing, and only the taps
-    named in `start()` (the active adapter's), so the taps of other adapters store nothing either.
-    """
-
-    def __init__(self) -> None:
-        self.active = False
-        self.wanted: frozenset[str] = frozenset()
-        self.records: dict[str, torch.Tensor] = {}
-        self.taken_over = False  # set when another M2IST model re-wrapped the same towers and took the taps over
-
-    def start(self, tap_names: Iterable[str]) -> None:
-        """Record the taps named `tap_names` (full module names) until `stop()`."""
-        self.records = {}
-        self.wanted = frozenset(tap_names)
-        self.active = True
-
-    def wants(self, tap_name: str) -> bool:
-        return self.active and tap_name in self.wanted
-
-    def stop(self) -> dict[str, torch.Tensor]:
-        """Stop recording; returns what was recorded, tap name -> detached output."""
-        self.active = False
-        self.wanted = frozenset()
-        records, self.records = self.records, {}
-        return records
 
 
 class M2ISTTapLayer(nn.Module, BaseTunerLayer):

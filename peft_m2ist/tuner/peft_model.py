@@ -15,7 +15,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from ..model_card import build_model_card, check_model_card_info, read_model_card_info, write_model_card_info
 from ..modeling.outputs import ReferringExpressionOutput
 from ..towers.features import TowerFeatures
-from .model import AdapterWeightsError
+from .adapter_keys import AdapterWeightsError
 
 
 class PeftModelForReferringExpressionComprehension(PeftModel):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 import torch
 from torch import nn
 
-from ..modeling.stream_shapes import StreamShapes, TapNames
+from ..modeling.experts import interaction_dim
+from ..modeling.stream_shapes import AdapterPlan, StreamShapes, TapNames
 from ..towers.forward import (
     TowerOutput,
     default_image_size,
@@ -27,28 +28,6 @@ logger = logging.getLogger(__name__)
 
 SHAPE_KEYS = tuple(f.name for f in fields(StreamShapes))
 """The keys of each tower's entry in `M2ISTConfig.tower_shapes` (every one saved since 0.1.0)."""
-
-
-@dataclass
-class AdapterPlan:
-    """Everything needed to build one adapter's taps, side network and head on a given container."""
-
-    vision_taps: TapNames
-    text_taps: TapNames
-    vision: StreamShapes
-    text: StreamShapes
-    image_size: int
-    # the text tower's own frozen LayerNorms, one per tapped layer, where the config applies them (else None):
-    # ending each tapped block's FFN (`language_expert_output_norm="tower"`) and attention
-    # (`interaction_text_output_norm="tower"`)
-    text_ffn_norms: list[nn.LayerNorm] | None = None
-    text_attention_norms: list[nn.LayerNorm] | None = None
-    # one line per tower: what was tapped and why (`describe_taps`)
-    descriptions: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def target_modules(self) -> list[str]:
-        return sorted(set(self.vision_taps.all() + self.text_taps.all()))
 
 
 def _full(tower_path: str, names: list[str]) -> list[str]:
@@ -226,19 +205,11 @@ def describe_taps(model: nn.Module, adapter_name: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def interaction_dim(config: M2ISTConfig, vision: StreamShapes) -> int:
-    """Width of the interactive expert's shared up-projection: `interaction_dim`, else the head's or (with
-    `interaction_width="vision"`) the vision tower's token width."""
-    if config.interaction_dim is not None:
-        return config.interaction_dim
-    return vision.stream_dim if config.interaction_width == "vision" else config.head_hidden_size
-
-
 def _plan_fidelity_choices(plan: AdapterPlan, config: M2ISTConfig, text_tower: nn.Module, text_ffn: list[str],
                            text_attention: list[str]) -> None:
     """Check the fidelity fields that depend on the towers and find the frozen norms they apply; raises a
     `ValueError` before any tap is placed."""
-    width = interaction_dim(config, plan.vision)
+    width = interaction_dim(config, plan.vision.stream_dim)
     if config.interaction_text_path == "concat" and plan.text.stream_dim <= width:
         raise ValueError(
             f"`interaction_text_path='concat'` concatenates a Linear(bottleneck_dim, text width - interaction width) "
