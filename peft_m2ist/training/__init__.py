@@ -14,6 +14,7 @@
 - `results`: the per-split results in the paper's layout (`results.json`'s `splits`, the table `results.md`).
 - `arguments`: flags from one source each (the adapter's from `M2ISTConfig`), the data flags and their checks.
 - `tracking`: which experiment trackers `--report_to` means.
+- `collapse`: the mean-box baseline loss and the per-epoch "stuck" warnings (a collapsed model).
 """
 
 from .arguments import (
@@ -35,6 +36,7 @@ from .checkpoints import (
     save_checkpoint,
     trainable_names,
 )
+from .collapse import CollapseMonitor, mean_box_baseline, training_labels
 from .config_file import config_values, parse_args_with_config
 from .divergence import ON_NONFINITE, NonFiniteGuard, TrainingDiverged, check_finite_weights, is_new_best
 from .evaluation import evaluate, evaluate_splits
@@ -93,6 +95,7 @@ __all__ = [
     "STEP_DECAY",
     "TOWERS_FILE",
     "CachedTowerFeatures",
+    "CollapseMonitor",
     "NonFiniteGuard",
     "OutputLock",
     "OutputLockedError",
@@ -123,6 +126,7 @@ __all__ = [
     "fresh_tmp_dir",
     "is_new_best",
     "load_checkpoint",
+    "mean_box_baseline",
     "model_card_info",
     "open_output_dir",
     "parse_args_with_config",
@@ -143,6 +147,7 @@ __all__ = [
     "split_results",
     "trackers",
     "trainable_names",
+    "training_labels",
     "write_json",
     "write_results",
 ]
