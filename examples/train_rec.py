@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "without --augment, off with it (its images change every epoch: giving both is an error).")
     g.add_argument("--feature_cache_dir", default=None, help="Where the tower-feature cache is written, memory-mapped "
                    "by every process (default: OUTPUT/feature_cache); runs with the same towers and data reuse it.")
+    g.add_argument("--feature_cache_scope", choices=training.CACHE_SCOPES, default="global", help="global: one cache "
+                   "in a folder all machines share; node: one per machine, --feature_cache_dir on its own disk.")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=13)
     g.add_argument("--num_epochs", type=int, default=8)
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cache_features:  # run the frozen towers once; train the side network on their cached outputs
         train_loader, eval_loaders = training.cached_loaders(
             model, train_loader, eval_loaders, accelerator, args.batch_size,
-            args.feature_cache_dir or output_dir / "feature_cache", training.preprocessing_of(vars(args)))
+            args.feature_cache_dir or output_dir / "feature_cache", training.preprocessing_of(vars(args)),
+            args.feature_cache_scope)
     # the loss of always predicting the training set's mean box: the plateau a collapsed model sits on
     collapse = training.CollapseMonitor.for_training(train_loader.dataset, model.peft_config[model.active_adapter])
     logger.info(collapse.baseline_message())

@@ -41,6 +41,7 @@ from .config_file import config_values, parse_args_with_config
 from .divergence import ON_NONFINITE, NonFiniteGuard, TrainingDiverged, check_finite_weights, is_new_best
 from .evaluation import evaluate, evaluate_splits
 from .feature_cache import (
+    CACHE_SCOPES,
     CachedTowerFeatures,
     build_feature_cache,
     cached_loaders,
@@ -82,6 +83,7 @@ from .tracking import trackers
 __all__ = [
     "BEST_ADAPTER",
     "BEST_FILE",
+    "CACHE_SCOPES",
     "CHECKPOINTS_DIR",
     "CONFIG_FLAGS",
     "FINAL_ADAPTER",
