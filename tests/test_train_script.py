@@ -223,6 +223,6 @@ def test_every_flag_is_in_the_training_guide_and_the_test_only_crash_flag_is_gon
     guide = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     flags = [option for action in train_rec.build_parser()._actions for option in action.option_strings
              if option.startswith("--") and not option.startswith("--no-") and option != "--help"]
-    assert len(flags) == 69 and not [flag for flag in flags if f"`{flag}" not in guide]
+    assert len(flags) == 70 and not [flag for flag in flags if f"`{flag}" not in guide]
     assert "unrecognized arguments: --crash_after_steps" in _usage_error(train_rec, ["--crash_after_steps", "9"],
                                                                          capsys)
