@@ -18,6 +18,7 @@ adapters, head-only and the four M2IST variants, all in one process:
     python benchmarks/gpu_paper_scale.py --unfolded-batch-norm      # frozen batch norms fused, not folded into convs
     python benchmarks/gpu_paper_scale.py --channels-last            # every method's vision convolutions channels-last
     python benchmarks/gpu_paper_scale.py --batch-size 2 --steps 2   # CPU smoke test
+    python benchmarks/gpu_paper_scale.py --scale default --batch-size 1 --steps 1  # the small pair (gpu_day.py --dry-run)
 
 Timing rounds stop when the global `--time-budget` (seconds, counted from the start, model building included) is
 spent: 65% of it for training steps, the rest for inference. The JSON (`benchmarks/results/gpu_paper_scale_<device>
@@ -39,6 +40,8 @@ from benchmarks import baselines, environment, memory_time
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=("paper", "default", "tiny"), default="paper",
+                   help="paper (default); default or tiny (benchmarks/scales.py) for CPU runs (tiny: gpu_day.py --dry-run)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 on a GPU, 2 on CPU")
     p.add_argument("--steps", type=int, default=5, help="timed interleaved rounds (training and inference)")
     p.add_argument("--warmup", type=int, default=1)
@@ -67,7 +70,7 @@ def main(argv=None) -> dict:
     suffix += "_unfoldedbn" if a.unfolded_batch_norm else ""
     suffix += "_channelslast" if a.channels_last else ""
     args = argparse.Namespace(
-        scale="paper", methods=a.methods, device=a.device, batch_size=batch, account_batches=[batch],
+        scale=a.scale, methods=a.methods, device=a.device, batch_size=batch, account_batches=[batch],
         extrapolate_to=64, repeats=a.steps, warmup=a.warmup, inference_repeats=a.steps, bottleneck=128,
         lora_rank=16, head_dropout=0.1, head_checkpointing=a.head_checkpointing, bf16=a.bf16, tf32=a.tf32,
         time_budget=a.time_budget, skip=["live_peak"], threads=None, seed=0, cached_features=True,

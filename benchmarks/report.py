@@ -2,6 +2,7 @@
 `benchmarks/results/` (and the paper's reference numbers in `benchmarks/reference_paper.json`).
 
     python benchmarks/report.py
+    python benchmarks/report.py --gpu-day DIR    # with the JSON of `benchmarks/gpu_day.py --output-dir DIR`
 
 Every number in RESULTS.md comes from a JSON file written by a benchmark script; nothing is typed by hand. The words
 around the numbers are in `benchmarks/templates/`: `RESULTS.md.j2` is the document's outline, `prose.md.j2` the
@@ -10,6 +11,7 @@ captions, paragraphs and footnotes inside its sections; `benchmarks/reporting/` 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -50,8 +52,24 @@ def render(results: list[dict], figure: str | None) -> str:
     )
 
 
-def main() -> None:
-    results = load_results()
+def gpu_day_results(results: list[dict], folder: Path) -> list[dict]:
+    """`results` with the JSON files of a `benchmarks/gpu_day.py` folder (its `gpu_day.json` manifest aside) in
+    place of the same-named files of `benchmarks/results/` (and added where none is): a result's `_file` is
+    `results/<name>` wherever it was read from, as the report's sections look files up by that name."""
+    if not folder.is_dir():
+        return results
+    by_file = {r["_file"]: r for r in results}
+    for path in sorted(folder.glob("*.json")):
+        if path.name != "gpu_day.json":
+            by_file[f"results/{path.name}"] = {**json.loads(path.read_text()), "_file": f"results/{path.name}"}
+    return [by_file[name] for name in sorted(by_file)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu-day", type=Path, default=HERE / "results" / "gpu_day",
+                        help="a benchmarks/gpu_day.py output folder (default: benchmarks/results/gpu_day, if any)")
+    results = gpu_day_results(load_results(), parser.parse_args(argv).gpu_day)
     figure = make_figure(results)
     RESULTS_MD.write_text(render(results, figure))
     print(f"wrote {RESULTS_MD.relative_to(HERE.parent)}" + (f" and {figure}" if figure else ""))

@@ -1,7 +1,8 @@
 """The backbone pairs the benchmarks compare methods on, and the synthetic REC batches fed to them.
 
 - ``paper``: DETR-R50 (backbone + 6-layer encoder; the decoder is never run) + BERT-base, random weights, 640 px;
-- ``default``: the training example's offline pair, ImageNet MobileNetV2 cut at stride 16 + MiniLM-L6, 128 px.
+- ``default``: the training example's offline pair, ImageNet MobileNetV2 cut at stride 16 + MiniLM-L6, 128 px;
+- ``tiny``: the paper's layout at toy widths, for CPU dry runs of the GPU scripts.
 
 A `Scale` also says where each baseline puts its trainable parts (LoRA targets, adapter sites) and which tower
 layers M2IST taps; `benchmarks/baselines.py` builds the methods from it.
@@ -51,28 +52,22 @@ class _Removed(nn.Module):
         return self.why
 
 
-def paper_scale() -> Scale:
-    """DETR-R50 (backbone + 6-layer encoder; the decoder is never run) + BERT-base, random weights, 640 px."""
-    from transformers import BertConfig, BertModel, DetrConfig, DetrModel, ResNetConfig
-
-    backbone = ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
-                            out_features=["stage4"])
-    vision = DetrModel(DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
-                                  d_model=256, encoder_layers=6, decoder_layers=6))
-    text = BertModel(BertConfig())
+def _detr_bert_scale(name: str, vision: nn.Module, text: nn.Module, image_size: int, description: str) -> Scale:
+    """A DETR + BERT pair laid out as the paper's: M2IST taps on encoder layers 0-5 of both, LoRA on every attention
+    linear, bottleneck adapters after every FFN."""
     # Neither M2IST (`peft_m2ist.towers.forward.run_vision_tower`) nor the baselines run DETR's decoder: drop its weights so
     # every method's account holds only the weights a REC step uses.
     vision.decoder = _Removed("DETR decoder: never run for REC (the encoder's tokens feed the head)")
     vision.query_position_embeddings = _Removed("DETR object queries: decoder only")
     layers = range(6)
+    vision_depth, text_depth = len(vision.encoder.layers), len(text.encoder.layer)
     return Scale(
-        name="paper",
+        name=name,
         vision=vision,
         text=text,
-        image_size=640,
+        image_size=image_size,
         text_tokens=20,
-        description="DETR-R50 encoder (d=256, 6 layers) + BERT-base (12 layers, d=768), random weights, 640 px, "
-                    "20 tokens",
+        description=description,
         m2ist_taps=dict(
             vision_layers=[f"encoder.layers.{i}.mlp" for i in layers],
             vision_attention_layers=[f"encoder.layers.{i}.self_attn" for i in layers],
@@ -81,12 +76,26 @@ def paper_scale() -> Scale:
         ),
         lora_targets=r"(vision_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"
                      r"|text_model\.encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense))",
-        lora_note="q/k/v/out linears of the 6 DETR encoder layers and the 12 BERT layers",
-        adapter_sites=[f"vision_model.encoder.layers.{i}.mlp" for i in range(6)]
-        + [f"text_model.encoder.layer.{i}.output.dense" for i in range(12)],
-        adapter_note="after the FFN (before residual + LayerNorm) of the 6 DETR encoder layers and the 12 BERT layers",
+        lora_note=f"q/k/v/out linears of the {vision_depth} DETR encoder layers and the {text_depth} BERT layers",
+        adapter_sites=[f"vision_model.encoder.layers.{i}.mlp" for i in range(vision_depth)]
+        + [f"text_model.encoder.layer.{i}.output.dense" for i in range(text_depth)],
+        adapter_note=f"after the FFN (before residual + LayerNorm) of the {vision_depth} DETR encoder layers and the "
+                     f"{text_depth} BERT layers",
         unused_prefixes=("text_model.pooler.",),
     )
+
+
+def paper_scale() -> Scale:
+    """DETR-R50 (backbone + 6-layer encoder; the decoder is never run) + BERT-base, random weights, 640 px."""
+    from transformers import BertConfig, BertModel, DetrConfig, DetrModel, ResNetConfig
+
+    backbone = ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
+                            out_features=["stage4"])
+    vision = DetrModel(DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
+                                  d_model=256, encoder_layers=6, decoder_layers=6))
+    return _detr_bert_scale("paper", vision, BertModel(BertConfig()), 640,
+                            "DETR-R50 encoder (d=256, 6 layers) + BERT-base (12 layers, d=768), random weights, 640 px, "
+                            "20 tokens")
 
 
 def default_scale() -> Scale:
@@ -118,6 +127,21 @@ def default_scale() -> Scale:
     )
 
 
+def tiny_scale() -> Scale:
+    """The paper's layout at toy widths, for CPU dry runs (`benchmarks/gpu_day.py --dry-run`): DETR (basic ResNet of
+    widths 8-32, d=32, 6 encoder layers) + BERT (d=64, 6 layers), random weights, 128 px, 20 tokens."""
+    from transformers import BertConfig, BertModel, DetrConfig, DetrModel, ResNetConfig
+
+    backbone = ResNetConfig(layer_type="basic", depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 16, 32], embedding_size=8,
+                            out_features=["stage4"])
+    vision = DetrModel(DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
+                                  d_model=32, encoder_layers=6, decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=4))
+    text = BertModel(BertConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=2, intermediate_size=128))
+    return _detr_bert_scale("tiny", vision, text, 128, "toy DETR (d=32, 6 encoder layers) + toy BERT (d=64, 6 "
+                            "layers), random weights, 128 px, 20 tokens")
+
+
 FROZEN_BATCH_NORMS = ("folded", "fused", "stock")
 
 
@@ -129,7 +153,7 @@ def build_scale(name: str, seed: int = 0, frozen_batch_norm: str = "folded") -> 
     if frozen_batch_norm not in FROZEN_BATCH_NORMS:
         raise ValueError(f"`frozen_batch_norm` must be one of {FROZEN_BATCH_NORMS}, got {frozen_batch_norm!r}.")
     torch.manual_seed(seed)
-    scale = {"paper": paper_scale, "default": default_scale}[name]()
+    scale = {"paper": paper_scale, "default": default_scale, "tiny": tiny_scale}[name]()
     if frozen_batch_norm == "folded":
         peft_m2ist.fold_frozen_batch_norms(scale.vision)
     elif frozen_batch_norm == "fused":

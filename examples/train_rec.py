@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cache_features:  # run the frozen towers once; train the side network on their cached outputs
         train_loader, eval_loaders = training.cached_loaders(
             model, train_loader, eval_loaders, accelerator, args.batch_size,
-            args.feature_cache_dir or output_dir / "feature_cache", training.preprocessing_of(vars(args)))
+            args.feature_cache_dir or output_dir / "feature_cache", training.preprocessing_of(vars(args)),
+            args.feature_cache_scope)
+    # the loss of always predicting the training set's mean box: the plateau a collapsed model sits on
+    collapse = training.CollapseMonitor.for_training(train_loader.dataset, model.peft_config[model.active_adapter])
+    logger.info(collapse.baseline_message())
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
@@ -224,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
+            collapse.update(out.loss, out.pred_boxes)
             if not accelerator.sync_gradients:
                 continue
             run.step, run.skipped_steps = run.step + 1, guard.skipped
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
             if run.step >= total_steps:
                 break
         skip_batches = 0
+        for warning in collapse.end_epoch(epoch)["warnings"].values():  # "stuck: ..." (training.collapse)
+            logger.warning(warning)
         evaluate_epoch(model, eval_loaders, accelerator, run, epoch, info, args)
     progress.close()
 
@@ -254,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         set_peft_model_state_dict(unwrapped, load_file(output_dir / training.BEST_ADAPTER / "adapter_model.safetensors"))
         splits = training.split_results(training.evaluate_splits(model, eval_loaders, accelerator, desc="best adapter"))
     final = training.report_results(accelerator, args, {"best": best, "splits": splits, "history": run.history, **info,
-                                       "control": args.control, "elapsed_s": round(run.elapsed(), 1), "steps": run.step},
+                                       "control": args.control, "elapsed_s": round(run.elapsed(), 1), "steps": run.step,
+                                       "mean_box_baseline": collapse.baseline, "collapse_checks": collapse.epochs},
                    f"Best adapter (epoch {best['epoch']}, chosen on {first}) on {info['data']}" if best else
                    "no best adapter: every evaluation found no box (diverged? lower the learning rate)")
     if accelerator.is_main_process and best:

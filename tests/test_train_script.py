@@ -226,7 +226,7 @@ def test_every_flag_is_in_the_training_guide_and_the_test_only_crash_flag_is_gon
     # each flag by its name (HfArgumentParser adds a `--with-hyphens` spelling of each `--with_underscores` one)
     flags = [action.option_strings[0] for action in train_rec.build_parser()._actions
              if action.option_strings and action.option_strings[0] != "-h"]
-    assert len(flags) == 69 and not [flag for flag in flags if f"`{flag}" not in guide]
+    assert len(flags) == 70 and not [flag for flag in flags if f"`{flag}" not in guide]
     assert "unrecognized arguments: --crash_after_steps" in _usage_error(train_rec, ["--crash_after_steps", "9"],
                                                                          capsys)
 

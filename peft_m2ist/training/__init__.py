@@ -16,6 +16,7 @@
   `transformers.HfArgumentParser`, and the checks across flags after parsing.
 - `data_arguments`: the data flags, their per-dataset defaults and their checks against the files.
 - `tracking`: which experiment trackers `--report_to` means.
+- `collapse`: the mean-box baseline loss and the per-epoch "stuck" warnings (a collapsed model).
 """
 
 from .arguments import (
@@ -40,11 +41,13 @@ from .checkpoints import (
     save_checkpoint,
     trainable_names,
 )
+from .collapse import CollapseMonitor, mean_box_baseline, training_labels
 from .config_file import config_arguments, parse_args_with_config
 from .data_arguments import IMAGE_SIZES, DataArguments, resolve_data_args
 from .divergence import ON_NONFINITE, NonFiniteGuard, TrainingDiverged, check_finite_weights, is_new_best
 from .evaluation import evaluate, evaluate_splits
 from .feature_cache import (
+    CACHE_SCOPES,
     CachedTowerFeatures,
     build_feature_cache,
     cached_loaders,
@@ -85,6 +88,7 @@ from .tracking import trackers
 __all__ = [
     "BEST_ADAPTER",
     "BEST_FILE",
+    "CACHE_SCOPES",
     "CHECKPOINTS_DIR",
     "CONFIG_FLAGS",
     "FINAL_ADAPTER",
@@ -97,6 +101,7 @@ __all__ = [
     "RUN_STATE_FILE",
     "STEP_DECAY",
     "CachedTowerFeatures",
+    "CollapseMonitor",
     "DataArguments",
     "FlagParser",
     "NonFiniteGuard",
@@ -133,6 +138,7 @@ __all__ = [
     "fresh_tmp_dir",
     "is_new_best",
     "load_checkpoint",
+    "mean_box_baseline",
     "model_card_info",
     "open_output_dir",
     "parse_args_with_config",
@@ -153,6 +159,7 @@ __all__ = [
     "split_results",
     "trackers",
     "trainable_names",
+    "training_labels",
     "write_json",
     "write_results",
 ]

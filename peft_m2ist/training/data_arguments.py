@@ -20,6 +20,8 @@ from peft_m2ist.data.sources import (
     parse_split_list,
 )
 
+from .feature_cache import CACHE_SCOPES
+
 IMAGE_SIZES: dict[str, int] = {"shapes": 128, "refer": 640, "transvg": 640, "hf": 640}
 """Default `--image_size` of each `--dataset`: the benchmark's native 128 px, the paper's 640 px canvas for real data."""
 
@@ -77,6 +79,8 @@ class DataArguments:
     feature_cache_dir: str | None = _flag(None, "Where the tower-feature cache is written, memory-mapped by every "
                                           "process (default: OUTPUT/feature_cache); runs with the same towers and "
                                           "data reuse it.")
+    feature_cache_scope: str = _flag("global", "global: one cache in a folder all machines share; node: one per "
+                                     "machine, --feature_cache_dir on its own disk.", choices=CACHE_SCOPES)
 
 
 def resolve_data_args(args: argparse.Namespace) -> DataSource:

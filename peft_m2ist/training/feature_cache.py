@@ -7,6 +7,11 @@ larger than the RAM. The vision tower runs once per image and its outputs are st
 of one `image_id` share them; RefCOCO has 7 expressions per image); the text tower's outputs are stored once per
 expression. Before writing, the build logs the size on disk and refuses to start when the disk lacks the room.
 
+Who builds it (`scope`): with `"global"` (the default) the global main process builds the cache and every process
+maps that one folder, which must then be shared by all machines (a network file system); with `"node"` the local main
+process of each machine builds its own copy in the same path on that machine's disk (a node-local scratch folder,
+the common case on clusters), and the processes of each machine map their machine's copy.
+
 A finished cache is one folder per split, renamed into place at the end (an interrupted build leaves only
 `<split>.tmp`, rebuilt next time), with `manifest.json` recording a fingerprint of what produced it (the towers'
 weights and configs, the active adapter's taps, the data and its preprocessing). A later run with the same
@@ -27,7 +32,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +45,11 @@ from ..towers.layouts import get_tower
 from .atomic import fresh_tmp_dir, read_json, replace_dir, write_json
 
 logger = get_logger(__name__)
+
+CacheScope = Literal["global", "node"]
+CACHE_SCOPES: tuple[str, ...] = ("global", "node")
+"""`"global"`: one cache built by the global main process in a folder every machine sees; `"node"`: one per machine,
+built by its local main process in a folder of its own disk."""
 
 CACHE_FORMAT = 1
 """Bumped when the files' layout changes: a cache of another format is rebuilt."""
@@ -262,9 +272,18 @@ def cache_is_current(folder: Path, fingerprint: Mapping[str, Any]) -> bool:
         return False
 
 
+def is_cache_builder(accelerator: Accelerator, scope: CacheScope = "global") -> bool:
+    """Whether this process builds the cache: the global main process (`scope="global"`) or each machine's local
+    main process (`scope="node"`)."""
+    if scope not in CACHE_SCOPES:
+        raise ValueError(f"feature cache scope must be one of {CACHE_SCOPES}, got {scope!r}")
+    return accelerator.is_main_process if scope == "global" else accelerator.is_local_main_process
+
+
 def build_feature_cache(model: Any, loader: DataLoader, folder: str | os.PathLike, accelerator: Accelerator,
-                        desc: str, data_fingerprint: Any = None) -> CachedTowerFeatures:
-    """The split of `loader` as a `CachedTowerFeatures` in `folder`, built by the main process unless a finished
+                        desc: str, data_fingerprint: Any = None, scope: CacheScope = "global") -> CachedTowerFeatures:
+    """The split of `loader` as a `CachedTowerFeatures` in `folder`, built by the global main process (`scope=
+    "global"`) or by each machine's local main process (`scope="node"`, a node-local `folder`) unless a finished
     cache of the same towers, taps and data (`data_fingerprint`, e.g. the dataset's fingerprint and preprocessing;
     None: unknown, always rebuilt) is already there; the other processes wait, then memory-map it.
 
@@ -273,9 +292,9 @@ def build_feature_cache(model: Any, loader: DataLoader, folder: str | os.PathLik
     """
     folder = Path(folder)
     fingerprint = {**towers_fingerprint(model), "data": data_fingerprint}
-    if accelerator.is_main_process:
+    if is_cache_builder(accelerator, scope):
         if cache_is_current(folder, fingerprint):
-            logger.info(f"{desc}: reusing {folder} (same towers, taps and data)", main_process_only=True)
+            logger.info(f"{desc}: reusing {folder} (same towers, taps and data)", main_process_only=scope == "global")
         else:
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = fresh_tmp_dir(folder)
@@ -295,10 +314,12 @@ def build_feature_cache(model: Any, loader: DataLoader, folder: str | os.PathLik
 
 def cached_loaders(model: Any, train_loader: DataLoader, eval_loaders: Mapping[str, DataLoader],
                    accelerator: Accelerator, batch_size: int, cache_dir: str | os.PathLike,
-                   preprocessing: Mapping[str, Any] | None = None) -> tuple[DataLoader, dict[str, DataLoader]]:
+                   preprocessing: Mapping[str, Any] | None = None,
+                   scope: CacheScope = "global") -> tuple[DataLoader, dict[str, DataLoader]]:
     """Loaders over the cached tower features of the training split (shuffled) and of each evaluation split (split
     name -> loader), in place of the image loaders; the caches live in `cache_dir/train` and `cache_dir/eval-<split>`,
     reused when their towers, taps, data and `preprocessing` (see `data_fingerprint`; None: never reused) match.
+    `scope`: who builds them (`build_feature_cache`), `"node"` for a `cache_dir` on each machine's own disk.
 
     Moves `model` to the accelerator's device to run the towers there.
     """
@@ -307,7 +328,7 @@ def cached_loaders(model: Any, train_loader: DataLoader, eval_loaders: Mapping[s
 
     def build(loader: DataLoader, folder: str, desc: str) -> CachedTowerFeatures:
         data = None if preprocessing is None else data_fingerprint(loader.dataset, preprocessing)
-        return build_feature_cache(model, loader, cache_dir / folder, accelerator, desc, data)
+        return build_feature_cache(model, loader, cache_dir / folder, accelerator, desc, data, scope)
 
     train = build(train_loader, "train", "caching tower features (train)")
     evals = {name: build(loader, f"eval-{name}", f"caching tower features ({name})")
