@@ -3,7 +3,7 @@
 
     python benchmarks/gpu_day.py                        # on the GPU: writes benchmarks/results/gpu_day/
     python benchmarks/report.py                         # RESULTS.md from benchmarks/results/ and that folder
-    python benchmarks/gpu_day.py --dry-run --output-dir /tmp/gpu_day   # the same steps on the CPU at tiny sizes
+    python benchmarks/gpu_day.py --dry-run --output-dir gpu_day_dry   # the same steps on the CPU at tiny sizes
 
 Every row is a subprocess (`benchmarks/gpu_paper_scale.py --output FOLDER/<row file>`) killed at its budget plus
 `KILL_MARGIN_S` (in the dry run, `gpu_paper_scale.main` with the same arguments, in this process); a row that does not fit what is left of `TOTAL_BUDGET_S` is skipped, and said so. The folder gets
