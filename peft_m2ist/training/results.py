@@ -8,7 +8,9 @@ benchmark), Acc@0.5 per type. Real formats' phrase type `unknown` gets no column
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
+import platform
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -91,12 +93,27 @@ def model_card_info(data: str, splits: Mapping[str, Mapping[str, float]], argv: 
     return {"training_data": data, "training_command": command, "evaluation": evaluation}
 
 
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "numpy", "pillow", "safetensors")
+"""The packages whose versions a results.json records: the same command can score otherwise under other versions."""
+
+
+def package_versions() -> dict[str, str | None]:
+    """`{"python": ..., "torch": ..., ...}`: the versions this process runs with (`None` for one not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def report_results(accelerator: Any, args: argparse.Namespace, results: dict, caption: str) -> dict:
-    """The main process writes OUTPUT/results.json (with the towers and the arguments) and the table
-    OUTPUT/results.md, and prints the table; returns what it wrote (`{}` on the other processes)."""
+    """The main process writes OUTPUT/results.json (with the towers, the arguments and the package versions) and the
+    table OUTPUT/results.md, and prints the table; returns what it wrote (`{}` on the other processes)."""
     if not accelerator.is_main_process:
         return {}
     results = {**results, "towers": {"vision": args.vision_model, "text": args.text_model},
-               "args": {k: v for k, v in vars(args).items() if k != "config"}}
+               "args": {k: v for k, v in vars(args).items() if k != "config"}, "versions": package_versions()}
     accelerator.print(write_results(args.output_dir, results, caption))
     return results

@@ -40,3 +40,17 @@ def test_the_shapes_benchmark_keeps_its_per_phrase_type_columns(tmp_path):
                         "position Acc@0.5 (%) | relation Acc@0.5 (%) |")
     assert lines[4] == "| val | 81.35 | 0.7123 | 1000 | 90.00 | 70.00 | 80.00 | 65.50 |"
     assert len(lines) == 5
+
+
+def test_package_versions_name_the_installed_ones():
+    """results.json records the versions a run used: the same command scores otherwise under other versions."""
+    import importlib.metadata
+    import platform
+
+    from peft_m2ist.training.results import PACKAGES, package_versions
+
+    versions = package_versions()
+    assert versions["python"] == platform.python_version()
+    assert set(versions) == {"python", *PACKAGES}
+    assert versions["torch"] == importlib.metadata.version("torch")
+    assert versions["transformers"] == importlib.metadata.version("transformers")
