@@ -228,13 +228,14 @@ def main(argv: list[str] | None = None) -> dict:
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            collapse.update(out.loss, out.pred_boxes)
+            loss = out.loss.item()  # read once: the monitor, the progress bar and the trackers
+            collapse.update(loss, out.pred_boxes)
             if not accelerator.sync_gradients:
                 continue
             run.step, run.skipped_steps = run.step + 1, guard.skipped
             progress.update(1)
-            progress.set_postfix(loss=f"{out.loss.item():.3f}", l1=f"{out.loss_l1.item():.3f}")
-            accelerator.log({"train/loss": out.loss.item(), "train/loss_l1": out.loss_l1.item(),
+            progress.set_postfix(loss=f"{loss:.3f}", l1=f"{out.loss_l1.item():.3f}")
+            accelerator.log({"train/loss": loss, "train/loss_l1": out.loss_l1.item(),
                              "train/loss_giou": out.loss_giou.item(), "lr": scheduler.get_last_lr()[-1]},
                             step=run.step)
             if stop.requested(accelerator) or (args.checkpointing_steps and run.step % args.checkpointing_steps == 0):

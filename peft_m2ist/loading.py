@@ -23,7 +23,7 @@ from .pretrained import load_text_tower, load_vision_tower
 from .pretrained.towers_file import TOWERS_FILE, read_towers_file
 from .towers.pair import VisionTextPair
 from .tuner.config import M2ISTConfig
-from .tuner.tower_record import BASE_TOWER_KEYS
+from .tuner.tower_record import BASE_TOWER_KEYS, dtype_name
 
 ARGUMENTS = {"vision": "vision_model", "text": "text_model", "dtype": "dtype"}
 """Which argument of `load_adapter_with_towers` gives each entry of the record."""
@@ -52,14 +52,6 @@ def check_adapter_location(adapter: str, hint: str = "pass the folder that save_
     looks_local = local.exists() or adapter.startswith((".", "/", "~")) or adapter.count("/") > 1
     if looks_local and not (local / "adapter_config.json").is_file():
         raise ValueError(f"no adapter at {adapter!r} (no adapter_config.json there); {hint}")
-
-
-def dtype_name(dtype: str | torch.dtype) -> str:
-    """``"float32"`` for ``torch.float32`` or ``"float32"``; ``ValueError`` for anything but a floating dtype."""
-    name = str(dtype).removeprefix("torch.")
-    if not (isinstance(getattr(torch, name, None), torch.dtype) and getattr(torch, name).is_floating_point):
-        raise ValueError(f"tower dtype {dtype!r} is not a torch floating-point dtype (e.g. 'float32', 'bfloat16')")
-    return name
 
 
 def read_recorded_towers(adapter: str, **hub_kwargs: Any) -> tuple[dict[str, str], str]:

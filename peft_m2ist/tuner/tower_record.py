@@ -40,12 +40,21 @@ def check_base_towers(value: Any) -> dict[str, str | None] | None:
     for key, entry in record.items():
         if entry is not None and (not isinstance(entry, str) or not entry.strip()):
             raise ValueError(f"`base_towers['{key}']` must be None or a non-empty string, got {entry!r}.")
-    dtype = record["dtype"]
-    if dtype is not None and not (isinstance(getattr(torch, dtype, None), torch.dtype)
-                                  and getattr(torch, dtype).is_floating_point):
-        raise ValueError(f"`base_towers['dtype']` must name a torch floating-point dtype (e.g. 'float32', "
-                         f"'bfloat16'), got {dtype!r}.")
+    if record["dtype"] is not None:
+        try:
+            dtype_name(record["dtype"])
+        except ValueError:
+            raise ValueError(f"`base_towers['dtype']` must name a torch floating-point dtype (e.g. 'float32', "
+                             f"'bfloat16'), got {record['dtype']!r}.") from None
     return record
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32`` or ``"float32"``; ``ValueError`` for anything but a floating dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if not (isinstance(getattr(torch, name, None), torch.dtype) and getattr(torch, name).is_floating_point):
+        raise ValueError(f"tower dtype {dtype!r} is not a torch floating-point dtype (e.g. 'float32', 'bfloat16')")
+    return name
 
 
 def tower_name_or_path(tower: nn.Module) -> str | None:
