@@ -23,6 +23,7 @@ from benchmarks.reporting.base import ENVIRONMENT, GOAL_METHOD, HERE, load_resul
 from benchmarks.reporting.figure import make_figure
 from benchmarks.reporting.goals import goals_section, summary_section
 from benchmarks.reporting.memory import memory_time_section
+from benchmarks.reporting.multi_adapter import multi_adapter_section
 from benchmarks.reporting.overview import overview_section
 from benchmarks.reporting.staleness import refresh, staleness_section
 
@@ -50,6 +51,7 @@ def render(results: list[dict], figure: str | None) -> str:
         memory_time=["\n".join(memory_time_section(r)) for r in results if r.get("kind") == "memory_time"],
         accuracy="\n".join(accuracy_section(results)),
         staleness="\n".join(staleness_section(results)),
+        multi_adapter="\n".join(multi_adapter_section(results)),
         figure=figure,
     )
 
