@@ -26,6 +26,7 @@ from benchmarks.reporting.memory import memory_time_section
 from benchmarks.reporting.multi_adapter import multi_adapter_section
 from benchmarks.reporting.overview import overview_section
 from benchmarks.reporting.staleness import refresh, staleness_section
+from benchmarks.reporting.tower_dtypes import tower_dtype_section
 
 RESULTS_MD = HERE / "RESULTS.md"
 
@@ -52,6 +53,7 @@ def render(results: list[dict], figure: str | None) -> str:
         accuracy="\n".join(accuracy_section(results)),
         staleness="\n".join(staleness_section(results)),
         multi_adapter="\n".join(multi_adapter_section(results)),
+        tower_dtypes="\n".join(tower_dtype_section(results)),
         figure=figure,
     )
 

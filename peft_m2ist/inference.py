@@ -148,8 +148,8 @@ class ReferringExpressionGrounder:
             adapter: the adapter folder or Hub id.
             vision_model, text_model: tower names (Hub ids, folders, ``offline:*``); default: the ones the adapter
                 records.
-            dtype: the towers' dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype); default: the
-                recorded one, else float32.
+            dtype: the towers' dtype (``"float32"``, ``"bfloat16"``, ``"float16"``, a torch dtype, or ``"int8"``:
+                float32 towers with weight-only int8 weights); default: the recorded one, else float32.
             device: where to run; default: CUDA when available, else the CPU.
             extra_adapters: adapter name -> folder or Hub id of further adapters trained on the same towers, for
                 ``adapter_names=`` in calls.
