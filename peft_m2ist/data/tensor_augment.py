@@ -41,9 +41,9 @@ def resize_uint8(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Bilinear, antialiased resize of a ``uint8`` ``(3, h, w)`` tensor to ``(3, height, width)`` (PIL's filter)."""
     if pixels.shape[1:] == (height, width):
         return pixels
-    resized = F.interpolate(pixels.unsqueeze(0), size=(height, width), mode="bilinear", antialias=True,
-                            align_corners=False)
-    return resized[0]
+    # channels-last input takes torch's vectorised uint8 path (same values as the generic one, about twice as fast)
+    batch = pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def grey(planes: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,12 @@ def brightness(planes: torch.Tensor, factor: float) -> torch.Tensor:
 def contrast(planes: torch.Tensor, factor: float) -> torch.Tensor:
     """``ImageEnhance.Contrast(image).enhance(factor)``: a blend with the grey image's rounded mean level."""
     levels = grey(planes)
-    mean = int(float(levels.sum(dtype=torch.float64)) / levels.numel() + 0.5) if levels.numel() else 0
+    if not levels.numel():
+        return blend(0.0, planes, factor)
+    # ImageStat's mean, rounded: the sum of integer levels must be exact. Row sums in float32 are (every partial sum
+    # is an integer below 2**24 while a row holds fewer than 65,793 pixels), and are added up in float64.
+    rows = levels.sum(dim=1) if levels.shape[1] * 255 < 2**24 else levels.sum(dim=1, dtype=torch.float64)
+    mean = int(float(rows.sum(dtype=torch.float64)) / levels.numel() + 0.5)
     return blend(float(mean), planes, factor)
 
 
