@@ -24,7 +24,12 @@ import torch
 from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
 from transformers import BertTokenizerFast
-from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.utils.constants import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
 
 from benchmarks.loader_reference import PILRECCollator
 from peft_m2ist.data import RECCollator, TrainAugment
@@ -125,11 +130,13 @@ def test_the_jitter_is_pils_bit_for_bit(records):
         assert np.array_equal(planes.permute(1, 2, 0).numpy(), np.asarray(expected, dtype=np.float32)), steps
 
 
-def test_the_normalisation_gives_numpys_bits_for_every_level():
+@pytest.mark.parametrize("mean, std", [(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+                                       ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def test_the_normalisation_gives_numpys_bits_for_every_level(mean, std):
     values = np.tile(np.arange(256, dtype=np.float32)[:, None], (5, 3)).reshape(-1, 1, 3)  # every level, odd length
-    expected = ((values / 255.0 - np.asarray(IMAGENET_DEFAULT_MEAN, dtype=np.float32))
-                / np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float32))
-    canvas = CanvasBatch(1, values.shape[0], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    # the old collator's arithmetic: float32 levels / 255, minus the float32 mean, over the float32 std
+    expected = (values / 255.0 - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    canvas = CanvasBatch(1, values.shape[0], mean, std)
     canvas.paste(0, torch.from_numpy(values.copy()).permute(2, 0, 1).contiguous(), (0, 0))
     assert np.array_equal(canvas.pixel_values[0, :, :, 0].T.numpy(), expected[:, 0])
     assert canvas.pixel_mask[0, :, 0].all() and not canvas.pixel_mask[0, :, 1:].any()
