@@ -12,6 +12,13 @@
    normalisation) in records/s with 1, 2 and 8 DataLoader workers, on real-size photos (scikit-image's samples
    resized to 640 x 480, JPEG), batch 64, and compares it with what a GPU training step at batch 64 consumes (the
    M2IST step time of `benchmarks/results/gpu_paper_scale_cuda.json`).
+   With `--compare-reference` the loader before the tensor rendering (`benchmarks/loader_reference.py`: PIL
+   augmentation, per-record numpy normalisation, `torch.stack`) is measured in the same run, interleaved with the
+   current one for each worker count (reference, current, current, reference, ... `--rounds` times), and the JSON
+   gets its records/s and the ratio per worker count, with the 1-minute load average before and after each timing
+   (the cores may be shared with other processes: the ratio of interleaved timings is the portable number).
+
+    python benchmarks/data_scale.py --workers 1 2 --compare-reference    # before and after, 1 and 2 workers
 
 Prints a table and writes JSON (`--output`).
 """
@@ -50,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--throughput-batches", type=int, default=8,
                    help="timed batches per worker count (at least 6 per worker, so prefetched batches do not count much)")
     p.add_argument("--canvas", type=int, default=640)
+    p.add_argument("--compare-reference", action="store_true",
+                   help="also measure the loader before the tensor rendering (benchmarks/loader_reference.py), "
+                        "interleaved with the current one")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --compare-reference: timings of each loader per worker count, in ABBA order")
     p.add_argument("--output", type=Path, default=RESULTS / "data_scale.json")
     p.add_argument("--index-only", type=Path, default=None, help=argparse.SUPPRESS)  # the child process
     return p.parse_args(argv)
@@ -130,40 +142,77 @@ def write_photo_refer(root: Path, copies: int = 40) -> Path:
     return write_refer_layout(root, photos=photos)
 
 
-def measure_throughput(root: Path, workers: list[int], batch_size: int, batches: int, canvas: int) -> dict:
-    """Records/s of a shuffled training DataLoader over the photo layout, per worker count."""
-    import datasets
+def time_loader(dataset, collator, count: int, batch_size: int, batches: int) -> dict:
+    """Records/s of a shuffled DataLoader with ``count`` workers over ``dataset`` (its first batches included)."""
     import torch
     from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=count, collate_fn=collator,
+                        generator=torch.Generator().manual_seed(0), persistent_workers=False, drop_last=True)
+    # timed from the start, worker start-up included, over enough batches that the ones the workers prefetch
+    # (2 each) are a small part: a lower bound on the steady rate
+    wanted = max(batches, 6 * max(count, 1))
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    seen, iterator = 0, iter(loader)
+    for _ in range(wanted):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            batch = next(iterator)
+        seen += batch["pixel_values"].shape[0]
+        del batch
+    seconds = time.perf_counter() - start
+    del iterator, loader
+    return {"records_per_s": seen / seconds, "records": seen, "seconds": seconds,
+            "load_average_1min": [load_before, os.getloadavg()[0]]}
+
+
+def pooled(timings: list[dict]) -> dict:
+    """Several timings of one loader as one: total records over total seconds, each timing kept."""
+    records, seconds = sum(t["records"] for t in timings), sum(t["seconds"] for t in timings)
+    pooled_result = {"records_per_s": records / seconds, "records": records, "seconds": seconds}
+    if len(timings) == 1:
+        return {**pooled_result, "load_average_1min": timings[0]["load_average_1min"]}
+    return {**pooled_result, "timings": timings}
+
+
+def measure_throughput(root: Path, workers: list[int], batch_size: int, batches: int, canvas: int,
+                       compare_reference: bool = False, rounds: int = 1) -> dict:
+    """Records/s of a shuffled training DataLoader over the photo layout, per worker count.
+
+    With ``compare_reference`` the reference loader (``benchmarks/loader_reference.py``) is timed too, in the order
+    reference, current, current, reference, ... (``rounds`` timings each), and ``speedup`` is current / reference.
+    """
+    import datasets
     from transformers import AutoTokenizer
 
+    from benchmarks.loader_reference import PILRECCollator
     from peft_m2ist.data import RECCollator, load_refer
     from peft_m2ist.pretrained.offline import minilm_path
 
     datasets.disable_progress_bars()
     dataset = load_refer(root, "refcoco", "unc", "train").dataset
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    collator = RECCollator(tokenizer, image_size=canvas, max_text_tokens=20, train=True)
-    results = {}
+    collators = {"current": RECCollator(tokenizer, image_size=canvas, max_text_tokens=20, train=True)}
+    if compare_reference:
+        collators["reference"] = PILRECCollator(tokenizer, image_size=canvas, max_text_tokens=20, train=True)
+    timings: dict[str, dict[str, list[dict]]] = {name: {} for name in collators}
+    order = [name for r in range(rounds) for name in (("reference", "current") if r % 2 == 0 else
+                                                      ("current", "reference"))] if compare_reference else ["current"]
     for count in workers:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=count, collate_fn=collator,
-                            generator=torch.Generator().manual_seed(0), persistent_workers=False, drop_last=True)
-        # timed from the start, worker start-up included, over enough batches that the ones the workers prefetch
-        # (2 each) are a small part: a lower bound on the steady rate
-        wanted = max(batches, 6 * max(count, 1))
-        start = time.perf_counter()
-        seen, iterator = 0, iter(loader)
-        for _ in range(wanted):
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                iterator = iter(loader)
-                batch = next(iterator)
-            seen += batch["pixel_values"].shape[0]
-        seconds = time.perf_counter() - start
-        results[str(count)] = {"records_per_s": seen / seconds, "records": seen, "seconds": seconds}
-        del iterator, loader
-    return {"records": len(dataset), "results": results}
+        for name in order:
+            timings[name].setdefault(str(count), []).append(
+                time_loader(dataset, collators[name], count, batch_size, batches))
+    out = {"records": len(dataset), "results": {k: pooled(v) for k, v in timings["current"].items()}}
+    if compare_reference:
+        out["reference"] = {"loader": "benchmarks/loader_reference.py (PILRECCollator)",
+                            "results": {k: pooled(v) for k, v in timings["reference"].items()}}
+        out["speedup"] = {k: out["results"][k]["records_per_s"] / out["reference"]["results"][k]["records_per_s"]
+                          for k in out["results"]}
+        out["rounds"] = rounds
+    return out
 
 
 def gpu_need(batch_size: int) -> dict | None:
@@ -184,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import tempfile
 
+    from benchmarks.environment import command_line
+
+    load_at_start = os.getloadavg()[0]  # above the CPU count: other processes shared the cores
     with tempfile.TemporaryDirectory(prefix="data_scale_") as tmp:
         root = args.root or Path(tmp)
         start = time.perf_counter()
@@ -191,11 +243,12 @@ def main(argv: list[str] | None = None) -> dict:
         write_seconds = time.perf_counter() - start
         index = measure_index(root / "synthetic")
         throughput = measure_throughput(write_photo_refer(root / "photos"), args.workers, args.batch_size,
-                                        args.throughput_batches, args.canvas)
+                                        args.throughput_batches, args.canvas, args.compare_reference, args.rounds)
     need = gpu_need(args.batch_size)
     result = {
-        "kind": "data_scale", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                          "python": platform.python_version()},
+        "kind": "data_scale", "command": command_line(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_1min_at_start": load_at_start, "load_average_1min_at_end": os.getloadavg()[0]},
         "dataset": counts, "write_seconds": write_seconds, "index": index,
         "throughput": {"canvas": args.canvas, "batch_size": args.batch_size, "augment": True, **throughput},
         "gpu_need": need,
@@ -204,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     if need:
         best = max(r["records_per_s"] for r in throughput["results"].values())
         result["goals"]["loader_keeps_up_with_gpu_step"] = best >= need["records_per_s"]
+    if "speedup" in throughput and "1" in throughput["speedup"]:
+        result["goals"]["loader_2x_reference_per_worker"] = throughput["speedup"]["1"] >= 2.0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
@@ -216,9 +271,16 @@ def print_table(result: dict) -> None:
     print("| measure | value | goal |\n| --- | --- | --- |")
     print(f"| index build, all splits | {index['seconds']:.1f} s | < 60 s |")
     print(f"| index peak RSS | {index['peak_rss_mb']:,.0f} MB | < 2,048 MB |")
-    for workers, r in result["throughput"]["results"].items():
-        print(f"| loader, {workers} worker(s), {result['throughput']['canvas']} px, augment | "
+    throughput = result["throughput"]
+    reference = throughput.get("reference", {}).get("results", {})
+    for workers, r in throughput["results"].items():
+        if workers in reference:
+            print(f"| loader before (PIL), {workers} worker(s), {throughput['canvas']} px, augment | "
+                  f"{reference[workers]['records_per_s']:.0f} records/s | |")
+        print(f"| loader, {workers} worker(s), {throughput['canvas']} px, augment | "
               f"{r['records_per_s']:.0f} records/s | |")
+        if workers in throughput.get("speedup", {}):
+            print(f"| speedup, {workers} worker(s) | {throughput['speedup'][workers]:.2f}x | >= 2x |")
     need = result["gpu_need"]
     if need:
         print(f"| M2IST step at batch {need['batch_size']} on {need['gpu']} consumes | "

@@ -16,20 +16,32 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from transformers.image_transforms import corners_to_center_format
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from peft_m2ist.data.canvas import CanvasBatch
 from peft_m2ist.data.records import BOX_TOLERANCE_PX
-from peft_m2ist.data.transforms import CanvasSample, TrainAugment, resize_and_pad
+from peft_m2ist.data.tensor_augment import render, rgb_array
+from peft_m2ist.data.transforms import Box, CanvasSample, TrainAugment, resize_and_pad
 
 _TRAIN_NEEDS_BOXES = (
     "RECCollator(train=True) needs a `bbox` in every record: the augmentation crops around the target box and "
     "moves it with the image. Batch records without a box with train=False (prediction)."
 )
+
+
+class RenderedRecord(NamedTuple):
+    """A record on its way into the batch: ``planes`` float32 ``(3, h, w)`` of levels 0..255 (RGB), ``offset``
+    ``(x, y)`` on the canvas, ``bbox`` ``[x0, y0, x1, y1]`` canvas pixels (``None`` without a box), ``phrase``."""
+
+    planes: torch.Tensor
+    offset: tuple[int, int]
+    bbox: Box | None
+    phrase: str
 
 
 class RECCollator:
@@ -101,17 +113,24 @@ class RECCollator:
             return dataclasses.replace(sample, bbox=None)
         return resize_and_pad(image, box, phrase, self.image_size)
 
-    def _normalise(self, sample: CanvasSample) -> tuple[torch.Tensor, torch.Tensor]:
-        """Canvas tensor (3, S, S) and mask (S, S) for one sample."""
-        size = self.image_size
-        pixels = np.zeros((size, size, 3), dtype=np.float32)
-        mask = np.zeros((size, size), dtype=np.int64)
-        array = (np.asarray(sample.image, dtype=np.float32) / 255.0 - self.image_mean) / self.image_std
-        x, y = sample.offset
-        height, width = array.shape[:2]
-        pixels[y : y + height, x : x + width] = array
-        mask[y : y + height, x : x + width] = 1
-        return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(mask)
+    def render(self, record: dict[str, Any], rng: np.random.Generator | None = None) -> RenderedRecord:
+        """One record's canvas content, as ``__call__`` batches it: float32 levels ``(3, h, w)``, offset, box, phrase.
+
+        With ``train=False`` the pixels are those of ``transform`` (``resize_and_pad``, PIL). With ``train=True`` the
+        random decisions are ``TrainAugment``'s (``augment.plan``: the same draws, boxes and phrases as
+        ``transform``) and the pixel work runs on tensors (``tensor_augment.render``), which matches PIL's to a grey
+        level on a few pixels (the resize); ``transform`` keeps the PIL rendering.
+        """
+        if not self.train:
+            sample = self.transform(record)
+            planes = torch.from_numpy(rgb_array(sample.image)).permute(2, 0, 1).to(torch.float32)
+            return RenderedRecord(planes, sample.offset, sample.bbox, sample.phrase)
+        box = _record_box(record)
+        if box is None:
+            raise ValueError(_TRAIN_NEEDS_BOXES)
+        image = record["image"]
+        plan = self.augment.plan(*image.size, box, record["phrase"], rng if rng is not None else self._generator())
+        return RenderedRecord(render(image, plan), plan.offset, plan.bbox, plan.phrase)
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Batch of records -> model inputs (see module docstring for names, shapes and formats).
@@ -129,8 +148,13 @@ class RECCollator:
                 "without (prediction: no `labels`)."
             )
         rng = self._generator() if self.train else None
-        samples = [self.transform(record, rng) for record in records]
-        pixel_values, pixel_mask = zip(*(self._normalise(sample) for sample in samples))
+        canvas = CanvasBatch(len(records), self.image_size, self.image_mean.ravel().tolist(),
+                             self.image_std.ravel().tolist())
+        samples = []
+        for index, record in enumerate(records):
+            sample = self.render(record, rng)
+            canvas.paste(index, sample.planes, sample.offset)
+            samples.append(sample)
         text = self.tokenizer(
             [sample.phrase for sample in samples],
             padding="max_length",
@@ -139,8 +163,8 @@ class RECCollator:
             return_tensors="pt",
         )
         batch = {
-            "pixel_values": torch.stack(pixel_values),
-            "pixel_mask": torch.stack(pixel_mask),
+            "pixel_values": canvas.pixel_values,
+            "pixel_mask": canvas.pixel_mask,
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
         }

@@ -79,22 +79,49 @@ class CanvasSample:
     canvas_size: int
 
 
+@dataclass(frozen=True)
+class AugmentPlan:
+    """The random decisions of one ``TrainAugment`` call, drawn without touching pixels (``TrainAugment.plan``).
+
+    ``source_size``: ``(width, height)`` of the image drawn for; ``crop``: ``(left, top, right, bottom)`` integer
+    pixels of it (the whole image when not cropped); ``size``: ``(width, height)`` after the resize; ``jitter``:
+    ``((name, factor), ...)`` in order (names of ``JITTER_ORDER``), empty when skipped; ``flip``: mirrored after the
+    jitter; ``offset``: ``(x, y)`` on the canvas; ``bbox``: ``[x0, y0, x1, y1]`` canvas pixels; ``phrase``: with
+    left/right swapped when flipped.
+    """
+
+    source_size: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    size: tuple[int, int]
+    jitter: tuple[tuple[str, float], ...]
+    flip: bool
+    offset: tuple[int, int]
+    bbox: Box
+    phrase: str
+    canvas_size: int
+
+
 def _clip_box(box: Box, width: float, height: float) -> Box:
     x0, y0, x1, y1 = box
     return (min(max(x0, 0.0), width), min(max(y0, 0.0), height),
             min(max(x1, 0.0), width), min(max(y1, 0.0), height))
 
 
-def resize_long_side(image: Image.Image, box: Box, long_side: int) -> tuple[Image.Image, Box]:
-    """Resize so that the longer side is ``long_side`` px (aspect kept); scale the box alike."""
-    width, height = image.size
+def long_side_geometry(width: int, height: int, box: Box, long_side: int) -> tuple[tuple[int, int], Box]:
+    """``(new_width, new_height)`` with the longer side ``long_side`` px (aspect kept), and the box scaled alike."""
     scale = long_side / max(width, height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     sx, sy = new_w / width, new_h / height
     x0, y0, x1, y1 = box
-    return image, _clip_box((x0 * sx, y0 * sy, x1 * sx, y1 * sy), new_w, new_h)
+    return (new_w, new_h), _clip_box((x0 * sx, y0 * sy, x1 * sx, y1 * sy), new_w, new_h)
+
+
+def resize_long_side(image: Image.Image, box: Box, long_side: int) -> tuple[Image.Image, Box]:
+    """Resize so that the longer side is ``long_side`` px (aspect kept); scale the box alike."""
+    size, box = long_side_geometry(*image.size, box, long_side)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return image, box
 
 
 def _shift(box: Box, dx: float, dy: float) -> Box:
@@ -107,27 +134,51 @@ def resize_and_pad(image: Image.Image, box: Box, phrase: str, size: int) -> Canv
     return CanvasSample(image=image, bbox=box, phrase=phrase, offset=(0, 0), canvas_size=size)
 
 
-def crop_keeping_box(image: Image.Image, box: Box, rng: np.random.Generator) -> tuple[Image.Image, Box]:
-    """A random integer crop that contains the whole box; the box is moved into the crop's frame."""
-    width, height = image.size
+def draw_crop(width: int, height: int, box: Box, rng: np.random.Generator) -> tuple[Box, tuple[int, int, int, int]]:
+    """A random integer crop ``(left, top, right, bottom)`` of a ``width x height`` image containing the whole box.
+
+    Returns the box moved into the crop's frame and the crop. Four draws from ``rng`` (left, top, right, bottom).
+    """
     x0, y0, x1, y1 = box
     left = int(rng.integers(0, int(np.floor(x0)) + 1))
     top = int(rng.integers(0, int(np.floor(y0)) + 1))
     right = int(rng.integers(min(int(np.ceil(x1)), width), width + 1))
     bottom = int(rng.integers(min(int(np.ceil(y1)), height), height + 1))
-    cropped = image.crop((left, top, right, bottom))
-    return cropped, _clip_box(_shift(box, -left, -top), right - left, bottom - top)
+    return _clip_box(_shift(box, -left, -top), right - left, bottom - top), (left, top, right, bottom)
+
+
+def crop_keeping_box(image: Image.Image, box: Box, rng: np.random.Generator) -> tuple[Image.Image, Box]:
+    """A random integer crop that contains the whole box; the box is moved into the crop's frame."""
+    box, crop = draw_crop(*image.size, box, rng)
+    return image.crop(crop), box
+
+
+JITTER_ORDER: tuple[str, ...] = ("brightness", "contrast", "saturation")
+"""The colour jitter operations, as ``rng.permutation`` indexes them."""
+_ENHANCERS = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
+              "saturation": ImageEnhance.Color}
+
+
+def draw_jitter(rng: np.random.Generator, brightness: float, contrast: float,
+                saturation: float) -> tuple[tuple[str, float], ...]:
+    """The jitter steps ``((name, factor), ...)`` in their random order; factors in ``[1 - s, 1 + s]``.
+
+    Draws a permutation of the three operations, then one factor per operation of strength > 0, in that order.
+    """
+    strengths = (brightness, contrast, saturation)
+    steps = []
+    for k in rng.permutation(len(JITTER_ORDER)):
+        strength = strengths[int(k)]
+        if strength > 0:
+            steps.append((JITTER_ORDER[int(k)], float(rng.uniform(1 - strength, 1 + strength))))
+    return tuple(steps)
 
 
 def colour_jitter(image: Image.Image, rng: np.random.Generator, brightness: float, contrast: float,
                   saturation: float) -> Image.Image:
     """Scale brightness, contrast and saturation by factors in ``[1 - s, 1 + s]``, in random order."""
-    enhancers = [(ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
-                 (ImageEnhance.Color, saturation)]
-    for k in rng.permutation(len(enhancers)):
-        enhancer, strength = enhancers[int(k)]
-        if strength > 0:
-            image = enhancer(image).enhance(float(rng.uniform(1 - strength, 1 + strength)))
+    for name, factor in draw_jitter(rng, brightness, contrast, saturation):
+        image = _ENHANCERS[name](image).enhance(factor)
     return image
 
 
@@ -167,14 +218,41 @@ class TrainAugment:
         if not 0 < low <= high <= 1:
             raise ValueError(f"scale_range must satisfy 0 < low <= high <= 1, got {self.scale_range}")
 
+    def _long_side_range(self) -> tuple[int, int]:
+        low = max(1, round(self.size * self.scale_range[0]))
+        return low, max(low, round(self.size * self.scale_range[1]))
+
+    def plan(self, width: int, height: int, box: Box, phrase: str, rng: np.random.Generator) -> AugmentPlan:
+        """The decisions ``__call__`` takes for a ``width x height`` image, from the same draws in the same order.
+
+        ``plan(*image.size, box, phrase, rng)`` leaves ``rng`` where ``__call__(image, box, phrase, rng)`` leaves it,
+        with the same box, phrase and offset; ``peft_m2ist.data.tensor_augment.render`` then does the pixel work.
+        """
+        box = _clip_box(tuple(float(c) for c in box), width, height)
+        crop = (0, 0, width, height)
+        if rng.random() < self.crop_p and not names_position(phrase):
+            box, crop = draw_crop(width, height, box, rng)
+        low, high = self._long_side_range()
+        size, box = long_side_geometry(crop[2] - crop[0], crop[3] - crop[1], box, int(rng.integers(low, high + 1)))
+        jitter: tuple[tuple[str, float], ...] = ()
+        if rng.random() < self.jitter_p:
+            jitter = draw_jitter(rng, self.brightness, self.contrast, self.saturation)
+        flip = bool(rng.random() < self.flip_p)
+        if flip:
+            box, phrase = (size[0] - box[2], box[1], size[0] - box[0], box[3]), flip_phrase(phrase)
+        offset = (0, 0)
+        if self.random_place:
+            offset = (int(rng.integers(0, self.size - size[0] + 1)), int(rng.integers(0, self.size - size[1] + 1)))
+        return AugmentPlan(source_size=(width, height), crop=crop, size=size, jitter=jitter, flip=flip, offset=offset,
+                           bbox=_shift(box, *offset), phrase=phrase, canvas_size=self.size)
+
     def __call__(self, image: Image.Image, box: Box, phrase: str, rng: np.random.Generator) -> CanvasSample:
-        """Augment one record; ``box`` is ``[x0, y0, x1, y1]`` pixels of ``image``."""
+        """Augment one record with PIL; ``box`` is ``[x0, y0, x1, y1]`` pixels of ``image``."""
         image = image.convert("RGB")
         box = _clip_box(tuple(float(c) for c in box), *image.size)
         if rng.random() < self.crop_p and not names_position(phrase):
             image, box = crop_keeping_box(image, box, rng)
-        low = max(1, round(self.size * self.scale_range[0]))
-        high = max(low, round(self.size * self.scale_range[1]))
+        low, high = self._long_side_range()
         image, box = resize_long_side(image, box, int(rng.integers(low, high + 1)))
         if rng.random() < self.jitter_p:
             image = colour_jitter(image, rng, self.brightness, self.contrast, self.saturation)
