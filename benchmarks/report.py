@@ -23,6 +23,7 @@ from benchmarks.reporting.base import ENVIRONMENT, GOAL_METHOD, HERE, load_resul
 from benchmarks.reporting.figure import make_figure
 from benchmarks.reporting.goals import goals_section, summary_section
 from benchmarks.reporting.memory import memory_time_section
+from benchmarks.reporting.onnx import onnx_latency_section
 from benchmarks.reporting.overview import overview_section
 
 RESULTS_MD = HERE / "RESULTS.md"
@@ -48,6 +49,7 @@ def render(results: list[dict], figure: str | None) -> str:
         reference_rows=reference_rows(reference),
         memory_time=["\n".join(memory_time_section(r)) for r in results if r.get("kind") == "memory_time"],
         accuracy="\n".join(accuracy_section(results)),
+        onnx_latency="\n".join(onnx_latency_section(results)),
         figure=figure,
     )
 

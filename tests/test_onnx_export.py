@@ -6,8 +6,6 @@ the README main job's model (examples/configs/default.yaml on the offline Mobile
 128 px) through the whole bundle (examples/export_onnx.py's `export_adapter`, examples/onnx_predict.py), a real
 family that cannot be exported (SigLIP2's NaFlex vision tower) and a deliberately unexportable module, each refused
 with the piece named.
-
-`python tests/test_onnx_export.py` exports every family of `tiny_families` and rewrites docs/onnx_families.md.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +21,6 @@ import pytest
 import torch
 from peft import get_peft_model
 
-if __name__ == "__main__":  # the sweep, run as a script: the paths tests/conftest.py sets
-    sys.path[:0] = [str(Path(__file__).resolve().parent / "helpers"), str(Path(__file__).resolve().parent)]
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 import onnx
@@ -217,46 +212,16 @@ def test_the_main_jobs_adapter_exports_and_runs_without_torch(tmp_path):
         assert np.abs(np.array(got["box_xyxy_pixels"]) - np.array(want.box)).max() <= ATOL * max(image.size)
 
 
-# ------------------------------------------------------------------------------------------ the family sweep
-def sweep_families() -> list[tuple[str, str, str]]:
-    """(family, kind, result) for every family of `tiny_families`, each paired as in tests/test_tower_families.py
-    (a vision family with BERT, a text family with ViT): the export's round-trip difference, or its error."""
-    from test_tower_families import TEXT_FAMILIES, VISION_FAMILIES, _config, _pair
+def test_the_results_section_reads_the_latency_run():
+    from benchmarks.reporting.onnx import onnx_latency_section
 
-    rows = []
-    for family in VISION_FAMILIES + TEXT_FAMILIES:
-        kind = "vision" if family in VISION_FAMILIES else "text"
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                pair, image_size, _, _ = _pair(family)
-                model = get_peft_model(pair, _config(image_size)).eval()
-            except ValueError as err:
-                rows.append((family.name, kind, f"not side-tuned: {str(err).splitlines()[0]}"))
-                continue
-            try:
-                difference = check_round_trip(export_onnx(model, Path(tmp) / "m.onnx"))
-                rows.append((family.name, kind, f"exports; largest box difference {difference:.1e}"))
-            except (OnnxExportError, ValueError) as err:
-                rows.append((family.name, kind, f"refused: {str(err).splitlines()[0]}"))
-        print(*rows[-1], sep=" | ", flush=True)
-    return rows
-
-
-if __name__ == "__main__":
-    import platform
-
-    import onnxruntime
-    import onnxscript
-
-    result = sweep_families()
-    lines = ["# ONNX export of each tower family", "",
-             "Written by `python tests/test_onnx_export.py`: every family of `tests/helpers/tiny_families.py`, built "
-             "tiny and side-tuned as in docs/towers.md, exported with `peft_m2ist.export.export_onnx` and run by "
-             "onnxruntime on the traced inputs against torch (the difference is the largest absolute one over the "
-             f"boxes, cxcywh in [0, 1]). torch {torch.__version__}, onnxscript {onnxscript.__version__}, "
-             f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}.", "",
-             "| family | tower | result |", "| --- | --- | --- |",
-             *[f"| {name} | {kind} | {text.replace('|', '/')} |" for name, kind, text in result], ""]
-    (ROOT / "docs" / "onnx_families.md").write_text("\n".join(lines))
-    print("wrote docs/onnx_families.md")
-
+    assert "benchmarks/onnx_latency.py" in onnx_latency_section([{"kind": "accuracy"}])[0]
+    machine = {"cpu": "cpu", "torch_threads": 1, "torch": "2", "date": "today"}
+    run = {"kind": "onnx_latency", "_file": "results/onnx_latency.json", "command": "python x", "model": "m",
+           "towers": {"vision": "v", "text": "t"}, "image_size": 128, "text_tokens": 20, "export_seconds": 12.3,
+           "onnx_mib": 1.25, "packages": {"onnxruntime": "1.32.0"}, "machine": machine,
+           "rows": [{"batch_size": 8, "torch_ms": 10.0, "onnxruntime_ms": 5.0, "ratio_onnxruntime_over_torch": 0.5,
+                     "max_abs_box_difference": 2e-7, "rounds": 20}]}
+    text = "\n".join(onnx_latency_section([run]))
+    assert "| 8 | 10.00 | 5.00 | 0.500 | 2.0e-07 | 20 |" in text
+    assert "`v` + `t`, 128 px, 20 tokens" in text and "in 12 s, 1.2 MiB" in text

@@ -52,7 +52,7 @@ class OnnxExportError(RuntimeError):
         what = (f"{stage} has no function for the operation `{piece.op}`" if piece.op else f"{stage} failed")
         at = f" at {piece.line}" if piece.line else ""
         advice = (f"This {piece.tower_class} tower cannot be exported with torch {torch.__version__}; use a tower "
-                  "of another family (docs/onnx_families.md lists which export)." if piece.tower else
+                  "of another family (docs/deploy.md lists the families tested)." if piece.tower else
                   "See docs/deploy.md.")
         return cls(f"cannot export the model to ONNX{where}: {what}{at} ({summary(err)}). {advice}", piece)
 
