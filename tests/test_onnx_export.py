@@ -225,3 +225,12 @@ def test_the_results_section_reads_the_latency_run():
     text = "\n".join(onnx_latency_section([run]))
     assert "| 8 | 10.00 | 5.00 | 0.500 | 2.0e-07 | 20 |" in text
     assert "`v` + `t`, 128 px, 20 tokens" in text and "in 12 s, 1.2 MiB" in text
+
+
+def test_the_export_script_stops_with_the_reason(tmp_path):
+    spec = importlib.util.spec_from_file_location("export_onnx_script", ROOT / "examples" / "export_onnx.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit, match=r"export_onnx.py: no adapter at .*nowhere.*adapter_config.json"):
+        script.main(["--adapter", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
