@@ -14,6 +14,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from peft_m2ist.towers.quantization import plain_tensors
+
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:
     try:
@@ -23,9 +25,14 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
         return None
 
 
+def _stored(tensors) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensors`' data (a quantized weight, int8 towers: its int8 values and scales)."""
+    return [inner for t in tensors for inner in plain_tensors(t)]
+
+
 def _unique_bytes(tensors) -> int:
     seen: dict[int, int] = {}
-    for t in tensors:
+    for t in _stored(tensors):
         info = _storage(t)
         if info is not None:
             seen[info[0]] = info[1]
@@ -104,7 +111,8 @@ class SavedForBackward:
 def exact_account(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, autocast=None) -> dict:
     """Bytes of one training step, machine-independent up to the kernels' choice of what to save.
 
-    - `weights`: every parameter and buffer of the model (frozen ones included), each storage once;
+    - `weights`: every parameter and buffer of the model (frozen ones included), each storage once (a quantized
+      weight's int8 values and scales);
     - `trainable`: the trainable parameters; `grads`: their gradients after backward;
     - `optimizer`: every tensor in the AdamW state after the step (exp_avg, exp_avg_sq, step);
     - `activations`: what `SavedForBackward` collects during forward (saved tensors and checkpoint inputs), each
@@ -112,7 +120,7 @@ def exact_account(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dic
       `params_saved` counts them separately);
     - `total` = weights + grads + optimizer + activations.
     """
-    model_ptrs = {info[0] for t in list(model.parameters()) + list(model.buffers())
+    model_ptrs = {info[0] for t in _stored(list(model.parameters()) + list(model.buffers()))
                   if (info := _storage(t)) is not None}
     optimizer.zero_grad(set_to_none=True)
     with SavedForBackward(exclude=model_ptrs) as saved, (autocast() if autocast is not None else nullcontext()):

@@ -23,8 +23,11 @@ from benchmarks.reporting.base import ENVIRONMENT, GOAL_METHOD, HERE, load_resul
 from benchmarks.reporting.figure import make_figure
 from benchmarks.reporting.goals import goals_section, summary_section
 from benchmarks.reporting.memory import memory_time_section
+from benchmarks.reporting.multi_adapter import multi_adapter_section
 from benchmarks.reporting.onnx import onnx_latency_section
 from benchmarks.reporting.overview import overview_section
+from benchmarks.reporting.staleness import refresh, staleness_section
+from benchmarks.reporting.tower_dtypes import tower_dtype_section
 
 RESULTS_MD = HERE / "RESULTS.md"
 
@@ -49,6 +52,9 @@ def render(results: list[dict], figure: str | None) -> str:
         reference_rows=reference_rows(reference),
         memory_time=["\n".join(memory_time_section(r)) for r in results if r.get("kind") == "memory_time"],
         accuracy="\n".join(accuracy_section(results)),
+        staleness="\n".join(staleness_section(results)),
+        multi_adapter="\n".join(multi_adapter_section(results)),
+        tower_dtypes="\n".join(tower_dtype_section(results)),
         onnx_latency="\n".join(onnx_latency_section(results)),
         figure=figure,
     )
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-day", type=Path, default=HERE / "results" / "gpu_day",
                         help="a benchmarks/gpu_day.py output folder (default: benchmarks/results/gpu_day, if any)")
     results = gpu_day_results(load_results(), parser.parse_args(argv).gpu_day)
+    refresh(results)  # benchmarks/staleness.json at HEAD: which runs the code has moved past
     figure = make_figure(results)
     RESULTS_MD.write_text(render(results, figure))
     print(f"wrote {RESULTS_MD.relative_to(HERE.parent)}" + (f" and {figure}" if figure else ""))

@@ -30,7 +30,7 @@ from peft_m2ist.data import load_shapes_benchmark
 from peft_m2ist.data.visualize import TRUTH_COLOUR, draw_box
 from peft_m2ist.inference import Grounding, ReferringExpressionGrounder, check_phrase, load_image
 from peft_m2ist.loading import resolve_towers
-from peft_m2ist.pretrained import TOWER_DTYPES
+from peft_m2ist.towers.quantization import TOWER_DTYPE_CHOICES
 from peft_m2ist.training.atomic import write_json as write_json_atomic
 
 logger = logging.getLogger("predict")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     recorded = "the one the adapter records (adapter_config.json's base_towers, or an older adapter's towers.json)"
     p.add_argument("--vision_model", default=None, help=f"Vision tower; default: {recorded}.")
     p.add_argument("--text_model", default=None, help=f"Text tower; default: {recorded}.")
-    p.add_argument("--tower_dtype", choices=sorted(TOWER_DTYPES), default=None,
+    p.add_argument("--tower_dtype", choices=TOWER_DTYPE_CHOICES, default=None,
                    help=f"dtype of the frozen towers; default: {recorded}, else float32.")
     p.add_argument("--image", nargs="*", default=[],
                    help="Image file(s); one --phrase per image. Turned upright by their EXIF orientation first: "

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from peft_m2ist import M2ISTConfig, VisionTextPair, fold_frozen_batch_norms, pretrained, training
 from peft_m2ist.data import RECCollator, apply_control, chance_level
 from peft_m2ist.data.sources import DataSource, load_report
+from peft_m2ist.towers.quantization import quantized_modules, set_tower_dtype
 
 logger = get_logger(__name__)
 
@@ -64,9 +65,10 @@ def build_model(args: argparse.Namespace):
     if any(isinstance(m, torch.nn.Conv2d) for m in vision.modules()):
         vision.to(memory_format=torch.channels_last)  # same values; ~4x faster convolutions on CPU
     text, tokenizer = pretrained.load_text_tower(args.text_model)
-    vision.to(pretrained.TOWER_DTYPES[args.tower_dtype])
-    text.to(pretrained.TOWER_DTYPES[args.tower_dtype])
-    pair = VisionTextPair(vision, text)
+    # a float dtype: .to(dtype); int8: weight-only int8 after the folding above, computing in float32
+    pair = VisionTextPair(set_tower_dtype(vision, args.tower_dtype), set_tower_dtype(text, args.tower_dtype))
+    if args.tower_dtype == "int8":
+        logger.info(f"int8 tower weights: vision {quantized_modules(vision)}, text {quantized_modules(text)}")
     if args.adapter:
         model = PeftModel.from_pretrained(pair, args.adapter, is_trainable=not args.eval_only)
         if args.tower_micro_batch_size is not None:  # a run-time setting: the flag wins over the saved config

@@ -9,6 +9,11 @@ or, to keep the model loaded and batch several inputs:
     >>> grounder = ReferringExpressionGrounder.from_pretrained("outputs/m2ist-shapes/best_adapter", device="cpu")
     >>> grounder([image_a, image_b], ["the red circle", "the blue square"])
 
+several adapters on the same towers, one per input (the towers run once per batch):
+
+    >>> grounder = ReferringExpressionGrounder.from_pretrained(adapter_a, extra_adapters={"b": adapter_b})
+    >>> grounder([image_a, image_b], ["the red circle", "the blue square"], adapter_names=["default", "b"])
+
 Which towers: the ones passed, else those the adapter records (``base_towers`` in its ``adapter_config.json``, or
 the ``towers.json`` of adapters saved before that; read from the Hub for a Hub id): see ``peft_m2ist.loading``. An
 adapter that records no towers, with none passed, is refused with a message naming the arguments to pass.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,8 @@ from transformers.image_transforms import center_to_corners_format
 
 from .data.collator import RECCollator
 from .data.image_files import IMAGE_ERRORS, to_rgb
-from .loading import check_adapter_location, load_adapter_with_towers
+from .loading import check_adapter_location, load_adapter_with_towers, read_recorded_towers
+from .tuner.config import M2ISTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +111,13 @@ class ReferringExpressionGrounder:
     """An M2IST adapter on its frozen towers, in eval mode, with the collator that prepares its inputs.
 
     Build it with ``from_pretrained``; call it on an image and a phrase (a ``Grounding``), or on lists of them
-    (a list of ``Grounding``; one image with several phrases is repeated for each).
+    (a list of ``Grounding``; one image with several phrases is repeated for each). Further adapters trained on the
+    same towers load beside the first (``extra_adapters=``, ``load_adapter``); ``adapter_names=`` then picks one per
+    input, and each batch runs the towers once for all of them.
+
+    Attributes:
+        adapter: the first adapter's folder or Hub id (adapter name ``"default"``).
+        adapters: adapter name -> folder or Hub id, for every adapter loaded.
     """
 
     def __init__(self, model: torch.nn.Module, collator: RECCollator, device: torch.device,
@@ -115,6 +127,7 @@ class ReferringExpressionGrounder:
         self.device = device
         self.towers = towers
         self.adapter = adapter
+        self.adapters: dict[str, str] = {getattr(model, "active_adapter", "default"): adapter}
 
     @classmethod
     def from_pretrained(
@@ -125,17 +138,21 @@ class ReferringExpressionGrounder:
         text_model: str | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        extra_adapters: Mapping[str, str | os.PathLike] | None = None,
     ) -> ReferringExpressionGrounder:
         """Load ``adapter`` (a folder written by ``save_pretrained``, or a Hub id) onto the towers it records
-        (``peft_m2ist.loading.load_adapter_with_towers``).
+        (``peft_m2ist.loading.load_adapter_with_towers``), under the adapter name ``"default"``, and each of
+        ``extra_adapters`` beside it (``load_adapter``).
 
         Args:
             adapter: the adapter folder or Hub id.
             vision_model, text_model: tower names (Hub ids, folders, ``offline:*``); default: the ones the adapter
                 records.
-            dtype: the towers' dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype); default: the
-                recorded one, else float32.
+            dtype: the towers' dtype (``"float32"``, ``"bfloat16"``, ``"float16"``, a torch dtype, or ``"int8"``:
+                float32 towers with weight-only int8 weights); default: the recorded one, else float32.
             device: where to run; default: CUDA when available, else the CPU.
+            extra_adapters: adapter name -> folder or Hub id of further adapters trained on the same towers, for
+                ``adapter_names=`` in calls.
 
         Raises:
             ValueError: a missing adapter folder, an adapter that records no towers when none are given, towers
@@ -150,12 +167,53 @@ class ReferringExpressionGrounder:
         collator = RECCollator.from_image_processor(loaded.tokenizer, loaded.image_processor,
                                                     image_size=config.image_size,
                                                     max_text_tokens=config.max_text_tokens)
-        return cls(loaded.model.to(device).eval(), collator, device, loaded.towers, adapter)
+        grounder = cls(loaded.model.to(device).eval(), collator, device, loaded.towers, adapter)
+        for name, path in (extra_adapters or {}).items():
+            grounder.load_adapter(path, name)
+        return grounder
+
+    def load_adapter(self, adapter: str | os.PathLike, adapter_name: str) -> None:
+        """Load another adapter (a folder written by ``save_pretrained``, or a Hub id) beside the loaded ones, under
+        ``adapter_name`` (peft's ``load_adapter``), in inference mode on this grounder's device.
+
+        It must fit these towers (the shapes are checked) and read images and texts as the first adapter does (same
+        ``image_size`` and ``max_text_tokens``: one collator prepares every input); towers recorded under other
+        names than this grounder's are only warned about, as a folder and a Hub id may name the same towers.
+
+        Raises:
+            ValueError: a name already loaded, a missing adapter folder, other input sizes, or an adapter that
+                does not fit these towers.
+        """
+        adapter = str(adapter)
+        if adapter_name in self.model.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} is loaded already (loaded: "
+                             f"{sorted(self.model.peft_config)}); pick another name")
+        check_adapter_location(adapter)
+        recorded, _ = read_recorded_towers(adapter)
+        config = self.model.peft_config[next(iter(self.adapters))]
+        saved = M2ISTConfig.from_pretrained(adapter)
+        differ = [f"{field}={getattr(saved, field)} (loaded adapters: {getattr(config, field)})"
+                  for field in ("image_size", "max_text_tokens") if getattr(saved, field) != getattr(config, field)]
+        if differ:
+            raise ValueError(f"adapter {adapter!r} reads its inputs at other sizes than the loaded adapters: "
+                             f"{', '.join(differ)}; load it in a grounder of its own")
+        other = {key: value for key, value in recorded.items() if key in ("vision", "text")
+                 and value != self.towers.get(key)}
+        if other:
+            logger.warning("adapter %r records other towers (%s) than this grounder's (%s + %s); it is loaded on "
+                           "these", adapter, other, self.towers.get("vision"), self.towers.get("text"))
+        self.model.load_adapter(adapter, adapter_name=adapter_name)
+        self.model.eval()  # the new side network and head too (no dropout)
+        self.adapters[adapter_name] = adapter
 
     @torch.no_grad()
     def __call__(self, images: ImageInput | Sequence[ImageInput], phrases: str | Sequence[str],
-                 batch_size: int = 16) -> Grounding | list[Grounding]:
-        """Boxes for ``phrases`` in ``images``: one ``Grounding``, or a list for lists (see the class doc)."""
+                 batch_size: int = 16, adapter_names: str | Sequence[str] | None = None) -> Grounding | list[Grounding]:
+        """Boxes for ``phrases`` in ``images``: one ``Grounding``, or a list for lists (see the class doc).
+
+        ``adapter_names``: the adapter (a name of ``adapters``) for every input, or a list of one name per phrase;
+        default: the first adapter. Each batch of ``batch_size`` inputs runs the towers once for all its adapters.
+        """
         single = isinstance(phrases, str)
         phrase_list = [phrases] if single else list(phrases)
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -169,6 +227,7 @@ class ReferringExpressionGrounder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         phrase_list = [check_phrase(p) for p in phrase_list]
+        names = self._adapter_names(adapter_names, len(phrase_list))
         loaded = {}
         pictures = []
         for image in image_list:  # the same object given for several phrases is read once
@@ -181,9 +240,25 @@ class ReferringExpressionGrounder:
             chunk = list(zip(pictures[start : start + batch_size], phrase_list[start : start + batch_size]))
             batch = self.collator([{"image": image, "phrase": phrase} for image, phrase in chunk])
             inputs = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            if names is not None:
+                inputs["adapter_names"] = names[start : start + batch_size]
             pred = self.model(**inputs).pred_boxes.float().cpu()
             results.extend(self._grounding(image, phrase, box) for (image, phrase), box in zip(chunk, pred))
         return results[0] if single else results
+
+    def _adapter_names(self, adapter_names: str | Sequence[str] | None, count: int) -> list[str] | None:
+        """One loaded adapter name per input (``None``: the first adapter for all); ``ValueError`` naming the
+        unknown names and the loaded ones, or a count that is not one per phrase."""
+        if adapter_names is None:
+            return None
+        names = [adapter_names] * count if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = sorted(set(names) - set(self.adapters))
+        if unknown:
+            raise ValueError(f"unknown adapter name(s) {unknown}; loaded adapters: {sorted(self.adapters)}")
+        if len(names) != count:
+            raise ValueError(f"got {len(names)} adapter names for {count} phrases: give one per phrase, or one name "
+                             "for all")
+        return names
 
     def _checked_image(self, image: Image.Image) -> Image.Image:
         width, height = image.size
@@ -212,13 +287,16 @@ _CACHE: dict[tuple, ReferringExpressionGrounder] = {}
 
 
 def ground(image: ImageInput | Sequence[ImageInput], phrase: str | Sequence[str],
-           adapter: str | os.PathLike = DEFAULT_ADAPTER, **kwargs: Any) -> Grounding | list[Grounding]:
+           adapter: str | os.PathLike = DEFAULT_ADAPTER, *, adapter_names: str | Sequence[str] | None = None,
+           **kwargs: Any) -> Grounding | list[Grounding]:
     """One call: load ``adapter`` (once per process and settings) and ground ``phrase`` in ``image``.
 
     ``kwargs`` go to ``ReferringExpressionGrounder.from_pretrained`` (``vision_model``, ``text_model``, ``dtype``,
-    ``device``). Returns a ``Grounding`` (or a list of them for lists of phrases).
+    ``device``, ``extra_adapters``); ``adapter_names`` picks the adapter of each phrase among ``"default"`` (the
+    ``adapter``) and the names of ``extra_adapters``. Returns a ``Grounding`` (or a list of them for lists of
+    phrases).
     """
     key = (str(adapter), *sorted((k, str(v)) for k, v in kwargs.items()))
     if key not in _CACHE:
         _CACHE[key] = ReferringExpressionGrounder.from_pretrained(adapter, **kwargs)
-    return _CACHE[key](image, phrase)
+    return _CACHE[key](image, phrase, adapter_names=adapter_names)

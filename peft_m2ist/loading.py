@@ -22,6 +22,7 @@ from peft import PeftModel
 from .pretrained import load_text_tower, load_vision_tower
 from .pretrained.towers_file import TOWERS_FILE, read_towers_file
 from .towers.pair import VisionTextPair
+from .towers.quantization import set_tower_dtype
 from .tuner.config import M2ISTConfig
 from .tuner.tower_record import BASE_TOWER_KEYS, dtype_name
 
@@ -105,12 +106,14 @@ def load_adapter_with_towers(adapter: str | os.PathLike, *, vision_model: str | 
                              text_model: str | None = None, dtype: str | torch.dtype | None = None,
                              is_trainable: bool = False, **hub_kwargs: Any) -> AdapterWithTowers:
     """Build the towers ``adapter`` (a folder written by ``save_pretrained``, or a Hub id) records, in their
-    recorded dtype, and load the adapter on them: the model, the image processor and the tokenizer.
+    recorded dtype, and load the adapter on them: the model, the image processor and the tokenizer. A recorded
+    ``"int8"`` loads the towers in float32 and quantizes their weights again (`peft_m2ist.towers.quantization`).
 
     Args:
         adapter: the adapter folder or Hub id.
         vision_model, text_model: tower names (Hub ids, folders, ``offline:*``) to use instead of the recorded ones.
-        dtype: the towers' dtype (``"float32"``, ``"bfloat16"``, ``torch.float16``, ...) instead of the recorded one.
+        dtype: the towers' dtype (``"float32"``, ``"bfloat16"``, ``torch.float16``, ``"int8"``, ...) instead of the
+            recorded one.
         is_trainable: load the adapter for further training (else it is frozen, in eval mode).
         hub_kwargs: ``revision``, ``token``, ``subfolder``, ... for the Hub client.
 
@@ -127,8 +130,7 @@ def load_adapter_with_towers(adapter: str | os.PathLike, *, vision_model: str | 
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the towers {towers['vision']!r} + {towers['text']!r} for adapter "
                          f"{adapter!r}: {err}") from err
-    torch_dtype = getattr(torch, towers["dtype"])
-    pair = VisionTextPair(vision.to(torch_dtype), text.to(torch_dtype))
+    pair = VisionTextPair(set_tower_dtype(vision, towers["dtype"]), set_tower_dtype(text, towers["dtype"]))
     try:
         model = PeftModel.from_pretrained(pair, adapter, is_trainable=is_trainable, **hub_kwargs)
     except ValueError as err:

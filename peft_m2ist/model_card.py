@@ -177,12 +177,16 @@ def _loading_section(model: Any, record: Mapping[str, Any]) -> str:
         one_call = ", ".join(["PATH", *unrecorded])
         note = ("# the towers recorded in its adapter_config.json (base_towers), in their dtype" if not unrecorded
                 else "# the towers it was trained on: the record in its adapter_config.json lacks them")
-        cast = f".to(torch.{dtype})" if dtype and dtype != "float32" else ""
+        quantized = dtype == "int8"  # weight-only int8 towers: float32 towers, then their weights quantized
+        cast = f".to(torch.{dtype})" if dtype and dtype != "float32" and not quantized else ""
         imports = (("import torch\n" if cast else "") + "from peft_m2ist import VisionTextPair\n"
-                   "from peft_m2ist.pretrained import load_text_tower, load_vision_tower")
+                   "from peft_m2ist.pretrained import load_text_tower, load_vision_tower"
+                   + ("\nfrom peft_m2ist.towers.quantization import quantize_tower_weights" if quantized else ""))
+        pair = ("VisionTextPair(quantize_tower_weights(vision), quantize_tower_weights(text))" if quantized
+                else f"VisionTextPair(vision{cast}, text{cast})")
         build = (f'vision, image_processor = load_vision_tower("{vision_name or "VISION_TOWER"}")\n'
                  f'text, tokenizer = load_text_tower("{text_name or "TEXT_TOWER"}")\n'
-                 f"model = PeftModel.from_pretrained(VisionTextPair(vision{cast}, text{cast}), PATH)")
+                 f"model = PeftModel.from_pretrained({pair}, PATH)")
         first = (
             "In one call, towers included:\n\n"
             "```python\n"

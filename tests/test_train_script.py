@@ -126,6 +126,26 @@ def test_bf16_towers_train_and_save_an_fp32_adapter(towers, tmp_path):
     assert proc.stdout.count("box [x0, y0, x1, y1]") == 1 and png.is_file()
 
 
+def test_int8_towers_train_and_save_the_float32_adapter_layout(towers, tmp_path):
+    runs = {dtype: tmp_path / dtype for dtype in ("float32", "int8")}
+    for dtype, out in runs.items():
+        _run(_args(towers, out, "--max_train_steps", "2", "--tower_dtype", dtype))
+    result = json.loads((runs["int8"] / "results.json").read_text())
+    assert result["args"]["tower_dtype"] == "int8" and result["steps"] == 2
+    adapters = {dtype: load_file(out / "final_adapter" / "adapter_model.safetensors") for dtype, out in runs.items()}
+    assert {k: (v.shape, v.dtype) for k, v in adapters["int8"].items()} == \
+        {k: (v.shape, v.dtype) for k, v in adapters["float32"].items()}
+    assert json.loads((runs["int8"] / "best_adapter" / "adapter_config.json").read_text())["base_towers"]["dtype"] \
+        == "int8"
+    # predict.py loads the towers again and quantizes them, as recorded
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "predict.py"), "--adapter", str(runs["int8"] / "best_adapter"),
+         "--val_samples", "1", "--output", str(tmp_path / "int8.png")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=True,
+    )
+    assert proc.stdout.count("box [x0, y0, x1, y1]") == 1
+
+
 @pytest.fixture(scope="module")
 def train_rec():
     """examples/train_rec.py as a module, with accelerate's state set up for one CPU process."""

@@ -53,6 +53,8 @@ def millions(n: int | float | None) -> str:
 
 
 def machine_line(result: dict) -> str:
+    from benchmarks.reporting.staleness import stale_note  # it reads HERE from this module
+
     m = result["machine"]
     where = f"GPU {m['gpu']}" if m.get("gpu") else f"CPU {m['cpu']}, {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}"
     load = ""
@@ -64,7 +66,8 @@ def machine_line(result: dict) -> str:
             f"commit {m.get('git_commit')}"
             + (" + uncommitted changes" if m.get("git_worktree_clean") is False
                and "uncommitted" not in str(m.get("git_commit")) else "")
-            + f"; {m['date']}{load}")
+            + f"; {m['date']}{load}"
+            + stale_note(result))
 
 
 def load_results() -> list[dict]:

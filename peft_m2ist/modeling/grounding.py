@@ -24,7 +24,8 @@ def check_forward_kwargs(kwargs: dict[str, object]) -> None:
     if unknown:
         raise TypeError(
             f"M2IST forward got unexpected keyword argument(s) {unknown}; it takes pixel_values, input_ids, "
-            f"attention_mask, pixel_mask, labels and tower_features (and ignores {sorted(IGNORED_FORWARD_KWARGS)})."
+            f"attention_mask, pixel_mask, labels, tower_features and adapter_names (and ignores "
+            f"{sorted(IGNORED_FORWARD_KWARGS)})."
         )
 
 

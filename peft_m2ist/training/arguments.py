@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from transformers import HfArgumentParser
 
 from peft_m2ist import pretrained
+from peft_m2ist.towers.quantization import TOWER_DTYPE_CHOICES
 from peft_m2ist.training.data_arguments import DataArguments, resolve_data_args
 from peft_m2ist.training.divergence import ON_NONFINITE
 from peft_m2ist.training.results import check_eval_only_output_dir
@@ -47,7 +48,8 @@ class TowersArguments:
     vision_model: str = _flag(pretrained.DEFAULT_VISION_TOWER, "Hub id, local folder or offline:* name.")
     text_model: str = _flag(pretrained.DEFAULT_TEXT_TOWER, "Hub id, local folder or offline:* name.")
     tower_dtype: str = _flag("float32", "The frozen towers' dtype: bfloat16/float16 halve their weights and the "
-                             "feature cache.", choices=sorted(pretrained.TOWER_DTYPES))
+                             "feature cache; int8 quantizes their weights (a quarter of float32's bytes), computing in "
+                             "float32.", choices=list(TOWER_DTYPE_CHOICES))
     fold_frozen_batch_norms: bool = _flag(True, "Fold a DETR-family vision tower's frozen batch norms into its "
                                           "convolutions (same features).")
 

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..towers.layouts import get_tower
+from ..towers.quantization import plain_tensors
 from .atomic import fresh_tmp_dir, read_json, replace_dir, write_json
 
 logger = get_logger(__name__)
@@ -144,13 +145,15 @@ def data_fingerprint(dataset: Any, preprocessing: Mapping[str, Any]) -> dict[str
 def towers_fingerprint(model: Any) -> dict[str, Any]:
     """What the cached features depend on in `model`: the active adapter's taps, the sizes, and a digest of each
     tower's class and config and of the pair's weights and buffers (the first values of each tensor, with names,
-    shapes and dtypes; the side networks and heads live on the tuner, not in the pair)."""
+    shapes and dtypes; of the tensors a quantized weight stores, so int8 towers never share float32 towers' cache;
+    the side networks and heads live on the tuner, not in the pair)."""
     config = model.peft_config[model.active_adapter]
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in [*model.base_model.model.named_parameters(), *model.base_model.model.named_buffers()]:
-        flat = tensor.detach().reshape(-1)[:64].float().cpu()
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(flat.numpy().tobytes())
+        for stored in plain_tensors(tensor):  # a quantized weight (int8 towers): its int8 values and scales
+            flat = stored.detach().reshape(-1)[:64].float().cpu()
+            digest.update(f"{name}{tuple(stored.shape)}{stored.dtype}".encode())
+            digest.update(flat.numpy().tobytes())
     for path in (config.vision_tower, config.text_tower):
         tower = get_tower(model.base_model.model, path, "tower")
         tower_config = getattr(tower, "config", None)

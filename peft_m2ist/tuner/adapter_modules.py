@@ -1,4 +1,5 @@
-"""Building one adapter's side network and grounding head from its config and plan, on its towers' device."""
+"""Building one adapter's side network and grounding head from its config and plan, on its towers' device; their
+parameter counts."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def move_to_tower_device(modules: tuple[nn.Module, ...], vision_tower: nn.Module
     for module in modules:
         if device is not None and not has_meta_tensors(module):
             module.to(device)
+
+
+def parameter_counts(side: M2ISTSideNetwork, head: GroundingHead, towers: nn.Module) -> dict[str, int]:
+    """Parameter counts of one adapter: experts only (the paper's measure), projections + head, towers."""
+    experts = side.adapter_parameters()
+    side_total = sum(p.numel() for p in side.parameters())
+    head_total = sum(p.numel() for p in head.parameters())
+    tower_total = sum(p.numel() for p in towers.parameters())
+    return {
+        "adapter_only": experts,
+        "projections_and_head": side_total - experts + head_total,
+        "adapter_and_head": side_total + head_total,
+        "towers": tower_total,
+        "total": tower_total + side_total + head_total,
+    }

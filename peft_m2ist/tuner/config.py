@@ -423,7 +423,8 @@ class M2ISTConfig(PeftConfig):
         metadata={
             "help": "The frozen towers the adapter was built on: {'vision': ..., 'text': ..., 'dtype': ...}, the "
             "tower names as peft_m2ist.pretrained's load_vision_tower / load_text_tower take them (Hub id, local "
-            "folder, offline:* name) and their dtype ('float32', 'bfloat16', ...). Filled at get_peft_model from "
+            "folder, offline:* name) and their dtype ('float32', 'bfloat16', ..., or 'int8': weight-only int8 "
+            "towers, quantized again on loading). Filled at get_peft_model from "
             "a VisionTextPair's towers (their name_or_path and dtype) where left None; set it by hand for towers "
             "built from a config. Saved with the adapter; load_adapter_with_towers loads these towers again."
         },

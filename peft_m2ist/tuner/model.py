@@ -8,6 +8,8 @@ towers with the taps recording (`peft_m2ist.towers.encoder.TowerEncoder`), the R
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -19,9 +21,15 @@ from ..towers.features import TowerFeatures
 from ..towers.layouts import get_tower
 from ..towers.recording import TapRecorder
 from . import adapter_keys
-from .adapter_modules import build_adapter_modules, check_adapter_budget, move_to_tower_device
+from .adapter_modules import (
+    build_adapter_modules,
+    check_adapter_budget,
+    move_to_tower_device,
+    parameter_counts,
+)
 from .config import M2ISTConfig
 from .layer import M2ISTTapLayer
+from .mixed_batch import check_adapter_names, mixed_batch_forward, union_tower_encoder
 from .plan import check_plan_matches_config, check_saved_shapes_are_complete, plan_adapter, record_plan
 from .tower_record import record_base_towers
 from .trainer_support import declare_rec_signature, restore_container_class
@@ -231,32 +239,15 @@ class M2ISTModel(BaseTuner):
     def parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
         """Parameter counts of one adapter: experts only (the paper's measure), projections + head, towers."""
         adapter_name = adapter_name or self._require_adapter()
-        side, head = self.m2ist_side[adapter_name], self.m2ist_head[adapter_name]
-        experts = side.adapter_parameters()
-        side_total = sum(p.numel() for p in side.parameters())
-        head_total = sum(p.numel() for p in head.parameters())
-        towers = sum(p.numel() for p in self.model.parameters())
-        return {
-            "adapter_only": experts,
-            "projections_and_head": side_total - experts + head_total,
-            "adapter_and_head": side_total + head_total,
-            "towers": towers,
-            "total": towers + side_total + head_total,
-        }
+        return parameter_counts(self.m2ist_side[adapter_name], self.m2ist_head[adapter_name], self.model)
 
     # ------------------------------------------------------------------ forward
-    def tower_encoder(self) -> TowerEncoder:
-        """The frozen towers as the active adapter reads them: its taps record (unless adapters are disabled)."""
-        adapter = self._require_adapter()
-        config: M2ISTConfig = self.peft_config[adapter]
-        side = self.m2ist_side[adapter]
-        return TowerEncoder(
-            get_tower(self.model, config.vision_tower, "vision_tower"),
-            get_tower(self.model, config.text_tower, "text_tower"),
-            self._m2ist_recorder, side.vision_taps.all(), side.text_taps.all(),
-            image_size=config.image_size, max_text_tokens=config.max_text_tokens,
-            tower_micro_batch_size=config.tower_micro_batch_size, record_taps=not self._m2ist_disabled,
-        )
+    def tower_encoder(self, adapter_names: Sequence[str] | None = None) -> TowerEncoder:
+        """The frozen towers as the active adapter reads them (or the named adapters together: the union of their
+        taps, `peft_m2ist.tuner.mixed_batch`); the taps record unless adapters are disabled."""
+        if adapter_names is None:
+            return union_tower_encoder(self, [self._require_adapter()])
+        return union_tower_encoder(self, check_adapter_names(self, adapter_names, predicting=False))
 
     def encode_towers(
         self,
@@ -264,8 +255,10 @@ class M2ISTModel(BaseTuner):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
     ) -> TowerFeatures:
-        """Run both frozen towers once and return everything the active adapter's side network reads.
+        """Run both frozen towers once and return everything the active adapter's side network reads (with
+        `adapter_names`, every named adapter's: the union of their taps, for `forward(adapter_names=...)`).
 
         Returns `TowerFeatures`: the final tokens `vision` `(batch, Nv, Dv)` and `text` `(batch, Nt, Dt)`, `text_mask`
         `(batch, Nt)`, `vision_mask` `(batch, Nv)` for vision tokens on a grid (else `None`), and `taps`, full module
@@ -274,7 +267,7 @@ class M2ISTModel(BaseTuner):
         to skip the towers in later epochs. With `M2ISTConfig.tower_micro_batch_size` the towers run on that many
         samples at a time, each micro-batch's outputs written into the whole-batch tensors (`TowerEncoder`).
         """
-        return self.tower_encoder().encode(pixel_values, input_ids, attention_mask, pixel_mask)
+        return self.tower_encoder(adapter_names).encode(pixel_values, input_ids, attention_mask, pixel_mask)
 
     def encode_vision(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The vision tower's half of `encode_towers(...).to_tensors()`: `vision` `(batch, Nv, Dv)`, `vision_mask`
@@ -297,6 +290,7 @@ class M2ISTModel(BaseTuner):
         labels: torch.Tensor | None = None,
         tower_features: TowerFeatures | dict[str, torch.Tensor] | None = None,
         return_dict: bool = True,
+        adapter_names: Sequence[str] | None = None,
         **kwargs,
     ) -> ReferringExpressionOutput | tuple[torch.Tensor, ...]:
         """Towers under `no_grad` (taps record) -> M3ISA experts -> head -> `pred_boxes` (+ loss with `labels`).
@@ -312,6 +306,8 @@ class M2ISTModel(BaseTuner):
                 `attention_mask` and `pixel_mask`.
             return_dict: False returns the output's non-None fields as a tuple, in field order (transformers'
                 convention), e.g. `(loss, pred_boxes, loss_l1, loss_giou)` with `labels`.
+            adapter_names: one adapter name per row, eval mode only: the towers run once, recording the union of the
+                adapters' taps, and each row goes through its own adapter (`peft_m2ist.tuner.mixed_batch`).
             kwargs: only `phrase_type` (a `RECCollator` batch's metadata) and `num_items_in_batch` (from
                 transformers' `Trainer`), both ignored; any other name raises a `TypeError` (a misspelt `labels`
                 would otherwise give no loss).
@@ -320,6 +316,10 @@ class M2ISTModel(BaseTuner):
             `ReferringExpressionOutput` with `pred_boxes` `(batch, 4)`, `cxcywh` normalised to [0, 1].
         """
         check_forward_kwargs(kwargs)
+        if adapter_names is not None:
+            out = mixed_batch_forward(self, adapter_names, pixel_values, input_ids, attention_mask, pixel_mask,
+                                      labels, tower_features)
+            return out if return_dict else out.to_tuple()
         adapter = self._require_adapter()
         self._m2ist_awaiting_weights.discard(adapter)  # in use: a later failed load must not remove it
         if tower_features is None:

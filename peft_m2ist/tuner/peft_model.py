@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
 
     Forward: `(pixel_values, input_ids, attention_mask, pixel_mask=None, labels=None)` ->
     `ReferringExpressionOutput` with `pred_boxes` (`cxcywh`, normalised to [0, 1]) and, with `labels`, the loss and
-    its parts. The towers run frozen, in eval mode and under `torch.no_grad()`, also in training.
+    its parts. The towers run frozen, in eval mode and under `torch.no_grad()`, also in training. In eval mode,
+    `adapter_names=[...]` (one adapter name per row, peft's convention for LoRA's mixed batches) runs the towers once
+    and each row through its own adapter (`peft_m2ist.tuner.mixed_batch`).
     """
 
     def forward(
@@ -34,8 +36,10 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
         pixel_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         tower_features: TowerFeatures | dict[str, torch.Tensor] | None = None,
+        adapter_names: Sequence[str] | None = None,
         **kwargs,
     ) -> ReferringExpressionOutput:
+        # `adapter_names` goes to the tuner itself (peft's `PeftModel` would drop it: M2IST has no forward hooks)
         with self._enable_peft_forward_hooks(**kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.base_model(
@@ -45,6 +49,7 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
                 pixel_mask=pixel_mask,
                 labels=labels,
                 tower_features=tower_features,
+                adapter_names=adapter_names,
                 **kwargs,
             )
 
@@ -202,9 +207,11 @@ class PeftModelForReferringExpressionComprehension(PeftModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
     ) -> TowerFeatures:
-        """The frozen towers' outputs the side network reads; see `M2ISTModel.encode_towers`."""
-        return self.base_model.encode_towers(pixel_values, input_ids, attention_mask, pixel_mask)
+        """The frozen towers' outputs the side network reads (with `adapter_names`, the union of those adapters'
+        taps); see `M2ISTModel.encode_towers`."""
+        return self.base_model.encode_towers(pixel_values, input_ids, attention_mask, pixel_mask, adapter_names)
 
     def get_parameter_counts(self, adapter_name: str | None = None) -> dict[str, int]:
         """Counts for one adapter: `adapter_only` (the M3ISA experts: the paper's 'tunable parameters'),

@@ -3,11 +3,13 @@
 An adapter holds only the side network and the grounding head; to use it, the same towers must be loaded again. The
 record is ``{"vision": ..., "text": ..., "dtype": ...}``: the towers' names as ``peft_m2ist.pretrained``'s
 ``load_vision_tower`` / ``load_text_tower`` take them (a Hub id, a local folder or an ``offline:*`` name; ``None``
-where a tower has no name, e.g. one built from a config) and their dtype (``"float32"``, ``"bfloat16"``, ...).
+where a tower has no name, e.g. one built from a config) and their dtype (``"float32"``, ``"bfloat16"``, ...,
+or ``"int8"``: float32 towers whose weights are then quantized, `peft_m2ist.towers.quantization`).
 
 It is an ordinary config field, so ``save_pretrained`` and ``push_to_hub`` carry it in ``adapter_config.json``.
 ``get_peft_model`` fills the entries left ``None`` from a ``VisionTextPair``'s towers (their ``name_or_path`` and
-parameter dtype); values set by hand win. Other containers (a ``CLIPModel``, ...) are not rebuilt from two tower names,
+parameter dtype, or ``"int8"`` for towers whose weights `peft_m2ist.towers.quantization` quantized); values set by
+hand win. Other containers (a ``CLIPModel``, ...) are not rebuilt from two tower names,
 so nothing is filled for them.
 """
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ..towers.pair import VisionTextPair
+from ..towers.quantization import QUANTIZED_TOWER_DTYPES, tower_is_quantized
 
 BASE_TOWER_KEYS = ("vision", "text", "dtype")
 """The keys of `M2ISTConfig.base_towers`."""
@@ -45,15 +48,19 @@ def check_base_towers(value: Any) -> dict[str, str | None] | None:
             dtype_name(record["dtype"])
         except ValueError:
             raise ValueError(f"`base_towers['dtype']` must name a torch floating-point dtype (e.g. 'float32', "
-                             f"'bfloat16'), got {record['dtype']!r}.") from None
+                             f"'bfloat16') or one of {list(QUANTIZED_TOWER_DTYPES)}, got {record['dtype']!r}.") from None
     return record
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
-    """``"float32"`` for ``torch.float32`` or ``"float32"``; ``ValueError`` for anything but a floating dtype."""
+    """``"float32"`` for ``torch.float32`` or ``"float32"``; ``"int8"`` (`QUANTIZED_TOWER_DTYPES`: weight-only
+    quantized towers) as it is; ``ValueError`` for anything else."""
     name = str(dtype).removeprefix("torch.")
+    if isinstance(dtype, str) and name in QUANTIZED_TOWER_DTYPES:
+        return name
     if not (isinstance(getattr(torch, name, None), torch.dtype) and getattr(torch, name).is_floating_point):
-        raise ValueError(f"tower dtype {dtype!r} is not a torch floating-point dtype (e.g. 'float32', 'bfloat16')")
+        raise ValueError(f"tower dtype {dtype!r} is not a torch floating-point dtype (e.g. 'float32', 'bfloat16') "
+                         f"nor one of {list(QUANTIZED_TOWER_DTYPES)}")
     return name
 
 
@@ -64,7 +71,10 @@ def tower_name_or_path(tower: nn.Module) -> str | None:
 
 
 def tower_dtype_name(tower: nn.Module) -> str | None:
-    """``"float32"``, ``"bfloat16"``, ...: the dtype of the tower's floating-point parameters (``None`` if mixed)."""
+    """``"float32"``, ``"bfloat16"``, ...: the dtype of the tower's floating-point parameters (``None`` if mixed);
+    ``"int8"`` for a tower whose weights were quantized."""
+    if tower_is_quantized(tower):
+        return "int8"
     dtypes = {p.dtype for p in tower.parameters() if p.is_floating_point()}
     return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
 

@@ -38,3 +38,13 @@ def save_tiny_adapter(root: Path) -> SimpleNamespace:
     model.save_pretrained(root / "adapter")
     return SimpleNamespace(root=root, adapter=root / "adapter", model=model.eval(), vision=vision_path,
                            text=text_path)
+
+
+def save_other_adapter(tiny: SimpleNamespace, folder: Path, seed: int = 1, **overrides) -> Path:
+    """Another adapter on the towers of `save_tiny_adapter` (``tiny``), with other random weights and the config
+    ``tiny_config(**overrides)``, saved in ``folder``; returns ``folder``."""
+    vision = tf.MobileNetV2Model.from_pretrained(str(tiny.vision))
+    text = tf.BertModel.from_pretrained(str(tiny.text))
+    torch.manual_seed(seed)
+    get_peft_model(VisionTextPair(vision.eval(), text.eval()), tiny_config(**overrides)).save_pretrained(folder)
+    return folder

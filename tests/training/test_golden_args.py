@@ -48,6 +48,7 @@ def cases(data: Path) -> dict[str, tuple[str, list[str]]]:
         "augment no-cache_features": ("parse_args", ["--augment", "--no-cache_features"]),
         "choices": ("parse_args", ["--tower_dtype", "bfloat16", "--mixed_precision", "no", "--control", "text_hidden",
                                    "--box_head", "mlp", "--on_nonfinite", "skip", "--interaction", "cross_attention"]),
+        "int8 towers": ("parse_args", ["--tower_dtype", "int8"]),
         "adapter flags": ("parse_args", ["--preset", "paper", "--head_gradient_checkpointing",
                                          "--no-head_recompute_feed_forward", "--tower_micro_batch_size", "4",
                                          "--bottleneck_dim", "8", "--expert_scale", "0.5", "--max_text_tokens", "40"]),
