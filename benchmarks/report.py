@@ -24,6 +24,7 @@ from benchmarks.reporting.figure import make_figure
 from benchmarks.reporting.goals import goals_section, summary_section
 from benchmarks.reporting.memory import memory_time_section
 from benchmarks.reporting.multi_adapter import multi_adapter_section
+from benchmarks.reporting.onnx import onnx_latency_section
 from benchmarks.reporting.overview import overview_section
 from benchmarks.reporting.staleness import refresh, staleness_section
 from benchmarks.reporting.tower_dtypes import tower_dtype_section
@@ -54,6 +55,7 @@ def render(results: list[dict], figure: str | None) -> str:
         staleness="\n".join(staleness_section(results)),
         multi_adapter="\n".join(multi_adapter_section(results)),
         tower_dtypes="\n".join(tower_dtype_section(results)),
+        onnx_latency="\n".join(onnx_latency_section(results)),
         figure=figure,
     )
 

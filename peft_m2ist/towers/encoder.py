@@ -87,6 +87,12 @@ class TowerEncoder:
         check_devices(self.text_tower, {"input_ids": input_ids, "attention_mask": attention_mask}, "text")
         check_finite_pixels(pixel_values)
         check_token_ids(input_ids, text_vocab_size(self.text_tower))
+        return self.run_checked(pixel_values, input_ids, attention_mask, pixel_mask)
+
+    def run_checked(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pixel_mask: torch.Tensor | None = None) -> TowerFeatures:
+        """`encode` on inputs already checked: no validation, so no Python branch reads a tensor's values (what
+        `torch.export` traces for the ONNX export, `peft_m2ist.export`). `attention_mask` is required here."""
         with frozen(self.vision_tower, self.text_tower):
             return TowerFeatures.from_tensors(self._in_micro_batches(input_ids.shape[0], lambda i, j: {
                 **self._vision(pixel_values[i:j], None if pixel_mask is None else pixel_mask[i:j]),
