@@ -127,32 +127,49 @@ class FeatureCache:
         return self.collator([self.datasets[split][i] for i in range(start, stop)])
 
     def ensure(self, model: torch.nn.Module, log=print) -> None:
+        """Encode what `model` reads and the store lacks, one tower at a time (`encode_vision`, `encode_text`): a
+        model that taps other vision layers than the store has costs only a vision-tower pass."""
         model.eval()
         for split, ds in self.datasets.items():
+            halves = {"vision": model.encode_vision, "text": model.encode_text}
             with torch.no_grad():
-                first = self._encode(model, self.batch(split, 0, min(self.chunk, len(ds))))
-            if first.keys() <= self.store[split].keys():
+                first = {name: self._encode(fn, self.batch(split, 0, min(self.chunk, len(ds))))
+                         for name, fn in halves.items()}
+            missing = [name for name, keys in first.items() if not keys.keys() <= self.store[split].keys()]
+            if not missing:
                 continue
             t0 = time.perf_counter()
-            parts, labels, types = [], [], []
+            parts, labels, types = {name: [] for name in missing}, [], []
             for start in range(0, len(ds), self.chunk):
                 batch = self.batch(split, start, min(start + self.chunk, len(ds)))
                 types += batch.pop("phrase_type")
                 labels.append(batch.pop("labels"))
                 with torch.no_grad():
-                    parts.append(self._encode(model, batch))
-            for key in parts[0]:
-                if key not in self.store[split]:
-                    self.store[split][key] = torch.cat([p[key] for p in parts])
+                    for name in missing:
+                        parts[name].append(self._encode(halves[name], batch))
+            for chunks in parts.values():
+                for key in chunks[0]:
+                    if key not in self.store[split]:
+                        self.store[split][key] = torch.cat([p[key] for p in chunks])
             self.labels[split], self.types[split] = torch.cat(labels), types
             size = sum(t.numel() * t.element_size() for t in self.store[split].values()) / 2**20
-            log(f"  encoded {split} ({len(ds)} rows) in {time.perf_counter() - t0:.0f} s; cache {size:,.0f} MiB")
+            log(f"  encoded {split} ({len(ds)} rows, {' and '.join(missing)} tower) in {time.perf_counter() - t0:.0f}"
+                f" s; cache {size:,.0f} MiB")
         model.train()
 
     @staticmethod
-    def _encode(model, batch: dict) -> dict[str, torch.Tensor]:
-        batch = {k: v for k, v in batch.items() if k not in ("labels", "phrase_type")}
-        return model.encode_towers(**batch).to_tensors()
+    def _encode(half, batch: dict) -> dict[str, torch.Tensor]:
+        """One tower's outputs (`encode_vision` or `encode_text` of the model) on a collated batch."""
+        if half.__name__ == "encode_vision":
+            return half(batch["pixel_values"], batch.get("pixel_mask"))
+        return half(batch["input_ids"], batch.get("attention_mask"))
+
+    @staticmethod
+    def model_keys(model: torch.nn.Module, batch: dict) -> list[str]:
+        """The feature names `model` reads (`encode_towers(...).to_tensors()`'s keys)."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "phrase_type")}
+        with torch.no_grad():
+            return list(model.encode_towers(**inputs).to_tensors())
 
     def features(self, model_keys, split: str, ids) -> dict[str, torch.Tensor]:
         return {k: self.store[split][k][ids] for k in model_keys}
@@ -198,7 +215,7 @@ def train_run(spec: str, scale, cache: FeatureCache, args, save, log=print) -> d
     recipe = RECIPES[recipe_name]
     model = build_model(config, overrides, scale, args)
     cache.ensure(model, log)
-    keys = list(FeatureCache._encode(model.eval(), cache.batch("train", 0, 2)).keys())
+    keys = FeatureCache.model_keys(model.eval(), cache.batch("train", 0, 2))
     model.train()
     gap = check_cached_forward(model, cache, keys)
     groups = accuracy.parameter_groups(model, argparse.Namespace(lr_head=recipe["lr_head"],

@@ -22,6 +22,7 @@ from benchmarks.reporting.accuracy import accuracy_section
 from benchmarks.reporting.base import ENVIRONMENT, GOAL_METHOD, HERE, load_results, millions
 from benchmarks.reporting.figure import make_figure
 from benchmarks.reporting.goals import goals_section, summary_section
+from benchmarks.reporting.learning_curve import learning_curve_section, make_learning_curve_figure
 from benchmarks.reporting.memory import memory_time_section
 from benchmarks.reporting.overview import overview_section
 
@@ -49,6 +50,7 @@ def render(results: list[dict], figure: str | None) -> str:
         memory_time=["\n".join(memory_time_section(r)) for r in results if r.get("kind") == "memory_time"],
         accuracy="\n".join(accuracy_section(results)),
         figure=figure,
+        learning_curve="\n".join(learning_curve_section(results, make_learning_curve_figure(results))),
     )
 
 
