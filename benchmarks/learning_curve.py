@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bottleneck", type=int, default=128)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=13)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --output when its settings match, and skip them")
     p.add_argument("--output", type=Path, default=RESULT)
     return p.parse_args(argv)
 
@@ -285,11 +287,16 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     scale = scales.build_scale("default", 0)
     datasets, collator, chance = load_splits(scale, args)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("runs", "output")}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("runs", "output", "resume")}
     result = {"kind": "learning_curve", "scale": "default", "scale_description": scale.description,
               "command": environment.command_line(), "machine": environment.machine_info(torch.device("cpu")),
               "settings": settings, "chance_val": chance, "recipes": RECIPES, "runs": {}}
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and args.output.exists():
+        previous = json.loads(args.output.read_text())
+        if previous.get("settings") == settings:
+            result["runs"] = previous["runs"]
+            result["earlier_commands"] = [*previous.get("earlier_commands", []), previous["command"]]
 
     def save(spec: str, entry: dict) -> None:
         result["runs"][spec] = entry
@@ -297,6 +304,9 @@ def main(argv=None) -> dict:
 
     cache = FeatureCache(datasets, collator)
     for spec in args.runs:
+        if spec in result["runs"]:
+            print(f"{spec}: kept from {args.output}")
+            continue
         save(spec, train_run(spec, scale, cache, args, save))
     print(f"\n{'run':<48}{'steps':>7}{'best val Acc@0.5':>18}{'last train loss':>17}{'s/step':>8}")
     for spec, e in result["runs"].items():

@@ -71,8 +71,8 @@ def _run_row(spec: str, e: dict, stop_at: float) -> str:
             f"{last['train_loss']:.3f} | {e['seconds_per_step']:.2f} | {reached} |")
 
 
-HEADER = ["| run | steps | best val Acc@0.5 % (at) | last val Acc@0.5 % | last val mean IoU | first train loss | "
-          "last train loss | s/step (shared cores) | reached the stop |",
+HEADER = ["| run | steps | best val Acc@0.5 % (at) | last val Acc@0.5 % | last val mean IoU | train loss, first point | "
+          "train loss, last point | s/step (shared cores) | reached the stop |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
 
@@ -85,9 +85,11 @@ def learning_curve_section(results: list[dict], figure: str | None) -> list[str]
     lines = []
     for r in curves + fields:
         s = r["settings"]
-        lines.append(f"- `{r['_file']}` ({machine_line(r)}): `{r['command']}`; up to {s['max_steps']:,} steps, "
+        earlier = "".join(f"`{c}`, then " for c in r.get("earlier_commands", []))
+        lines.append(f"- `{r['_file']}` ({machine_line(r)}): {earlier}`{r['command']}`; up to {s['max_steps']:,} steps, "
                      f"evaluated every {s['eval_every']} steps on the first {s['eval_samples']} val rows (chance "
-                     f"{100 * r['chance_val']:.1f}%), stop at {s['stop_at']:.0%}.")
+                     f"{100 * r['chance_val']:.1f}%), "
+                     + (f"stop at {s['stop_at']:.0%}." if s["stop_at"] <= 1 else "no early stop."))
     recipes = (curves + fields)[0]["recipes"]
     lines += ["", "Recipes: " + "; ".join(
         f"`{name}`: AdamW, lr {v['lr_head']:g} (projections, head) / {v['lr_adapter']:g} (experts), weight decay "
