@@ -49,7 +49,7 @@ def test_section_draws_the_curves_and_tables_the_one_field_runs(tmp_path, monkey
     curves = _result("results/learning_curve.json", {"paper:authors": _entry("paper", "authors", [0.02, 0.05]),
                                                      "default:benchmark": _entry("default", "benchmark", [0.4, 0.75],
                                                                                  reached=20)})
-    fields = _result(section.FIELDS_FILE, {"paper+box_head=pointer:benchmark": _entry(
+    fields = _result(section.FIELDS_FILE + ".json", {"paper+box_head=pointer:benchmark": _entry(
         "paper", "benchmark", [0.1, 0.3], {"box_head": "pointer"})})
     figure = section.make_learning_curve_figure([curves, fields])
     assert figure == "results/learning_curve.png" and (tmp_path / figure).stat().st_size > 0

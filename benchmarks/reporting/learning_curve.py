@@ -7,12 +7,16 @@ from benchmarks.environment import RESULTS_DIR
 from benchmarks.reporting.base import machine_line
 
 FIGURE = RESULTS_DIR / "learning_curve.png"
-FIELDS_FILE = "results/learning_curve_fields.json"  # the one-field-at-a-time runs: a table, not curves
+FIELDS_FILE = "results/learning_curve_fields"  # files named so hold one-field-at-a-time runs: a table, not curves
+
+
+def is_fields_file(result: dict) -> bool:
+    return result["_file"].startswith(FIELDS_FILE)
 
 
 def curve_results(results: list[dict]) -> list[dict]:
     """The `learning_curve` results drawn as curves (every file but the one-field search)."""
-    return [r for r in results if r.get("kind") == "learning_curve" and r["_file"] != FIELDS_FILE]
+    return [r for r in results if r.get("kind") == "learning_curve" and not is_fields_file(r)]
 
 
 def _label(spec: str, entry: dict) -> str:
@@ -24,7 +28,8 @@ def _label(spec: str, entry: dict) -> str:
 def make_learning_curve_figure(results: list[dict]) -> str | None:
     """Two panels against the optimiser step: val Acc@0.5 (with the chance level) and the mean training loss
     between evaluations. Returns the figure's path relative to `benchmarks/`, or None without results."""
-    runs = [(r, spec, e) for r in curve_results(results) for spec, e in r["runs"].items() if e["points"]]
+    runs = [(r, spec, e) for r in results if r.get("kind") == "learning_curve"
+            for spec, e in r["runs"].items() if e["points"]]
     if not runs:
         return None
     try:
@@ -34,13 +39,14 @@ def make_learning_curve_figure(results: list[dict]) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 5))
     styles = {"authors": "-", "benchmark": "--"}
-    colours = {"paper": "C3", "default": "C0"}
-    for _r, spec, e in runs:
+    for i, (r, spec, e) in enumerate(runs):
         steps = [p["step"] for p in e["points"]]
-        kw = dict(linestyle=styles.get(e["recipe"], ":"), color=colours.get(e["config"]), marker="o", markersize=3,
-                  label=_label(spec, e))
+        one_field = bool(e.get("overrides"))  # the one-field runs: thin lines
+        kw = dict(linestyle=styles.get(e["recipe"], ":"), color=f"C{i % 10}", marker="o",
+                  markersize=2 if one_field else 4, linewidth=0.8 if one_field else 2,
+                  label=f"{_label(spec, e)} ({r['settings']['max_steps']:,}-step schedule)")
         acc_ax.plot(steps, [100 * p["val_accuracy"] for p in e["points"]], **kw)
         loss_ax.plot(steps, [p["train_loss"] for p in e["points"]], **kw)
     first = runs[0][0]
@@ -53,7 +59,7 @@ def make_learning_curve_figure(results: list[dict]) -> str | None:
     acc_ax.set_ylabel(f"val Acc@0.5 (%), first {first['settings']['eval_samples']} rows")
     loss_ax.set_xlabel("optimiser step (batch 32)")
     loss_ax.set_ylabel("training loss (L1 + GIoU), mean since the previous point")
-    acc_ax.legend(fontsize=7)
+    loss_ax.legend(fontsize=6, loc="upper right")
     fig.suptitle("Learning curves on the built-in shapes benchmark (cached tower features)", fontsize=10)
     fig.tight_layout()
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +85,7 @@ HEADER = ["| run | steps | best val Acc@0.5 % (at) | last val Acc@0.5 % | last v
 def learning_curve_section(results: list[dict], figure: str | None) -> list[str]:
     """Markdown lines: how the curves were run, the figure, one row per run, then the one-field search if any."""
     curves = curve_results(results)
-    fields = [r for r in results if r.get("kind") == "learning_curve" and r["_file"] == FIELDS_FILE]
+    fields = [r for r in results if r.get("kind") == "learning_curve" and is_fields_file(r)]
     if not curves and not fields:
         return ["Not run yet: `python benchmarks/learning_curve.py`.", ""]
     lines = []
