@@ -22,6 +22,7 @@ from benchmarks.reporting.accuracy import accuracy_section
 from benchmarks.reporting.base import ENVIRONMENT, GOAL_METHOD, HERE, load_results, millions
 from benchmarks.reporting.figure import make_figure
 from benchmarks.reporting.goals import goals_section, summary_section
+from benchmarks.reporting.learning_curve import learning_curve_section, make_learning_curve_figure
 from benchmarks.reporting.memory import memory_time_section
 from benchmarks.reporting.multi_adapter import multi_adapter_section
 from benchmarks.reporting.onnx import onnx_latency_section
@@ -57,6 +58,7 @@ def render(results: list[dict], figure: str | None) -> str:
         tower_dtypes="\n".join(tower_dtype_section(results)),
         onnx_latency="\n".join(onnx_latency_section(results)),
         figure=figure,
+        learning_curve="\n".join(learning_curve_section(results, make_learning_curve_figure(results))),
     )
 
 
