@@ -220,7 +220,7 @@ def test_config_values_outside_a_flags_choices_are_refused(train_rec, tmp_path, 
     config.write_text("tower_dtype: fp16\nimage_size: 64\n")
     message = _usage_error(train_rec, ["--config", str(config)], capsys)
     assert "invalid value for tower_dtype: 'fp16'" in message
-    assert "(choose from 'bfloat16', 'float16', 'float32')" in message and str(config) in message
+    assert "(choose from 'bfloat16', 'float16', 'float32', 'int8')" in message and str(config) in message
 
     config.write_text("mixed_precision: no\n")  # YAML reads `no` as False
     message = _usage_error(train_rec, ["--config", str(config)], capsys)
