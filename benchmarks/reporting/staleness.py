@@ -32,7 +32,7 @@ def measured_code(result: dict) -> list[str]:
     """The git pathspecs of the code whose change makes `result` stale: its own script, the shared benchmark code
     and the library (less the training loop and the user-facing modules); a data-loader benchmark measures the
     data room only."""
-    script = _SCRIPT.search(result.get("command", "")) or None
+    script = _SCRIPT.search(result.get("command", ""))
     own = [script.group(1)] if script else []
     if result.get("kind") == "data_scale":
         return ["peft_m2ist/data", "benchmarks/data_scale.py"]
@@ -84,15 +84,25 @@ def check(results: list[dict], upto: str = "HEAD") -> dict | None:
     return {"checked_at": checked_at, "files": files}
 
 
+_record: dict | None = None  # `benchmarks/staleness.json` as read once (every run's caption looks it up)
+
+
 def refresh(results: list[dict]) -> None:
     """Write `benchmarks/staleness.json` for `results` at HEAD (kept as it is when git cannot say)."""
+    global _record
     staleness = check(results)
     if staleness is not None:
         STALENESS_FILE.write_text(json.dumps(staleness, indent=2) + "\n")
+        _record = staleness
 
 
 def load() -> dict:
-    return json.loads(STALENESS_FILE.read_text()) if STALENESS_FILE.exists() else {"checked_at": None, "files": {}}
+    """The record of `benchmarks/staleness.json` (empty when there is none), read from disk once."""
+    global _record
+    if _record is None:
+        _record = (json.loads(STALENESS_FILE.read_text()) if STALENESS_FILE.exists()
+                   else {"checked_at": None, "files": {}})
+    return _record
 
 
 def stale_note(result: dict, staleness: dict | None = None) -> str:
