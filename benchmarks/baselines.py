@@ -146,12 +146,13 @@ def vision_token_layout(vision: nn.Module, image_size: int) -> tuple[int, tuple[
 def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, lora_rank: int = 16,
                  num_vision_tokens: int | None = None, head_dropout: float = 0.1, head_layers: int = 6,
                  head_ffn_dim: int = 2048, head_gradient_checkpointing: bool = False,
-                 head_recompute_feed_forward: bool = True) -> nn.Module:
+                 head_recompute_feed_forward: bool = True, m2ist_fields: dict | None = None) -> nn.Module:
     """A fresh model of method `name` on deep copies of the scale's towers (identical weights for every method).
 
     Every method gets the same grounding head (`head_layers`, `head_ffn_dim`, `head_dropout`; TransVG's 6 x 2048 by
     default, the training example uses 2 x 512), with `head_gradient_checkpointing` and `head_recompute_feed_forward`
-    (`M2ISTConfig`'s names) set alike for all of them.
+    (`M2ISTConfig`'s names) set alike for all of them. `m2ist_fields` (M2IST methods only) sets more `M2ISTConfig`
+    fields, over the method's own (`benchmarks/learning_curve.py`'s field runs).
     """
     pair = peft_m2ist.VisionTextPair(copy.deepcopy(scale.vision), copy.deepcopy(scale.text))
     torch.manual_seed(seed + 1)
@@ -163,6 +164,7 @@ def build_method(name: str, scale: Scale, seed: int = 0, bottleneck: int = 128, 
         else:
             interaction, mixture = name[len("m2ist_"):].rsplit("_", 1)
             choice = {"interaction": interaction, "mixture": mixture}
+        choice = {**choice, **(m2ist_fields or {})}
         config = peft_m2ist.M2ISTConfig(bottleneck_dim=bottleneck, **choice,
                                         image_size=scale.image_size, max_text_tokens=scale.text_tokens,
                                         head_dropout=head_dropout, head_num_hidden_layers=head_layers,

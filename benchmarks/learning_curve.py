@@ -5,12 +5,15 @@ against the optimiser step, for `M2ISTConfig(preset="paper")` and the library de
     python benchmarks/learning_curve.py --runs paper:authors --max-steps 3000 --eval-every 250
     python benchmarks/learning_curve.py --runs paper+box_head=pointer:benchmark --max-steps 600 \\
         --output benchmarks/results/learning_curve_fields.json              # the preset with one field changed
+    python benchmarks/learning_curve.py --runs default+expert_init=kaiming:benchmark --max-steps 300 \\
+        --output benchmarks/results/learning_curve_fields_reverse.json      # the default with one preset field
 
 A run is `CONFIG[+FIELD=VALUE...]:RECIPE`:
 
 - CONFIG `paper` is `M2ISTConfig(preset="paper")`; `default` is the library default (`interaction="shared"`,
-  `mixture="sum"`, every other field at its default); `+FIELD=VALUE` starts from the preset's fields
-  (`PAPER_PRESET`, written out without `preset`) and sets FIELD to VALUE (JSON, else a string);
+  `mixture="sum"`, every other field at its default); `+FIELD=VALUE` sets FIELD (one of the preset's fields,
+  `PAPER_PRESET`) to VALUE (JSON, else a string): from the preset's fields written out without `preset` (the preset
+  moved toward the default), or from the default's (the default moved toward the preset);
 - RECIPE `authors` is the authors' `train.py`: AdamW, lr 1e-4 for the projections and head, 1e-5 for the experts,
   weight decay 1e-4, no clipping, no warm-up, x0.1 at two thirds of `--max-steps`; `benchmark` is
   `benchmarks/accuracy.py`'s: AdamW lr 3e-4 for both groups, weight decay 1e-4, 5% linear warm-up then cosine to 0
@@ -76,8 +79,6 @@ def parse_run(spec: str) -> tuple[str, dict, str]:
     config, *changes = body.split("+")
     if config not in CONFIGS or recipe not in RECIPES:
         raise ValueError(f"run {spec!r}: config must be one of {tuple(CONFIGS)} and recipe one of {tuple(RECIPES)}")
-    if changes and config != "paper":
-        raise ValueError(f"run {spec!r}: `+FIELD=VALUE` changes apply to the `paper` config only")
     overrides = {}
     for change in changes:
         name, _, value = change.partition("=")
@@ -89,28 +90,19 @@ def parse_run(spec: str) -> tuple[str, dict, str]:
 
 
 def build_model(config: str, overrides: dict, scale: scales.Scale, args: argparse.Namespace) -> torch.nn.Module:
-    """The model of `benchmarks/accuracy.py` (`baselines.build_method`), or the preset with `overrides` applied."""
+    """The model of `benchmarks/accuracy.py` (`baselines.build_method`), or that config with `overrides` applied:
+    the preset written out field by field (`PAPER_PRESET`, which `preset="paper"` refuses to mix with other values),
+    or the default's fields, then `overrides`."""
+    from peft_m2ist.tuner.config import PAPER_PRESET
+
     kw = dict(seed=args.seed, bottleneck=args.bottleneck, head_layers=args.head_layers, head_ffn_dim=args.head_ffn_dim)
     if not overrides:
         return baselines.build_method(CONFIGS[config], scale, **kw)
-    import copy
-
-    from peft import get_peft_model
-
-    import peft_m2ist
-    from peft_m2ist.tuner.config import PAPER_PRESET
-
     unknown = set(overrides) - set(PAPER_PRESET)
     if unknown:
         raise ValueError(f"{sorted(unknown)} are not fields of the paper preset; known: {sorted(PAPER_PRESET)}")
-    fields = {**PAPER_PRESET, **overrides}
-    pair = peft_m2ist.VisionTextPair(copy.deepcopy(scale.vision), copy.deepcopy(scale.text))
-    torch.manual_seed(args.seed + 1)  # as `baselines.build_method`
-    cfg = peft_m2ist.M2ISTConfig(bottleneck_dim=args.bottleneck, image_size=scale.image_size,
-                                 max_text_tokens=scale.text_tokens, head_dropout=0.1,
-                                 head_num_hidden_layers=args.head_layers, head_intermediate_size=args.head_ffn_dim,
-                                 **fields, **copy.deepcopy(scale.m2ist_taps))
-    return get_peft_model(pair, cfg)
+    base = PAPER_PRESET if config == "paper" else {}
+    return baselines.build_method(CONFIGS["default"], scale, m2ist_fields={**base, **overrides}, **kw)
 
 
 class FeatureCache:

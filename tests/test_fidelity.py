@@ -13,6 +13,7 @@ import transformers as tf
 from authors_reference import AuthorsM2IST, authors_parameter_count
 from peft import get_peft_model
 from tiny_towers import bert, build_pair, clip_text, tiny_config
+from torch import nn
 
 from peft_m2ist import M2ISTConfig, VisionTextPair
 from peft_m2ist.modeling.experts import interaction_dim
@@ -242,6 +243,9 @@ def test_preset_sets_every_fidelity_field_and_refuses_contradictions():
         (dict(head_input_norm="no"), "`head_input_norm` must be True or False"),
         (dict(interaction_text_output_norm="tower"), "needs `interaction_text_path='concat'`"),
         (dict(interaction_dim=64, interaction_width="vision"), "set one of them"),
+        (dict(language_expert_output_norm="tower"), "`expert_init='zero_up'` starts the experts' outputs at exactly"),
+        (dict(language_expert_output_norm="tower", interaction_text_path="concat", interaction_text_output_norm="tower"),
+         "`language_expert_output_norm='tower'` and `interaction_text_output_norm='tower'` normalises"),
     ],
 )
 def test_fidelity_fields_are_validated(kwargs, match):
@@ -359,3 +363,19 @@ def test_preset_adapter_saves_without_tower_weights_and_reloads_to_the_same_boxe
     assert loaded.peft_config["default"].preset == "paper"
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).pred_boxes, expected, rtol=0, atol=1e-6)
+
+
+def test_a_tower_norm_of_a_zero_initialised_expert_output_is_refused_for_its_gradient():
+    """Why `expert_init="zero_up"` is refused with the tower norms: a LayerNorm of an exactly zero correction has a
+    gradient of 1/sqrt(eps) (BERT's eps is 1e-12), found by the learning curves (docs/fidelity.md)."""
+    norm = nn.LayerNorm(8, eps=1e-12)
+    zero = torch.zeros(1, 8, requires_grad=True)
+    norm(zero).mul(torch.arange(8.0)).sum().backward()
+    assert zero.grad.abs().max() > 1e5
+    # what stays allowed: the authors' init with the norms, and zero-initialised experts without them
+    M2ISTConfig(expert_init="kaiming", language_expert_output_norm="tower", interaction_text_path="concat",
+                interaction_text_output_norm="tower")
+    M2ISTConfig(preset="paper")
+    M2ISTConfig(expert_init="zero_up", interaction_text_path="concat")
+    with pytest.raises(ValueError, match="`expert_init='zero_up'` starts"):
+        M2ISTConfig(expert_init="zero_up", interaction_text_path="concat", interaction_text_output_norm="tower")

@@ -17,9 +17,33 @@ def test_run_specs_name_a_config_a_recipe_and_preset_fields():
     assert learning_curve.parse_run("paper:authors") == ("paper", {}, "authors")
     assert learning_curve.parse_run("paper+box_head=pointer+head_input_norm=true:benchmark") == (
         "paper", {"box_head": "pointer", "head_input_norm": True}, "benchmark")
-    for bad in ("paper:adam", "tiny:benchmark", "default+box_head=mlp:benchmark"):
+    assert learning_curve.parse_run("default+expert_init=kaiming:benchmark") == (
+        "default", {"expert_init": "kaiming"}, "benchmark")
+    for bad in ("paper:adam", "tiny:benchmark", "default+box_head=mlp:sgd"):
         with pytest.raises(ValueError, match="run"):
             learning_curve.parse_run(bad)
+
+
+def test_a_field_run_from_the_default_starts_from_the_benchmarks_default_model():
+    """`default+FIELD=VALUE` writes the default out field by field: with FIELD at its default value it is the very
+    model `benchmarks/accuracy.py` trains (same config, same initial weights); a preset field moves it."""
+    import argparse
+
+    from benchmarks import scales
+
+    scale = scales.build_scale("tiny", 0)
+    args = argparse.Namespace(seed=13, bottleneck=16, head_layers=1, head_ffn_dim=32)
+    plain = learning_curve.build_model("default", {}, scale, args)
+    written_out = learning_curve.build_model("default", {"box_head": "pointer"}, scale, args)
+    assert dataclasses.asdict(written_out.peft_config["default"]) == dataclasses.asdict(plain.peft_config["default"])
+    plain_state, written_state = plain.state_dict(), written_out.state_dict()
+    assert plain_state.keys() == written_state.keys()
+    for name, tensor in plain_state.items():
+        assert written_state[name].equal(tensor), name
+    moved = learning_curve.build_model("default", {"expert_init": "kaiming"}, scale, args).peft_config["default"]
+    assert moved.expert_init == "kaiming" and moved.box_head == "pointer" and moved.interaction == "shared"
+    with pytest.raises(ValueError, match="not fields of the paper preset"):
+        learning_curve.build_model("default", {"bottleneck_dim": 8}, scale, args)
 
 
 def test_the_preset_written_out_field_by_field_is_the_preset():
@@ -60,3 +84,28 @@ def test_section_draws_the_curves_and_tables_the_one_field_runs(tmp_path, monkey
     table = text.split("one field changed")[1]
     assert "`paper+box_head=pointer:benchmark`" in table and "`paper:authors`" not in table
     assert section.learning_curve_section([{"kind": "accuracy"}], None)[0].startswith("Not run yet")
+
+
+def test_section_tables_what_the_head_sees_at_initialisation():
+    curves = _result("results/learning_curve.json", {"paper:authors": _entry("paper", "authors", [0.02, 0.05])})
+    stats = dict(vision_rms=1.99, text_rms=1.28, vision_image_share=0.028, reg_rms=1.06, position_rms=1.0,
+                 first_layer_input_rms=2.18, reg_attention_entropy=0.904, gradient_norm=1.17, gradient_share_head=0.97)
+    inputs = {"kind": "head_inputs", "_file": "results/head_inputs.json", "command": "python benchmarks/head_inputs.py",
+              "machine": curves["machine"], "settings": {"rows": 64}, "runs": {"paper:benchmark": stats}}
+    text = "\n".join(section.learning_curve_section([curves, inputs], None))
+    assert "| `paper:benchmark` | 1.990 | 1.280 | 0.028 | 1.060 | 1.000 | 2.180 | 0.904 | 1.170 | 0.970 |" in text
+    assert "first 64 training rows" in text
+
+
+def test_a_run_whose_config_is_refused_today_is_marked():
+    """Runs measured before a combination was refused (zero-initialised experts behind a tower LayerNorm) stay in the
+    tables, marked."""
+    degenerate = _entry("default", "benchmark", [0.03], {"language_expert_output_norm": "tower"})
+    fine = _entry("default", "benchmark", [0.2], {"head_init": "transvg"})
+    fields = _result(section.FIELDS_FILE + "_reverse.json", {"default+language_expert_output_norm=tower:benchmark":
+                                                             degenerate, "default+head_init=transvg:benchmark": fine})
+    text = "\n".join(section.learning_curve_section([fields], None))
+    assert "| `default+language_expert_output_norm=tower:benchmark` (a combination refused today" in text
+    assert "| `default+head_init=transvg:benchmark` | " in text
+    assert section.refused_today("paper+expert_init=zero_up:benchmark")  # the preset keeps its tower norms
+    assert not section.refused_today("paper:authors") and not section.refused_today("default:benchmark")

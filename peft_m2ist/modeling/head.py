@@ -204,10 +204,7 @@ class GroundingHead(nn.Module):
             vision_mask = torch.ones(vision_tokens.shape[:2], dtype=torch.long, device=vision_tokens.device)
         reg = self.reg_token.expand(batch, -1, -1)
         tokens = torch.cat([reg, text_tokens, vision_tokens], dim=1)
-        vision_positions = self.position_embedding[:, 1 + self.max_text_tokens :]
-        if self.vision_grid_encoding is not None:
-            vision_positions = vision_positions + self.vision_grid_encoding
-        positions = torch.cat([self.position_embedding[:, : 1 + text_len], vision_positions], dim=1)
+        positions = self.position_table(text_len)
         keep = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, vision_mask.to(text_mask.dtype)], dim=1)
         if self.positions == "attention":
             hidden = self._encode_with_positions(self.input_norm(tokens), positions, ~keep.bool())
@@ -216,6 +213,15 @@ class GroundingHead(nn.Module):
         if self.box_head == "pointer":
             return self.pointer(hidden[:, 0], hidden[:, 1 + text_len :], vision_mask)
         return self.box_mlp(hidden[:, 0]).sigmoid()
+
+    def position_table(self, text_len: int) -> torch.Tensor:
+        """The positions of the `1 + text_len + num_vision_tokens` slots the layers see, `(1, tokens, dim)`: the
+        learned embedding of [REG] and the first `text_len` text slots, then of the vision slots (plus their fixed
+        sine grid encoding when the head has one)."""
+        vision_positions = self.position_embedding[:, 1 + self.max_text_tokens :]
+        if self.vision_grid_encoding is not None:
+            vision_positions = vision_positions + self.vision_grid_encoding
+        return torch.cat([self.position_embedding[:, : 1 + text_len], vision_positions], dim=1)
 
     def _encode(self, hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """Run the transformer layers on `(batch, tokens, dim)`; `padding` is `(batch, tokens)`, True = ignore."""

@@ -320,7 +320,8 @@ class M2ISTConfig(PeftConfig):
         metadata={
             "help": "Initialisation of the experts' projections: 'zero_up' (down-projections as torch's Linear, "
             "up-projections at zero, so an untrained side network adds nothing) or 'kaiming' (the authors': every "
-            "down- and up-projection kaiming-uniform (a=sqrt(5)) with biases drawn from U(0, 1))."
+            "down- and up-projection kaiming-uniform (a=sqrt(5)) with biases drawn from U(0, 1)). 'zero_up' is refused "
+            "with either 'tower' output norm, whose LayerNorm of an all-zero output has a 1/sqrt(eps) gradient."
         },
     )
     expert_norm: Literal["non_affine", "affine"] = field(
@@ -581,6 +582,16 @@ def _check_fidelity_fields(config: M2ISTConfig) -> None:
         raise ValueError(
             "`interaction_text_output_norm='tower'` normalises the interactive expert's concatenated text output: "
             "it needs `interaction_text_path='concat'`."
+        )
+    tower_norms = [f"`{name}='tower'`" for name in ("language_expert_output_norm", "interaction_text_output_norm")
+                   if getattr(config, name) == "tower"]
+    if config.expert_init == "zero_up" and tower_norms:
+        raise ValueError(
+            f"`expert_init='zero_up'` starts the experts' outputs at exactly zero, and {' and '.join(tower_norms)} "
+            "normalises such an output on its own: a LayerNorm of an all-zero vector has a gradient of 1/sqrt(eps), "
+            "so the first step's gradient is 700x the usual or more, and clipping then starves the head "
+            "(docs/fidelity.md). Use `expert_init='kaiming'` (the authors', who pair it with these norms) or set the "
+            "norms to 'none'."
         )
     if config.interaction_dim is not None and config.interaction_width != "head":
         raise ValueError(
