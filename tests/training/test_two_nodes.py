@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _outputs(procs: tuple[subprocess.Popen, ...], timeout: float) -> list[str]:
+    """Each process's output; on a hang, every process is killed and the test fails with all their outputs (a
+    bare `TimeoutExpired` names the command only, and a node left waiting would outlive the test)."""
+    try:
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:  # each run leads its own process group: torchrun's workers go with their agent
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        tails = [f"--- process {i} (exit {proc.wait()}):\n{proc.communicate()[0][-3000:]}" for i, proc in enumerate(procs)]
+        pytest.fail(f"a run did not finish within {timeout:.0f} s:\n" + "\n".join(tails))
+
+
 def _run_args(towers, out, cache, batch_size: int) -> list[str]:
     return [str(test_train_script.SCRIPT), *test_train_script._args(towers, out),
             "--train_samples", "16", "--eval_samples", "8", "--batch_size", str(batch_size), "--num_epochs", "1",
@@ -59,7 +73,7 @@ def _run_args(towers, out, cache, batch_size: int) -> list[str]:
 def test_two_nodes_with_node_local_caches_train_as_one_process(towers, tmp_path):
     one = subprocess.Popen([sys.executable, *_run_args(towers, tmp_path / "one", tmp_path / "cache_one", 8)],
                            cwd=test_train_script.ROOT, env={**os.environ, **CPU}, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
     port = _free_port()
     nodes = [
         subprocess.Popen(
@@ -68,9 +82,9 @@ def test_two_nodes_with_node_local_caches_train_as_one_process(towers, tmp_path)
              *_run_args(towers, tmp_path / "two", tmp_path / f"cache_node{rank}", 4),
              "--feature_cache_scope", "node"],
             cwd=test_train_script.ROOT, env={**os.environ, **CPU}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
+            text=True, start_new_session=True)
         for rank in (0, 1)]
-    logs = [proc.communicate(timeout=300)[0] for proc in (one, *nodes)]
+    logs = _outputs((one, *nodes), timeout=300)
     for proc, log in zip((one, *nodes), logs):
         assert proc.returncode == 0, log[-3000:]
 
